@@ -1,0 +1,4 @@
+// Umbrella header for the lorart C++ API.
+#pragma once
+
+#include "lorart/common.h"

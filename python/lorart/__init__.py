@@ -1,0 +1,14 @@
+"""lorart: parameter-efficient fine-tuning on a C++/CUDA core.
+
+    import lorart
+    print(lorart.build_info())
+"""
+from ._core import build_info, format_build_info, cuda_compiled, cuda_usable  # noqa: F401
+from . import ops  # noqa: F401  (registers torch.ops.lorart.*)
+
+from ._core import _C as _C_core
+
+__version__ = _C_core.build_info()["version"]
+del _C_core
+
+__all__ = ["build_info", "format_build_info", "cuda_compiled", "cuda_usable", "ops", "__version__"]

@@ -1,0 +1,5 @@
+"""torch.library custom ops (torch.ops.lorart.*) over lorart._C.
+
+One module per capability; importing this package registers every op.
+"""
+from . import _common  # noqa: F401

@@ -1,0 +1,80 @@
+"""Glue between torch tensors and lorart._C: views, streams, device checks.
+
+Every op in lorart.ops converts its tensors with `view(t)` (a tuple that the
+pybind11 type caster turns into a lorart::TensorView) and passes `stream(t)`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._core import _C, cuda_compiled, cuda_status
+
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.uint8: 4,
+    torch.int32: 5,
+    torch.int64: 6,
+    torch.int8: 7,
+    torch.bool: 8,
+}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def view(t: torch.Tensor) -> tuple:
+    """A tensor as (data_ptr, dtype code, shape, strides, device type, device index)."""
+    try:
+        code = _DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"lorart: unsupported dtype {t.dtype}") from None
+    dev = t.device
+    if dev.type == "cpu":
+        dt, di = 0, 0
+    elif dev.type == "cuda":
+        dt, di = 1, dev.index if dev.index is not None else torch.cuda.current_device()
+    else:
+        raise RuntimeError(f"lorart: tensors on {dev} are not supported (cpu or cuda)")
+    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), dt, di)
+
+
+def stream(t: torch.Tensor) -> int:
+    """torch's current CUDA stream for t's device (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Clear errors for devices this build or machine cannot run."""
+    if t.device.type == "cpu":
+        return
+    if t.device.type != "cuda":
+        raise RuntimeError(f"lorart: argument `{name}` is on {t.device}; lorart supports cpu and cuda tensors")
+    if not cuda_compiled():
+        raise RuntimeError(
+            f"lorart: argument `{name}` is a CUDA tensor but this lorart build has no CUDA kernels "
+            "(nvcc was not found when it was built; reinstall with CUDA available, LORART_CUDA=ON)"
+        )
+    n, why = cuda_status()
+    if n == 0:
+        raise RuntimeError(f"lorart: argument `{name}` is a CUDA tensor but lorart cannot use the GPU: {why}")
+
+
+def check_dtype(t: torch.Tensor, name: str, allowed) -> None:
+    if t.dtype not in allowed:
+        exp = "|".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"lorart: argument `{name}`: expected dtype {exp}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
+    devs = [(n, t.device) for n, t in named if t is not None]
+    for n, d in devs[1:]:
+        if d != devs[0][1]:
+            raise ValueError(
+                f"lorart: arguments `{devs[0][0]}` and `{n}` must be on the same device, got {devs[0][1]} and {d}"
+            )
+
+
+__all__ = ["_C", "view", "stream", "check_device", "check_dtype", "check_same_device", "FLOAT_DTYPES"]
