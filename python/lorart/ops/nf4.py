@@ -170,7 +170,7 @@ def _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksi
 
 # Largest row count (prod of x's leading dims) for which the fused GEMV is used; above it
 # the weight is dequantized into a reused buffer and multiplied with torch.matmul.
-GEMV_MAX_ROWS = {"cuda": 16, "cpu": 4}
+GEMV_MAX_ROWS = {"cuda": 16, "cpu": 16}
 _workspaces: dict = {}
 _ws_lock = threading.Lock()
 
