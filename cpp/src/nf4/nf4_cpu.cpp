@@ -1,0 +1,185 @@
+// CPU kernels for NF4: blockwise quantize, double quant, dequantize, small-M GEMV.
+// Threaded with detail::parallel_for over NF4 blocks (disjoint outputs, no races).
+#include "nf4/nf4_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/check.h"
+#include "common/half.h"
+#include "common/parallel.h"
+#include "lorart/detail/nf4_math.h"
+#include "nf4/nf4_cpu_simd.h"
+
+namespace lorart::cpu {
+namespace {
+
+using detail::bf16;
+using detail::f16;
+
+template <class F>
+void dispatch_float(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(float{}); break;
+    case DType::BF16: f(bf16{}); break;
+    case DType::F16: f(f16{}); break;
+    default: detail::fail(ErrorKind::Type, "NF4: unsupported dtype");
+  }
+}
+
+template <class T>
+void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absmax, std::atomic<int64_t>& bad) {
+  const int64_t nb = (n + bs - 1) / bs;
+  detail::parallel_for(nb, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(static_cast<size_t>(bs) + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = b * bs, len = std::min(bs, n - s);
+      float amax = 0.f, probe = 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        float v = detail::to_f32(w[s + i]);
+        buf[i] = v;
+        float a = std::fabs(v);
+        amax = a > amax ? a : amax;
+        probe += v * 0.f;  // NaN iff some v is NaN or +-inf
+      }
+      if (probe != 0.f || std::isnan(probe)) {
+        int64_t expected = -1;
+        bad.compare_exchange_strong(expected, b);
+        absmax[b] = NAN;
+        continue;
+      }
+      absmax[b] = amax;
+      const float inv = detail::nf4_inv_scale(amax);
+      if (len & 1) buf[len] = 0.f;  // pads the last low nibble with code 7 (0.0)
+      uint8_t* out = packed + s / 2;
+      for (int64_t i = 0; i < len; i += 2)
+        out[i / 2] = detail::nf4_pack(detail::nf4_encode(buf[i] * inv), detail::nf4_encode(buf[i + 1] * inv));
+    }
+  });
+}
+
+inline float block_scale(const NF4View& w, int64_t b) {
+  if (!w.double_quant()) return w.absmax.ptr<float>()[b];
+  return detail::nf4_block_scale(nullptr, w.absmax.ptr<uint8_t>(), w.nested_absmax.ptr<float>(),
+                                 w.nested_code.ptr<float>(), w.offset, b);
+}
+
+// Decodes the flat elements [e0, e1) into dst. Per block, the 16 code values times the block
+// scale are rounded to T once (the same float32 product as element-wise decoding, so the
+// result is bit-identical); then every element is one table lookup.
+template <class T>
+void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
+  const uint8_t* p = w.packed.ptr<uint8_t>();
+  const int64_t bs = w.blocksize;
+  float code[16];
+  detail::nf4_fill_table(code);
+  int64_t i = e0;
+  while (i < e1) {
+    const int64_t b = i / bs, end = std::min(e1, (b + 1) * bs);
+    const float scale = block_scale(w, b);
+    const uint8_t* src = p + ((i + 1) >> 1);  // first whole byte at or after i
+    const int64_t pairs = (end - i - (i & 1)) / 2;
+    const int64_t chunks = simd::available() ? pairs / 16 : 0;
+    const bool scalar = (i & 1) || chunks * 16 < pairs || ((end - i - (i & 1)) & 1);
+    T t[16];
+    if (scalar)
+      for (int q = 0; q < 16; ++q) t[q] = detail::from_f32<T>(code[q] * scale);
+    if (i & 1) { *dst++ = t[p[i >> 1] & 15]; ++i; }
+    if (chunks > 0) {  // 16 bytes (32 elements) per step
+      constexpr simd::Out kind = std::is_same_v<T, float> ? simd::Out::F32
+                                 : std::is_same_v<T, detail::bf16> ? simd::Out::BF16 : simd::Out::F16;
+      simd::decode(src, chunks, scale, dst, kind);
+    }
+    for (int64_t k = chunks * 16; k < pairs; ++k) {
+      const uint8_t byte = src[k];
+      dst[2 * k] = t[byte >> 4];
+      dst[2 * k + 1] = t[byte & 15];
+    }
+    dst += 2 * pairs;
+    i += 2 * pairs;
+    if (i < end) { *dst++ = t[p[i >> 1] >> 4]; ++i; }
+  }
+}
+
+template <class T>
+void dequantize_t(const NF4View& w, T* out) {
+  const int64_t n = w.numel();
+  constexpr int64_t kChunk = 16384;  // elements per task (a multiple of every blocksize)
+  detail::parallel_for((n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t e0 = c0 * kChunk, e1 = std::min(n, c1 * kChunk);
+    decode_range<T>(w, e0, e1, out + e0);
+  });
+}
+
+// One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
+// with each x row (converted to float once).
+template <class T>
+void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
+  const int64_t k = w.cols, rows = w.rows;
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
+  detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> wrow(static_cast<size_t>(k));
+    for (int64_t r = r0; r < r1; ++r) {
+      decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xr = xf.data() + i * k;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8)
+          for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * wrow[j + u];
+        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; j < k; ++j) s += xr[j] * wrow[j];
+        if (bias) s += detail::to_f32(bias[r]);
+        out[i * rows + r] = detail::from_f32<T>(s);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void nf4_quantize(const TensorView& weight, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
+  std::atomic<int64_t> bad{-1};
+  dispatch_float(weight.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_t<T>(weight.ptr<T>(), n, blocksize, packed, absmax, bad);
+  });
+  const int64_t b = bad.load();
+  LORART_CHECK(b < 0, "argument `weight`: expected finite values, got NaN or inf in block ", b, " (elements ",
+               b * blocksize, "..", std::min(n, (b + 1) * blocksize) - 1, ")");
+}
+
+void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float* code, uint8_t* q,
+                      float* nested_absmax) {
+  const int64_t nn = (nb + kNF4NestedBlocksize - 1) / kNF4NestedBlocksize;
+  detail::parallel_for(nn, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t s = c * kNF4NestedBlocksize, e = std::min(nb, s + kNF4NestedBlocksize);
+      float amax = 0.f;
+      for (int64_t i = s; i < e; ++i) amax = std::max(amax, std::fabs(absmax[i] - offset));
+      nested_absmax[c] = amax;
+      const float inv = detail::nf4_inv_scale(amax);
+      for (int64_t i = s; i < e; ++i) q[i] = detail::dynamic_encode(code, (absmax[i] - offset) * inv);
+    }
+  });
+}
+
+void nf4_dequantize(const NF4View& w, const TensorView& out) {
+  dispatch_float(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_t<T>(w, out.ptr<T>());
+  });
+}
+
+void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out) {
+  dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gemv_t<T>(x.ptr<T>(), x.shape[0], w, bias.ptr<T>(), out.ptr<T>());
+  });
+}
+
+}  // namespace lorart::cpu
