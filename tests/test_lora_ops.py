@@ -21,7 +21,11 @@ def policy(request):
 
 def ref_lora(x, W, b, A, B, s, p=0.0, seed=0):
     """PEFT: base(x) + lora_B(lora_A(dropout(x))) * scaling, in float64 math; the mask is lorart's."""
-    xd = x if p == 0 else L.lora_dropout(x.detach(), p, seed).ne(0).to(x.dtype) * x / (1 - p)
+    if p == 0:
+        xd = x
+    else:  # the mask depends on (seed, index) only: take it from the CPU op on ones
+        keep = L.lora_dropout(torch.ones(x.shape), p, seed).ne(0).to(device=x.device, dtype=x.dtype)
+        xd = keep * x / (1 - p)
     y = x @ W.t() + (b if b is not None else 0)
     return y + (xd @ A.t()) @ B.t() * s
 
