@@ -1,4 +1,5 @@
-"""lorart.nn: modules (LoRA / QLoRA layers)."""
+"""lorart.nn: modules (NF4Linear, LoRALinear, ...)."""
+from .nf4_linear import NF4Linear  # noqa: F401
 from .lora import LoRALinear  # noqa: F401
 
-__all__ = ["LoRALinear"]
+__all__ = ["NF4Linear", "LoRALinear"]

@@ -3,4 +3,5 @@
 One module per capability; importing this package registers every op.
 """
 from . import _common  # noqa: F401
+from . import nf4  # noqa: F401,E402
 from . import lora  # noqa: F401
