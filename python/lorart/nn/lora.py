@@ -58,6 +58,7 @@ class LoRALinear(nn.Module):
         self.adapter_ids: Tensor | list | None = None  # per-row adapter selection (mixed batches)
         self._original: Tensor | None = None            # the float base before merging (exact unmerge)
         self._merged_dense: Tensor | None = None        # NF4 base: dequant(W4) + deltas while merged
+        self._original_nf4 = None                        # NF4 base before a requantizing merge
         self._stack_cache = None
         if getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(bool(train_bias))
@@ -228,11 +229,15 @@ class LoRALinear(nn.Module):
 
     # ---- merge ------------------------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = True,
-              keep_original: str = "host") -> None:
+              keep_original: str = "host", requantize: bool = False) -> dict | None:
         """Merge adapters into the base for zero-overhead inference. Float base: W += scaling * B @ A with the
         original kept (``keep_original``: "host" (pinned CPU copy when W is on CUDA) or "device") so that
         ``unmerge`` is bit-exact. NF4 base: a dense dequant(W4) + deltas is built; the packed weight stays.
-        ``safe_merge``: refuse (ValueError, weight untouched) when the result would hold NaN/inf."""
+        ``safe_merge``: refuse (ValueError, weight untouched) when the result would hold NaN/inf.
+        ``requantize`` (NF4 base, for export): the merged weight is quantized back to NF4 and becomes the base's
+        weight (the previous NF4 weight is kept, so unmerge still restores it exactly); returns the error this
+        introduces against the dense merged weight: max_abs_error, rel_error (Frobenius, relative to the merged
+        weight) and delta_rel_error (relative to the adapter's delta scaling * B @ A)."""
         names = adapter_names if adapter_names is not None else [self.active_adapter] if self.active_adapter else []
         if keep_original not in ("host", "device"):
             raise ValueError(f"lorart: merge: argument `keep_original`: expected 'host' or 'device', got {keep_original!r}")
@@ -259,6 +264,9 @@ class LoRALinear(nn.Module):
                 if work is W and nf4 is None and self._original is None:
                     self._keep_original(W, keep_original)
                 torch.ops.lorart.lora_merge_(work, A, B, self.scaling[n])
+            if nf4 is not None and requantize:
+                self.merged_adapters.extend(names)
+                return self._requantize(nf4, work)
             if nf4 is not None:
                 self._merged_dense = work
             elif work is not W:
@@ -266,6 +274,23 @@ class LoRALinear(nn.Module):
                     self._keep_original(W, keep_original)
                 W.copy_(work)
         self.merged_adapters.extend(names)
+
+    def _requantize(self, nf4, merged: Tensor) -> dict:
+        from .. import nf4 as _nf4
+
+        if not hasattr(self.base_layer, "_set_weight"):
+            raise TypeError(f"lorart: merge(requantize=True): {type(self.base_layer).__name__} cannot take a new "
+                            "NF4 weight (expected lorart.nn.NF4Linear)")
+        q = _nf4.quantize(merged, blocksize=nf4.blocksize, double_quant=nf4.double_quant)
+        q.dtype = nf4.dtype
+        err = q.dequantize(torch.float32) - merged.float()
+        delta = merged.float() - nf4.dequantize(torch.float32)
+        report = {"max_abs_error": err.abs().max().item(),
+                  "rel_error": (err.norm() / merged.float().norm().clamp_min(1e-30)).item(),
+                  "delta_rel_error": (err.norm() / delta.norm().clamp_min(1e-30)).item()}
+        self._original_nf4 = nf4
+        self.base_layer._set_weight(q)
+        return report
 
     def _keep_original(self, W: Tensor, where: str) -> None:
         if where == "host" and W.is_cuda:
@@ -282,6 +307,9 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             if self._merged_dense is not None:
                 self._merged_dense = None
+            if self._original_nf4 is not None:
+                self.base_layer._set_weight(self._original_nf4)
+                self._original_nf4 = None
             elif self._original is not None:
                 self.base_layer.weight.data.copy_(self._original)
                 self._original = None
