@@ -221,3 +221,46 @@ def test_paged_matches_torch_and_round_trips_cuda():
     assert ref2.state[b[0]]["exp_avg"].is_cuda
     pag.load_state_dict(ref.state_dict())
     assert pag.state[b[0]]["exp_avg"].device.type == "cpu"
+
+
+# ---- the paging walk (chunks, segments split across chunks, groups) on the CPU -------
+@pytest.mark.parametrize("budget", [0, 40_000])
+def test_paging_walk_cpu(budget):
+    """The chunk walk of the pager with synchronous copies: bitwise equal to the resident path."""
+    shapes = [(3000,), (17, 129), (5,), (2048,), (999,)]
+    ps = _make(shapes, "cpu")
+    a = [p.clone().requires_grad_() for p in ps]
+    b = [p.clone().requires_grad_() for p in ps]
+    groups = [{"params": b[:3]}, {"params": b[3:], "lr": 1e-2, "weight_decay": 0.1}]
+    res = PagedAdamW([{"params": a[:3]}, {"params": a[3:], "lr": 1e-2, "weight_decay": 0.1}], lr=3e-3)
+    pag = PagedAdamW(groups, lr=3e-3, gpu_budget_bytes=budget, page_chunk_bytes=4096)
+    pag._page_cpu = True
+    _run_pair(res, a, pag, b, 12, "cpu")
+    r = pag.memory_report()
+    assert r["paged_params"] == (5 if budget == 0 else 3)  # 40 KB: 16 KB staging, (17, 129) and (5,) resident and r["paged_h2d_bytes_per_step"] > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert torch.equal(res.state[x]["exp_avg_sq"], pag.state[y]["exp_avg_sq"])
+    sd = pag.state_dict()
+    c = [p.detach().clone().requires_grad_() for p in b]
+    ref = torch.optim.AdamW([{"params": c[:3]}, {"params": c[3:]}])
+    ref.load_state_dict(sd)
+    for x, z in zip(a, c):
+        assert torch.equal(ref.state[z]["exp_avg"], res.state[x]["exp_avg"])
+
+
+def test_frozen_params_get_no_state_until_they_have_grads():
+    w = torch.randn(50, requires_grad=False)
+    x = torch.randn(10, requires_grad=True)
+    opt = PagedAdamW([x, w], lr=1e-2)
+    x.grad = torch.randn(10)
+    opt.step()
+    assert opt.memory_report()["host_state_bytes"] == 8 * 10
+    m_before = opt.state[x]["exp_avg"].clone()
+    w.requires_grad_(True)
+    w.grad = torch.randn(50)
+    x.grad = None
+    opt.step()  # a new layout, x's state carried over
+    assert opt.memory_report()["host_state_bytes"] == 8 * 60
+    assert torch.equal(opt.state[x]["exp_avg"], m_before) and float(opt.state[x]["step"]) == 1.0
+    assert float(opt.state[w]["step"]) == 1.0

@@ -56,6 +56,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.state_bits = state_bits
         self._storage: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._pools: dict[torch.device, PagedStates] = {}
+        self._page_cpu = False  # tests only: apply the budget (and the paging walk) to CPU parameters too
         super().__init__(params, defaults)
 
     # ---- parameters and layout ------------------------------------------------
@@ -84,7 +85,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self.synchronize()
         if sources is None:
             sources = {p: s for p, s in self.state.items() if "exp_avg" in s}
-        params = [p for g in self.param_groups for p in g["params"]]
+        # frozen parameters get no storage (a base model passed whole costs nothing); a parameter that gets
+        # a gradient later triggers a new layout
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad or p.grad is not None]
         params = list(dict.fromkeys(params))  # keep order, drop duplicates
         storage: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         paged: dict[torch.device, list[torch.Tensor]] = {}
@@ -96,7 +99,7 @@ class PagedAdamW(torch.optim.Optimizer):
             by_dev.setdefault(p.device, []).append(p)
         for dev, ps in by_dev.items():
             resident = ps
-            if dev.type == "cuda":
+            if dev.type == "cuda" or self._page_cpu:
                 resident, paged_ps = self._split_budget(dev, ps)
                 if paged_ps:
                     paged[dev] = paged_ps
@@ -122,7 +125,7 @@ class PagedAdamW(torch.optim.Optimizer):
         need = [8 * p.numel() for p in ps]
         budget = self.gpu_budget_bytes
         if budget is None:
-            budget = torch.cuda.mem_get_info(dev)[0] // 2
+            budget = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else 1 << 62
         if sum(need) <= budget:
             return ps, []
         staging = 16 * min(self.page_chunk_bytes // 4, sum(p.numel() for p in ps) + 64)
@@ -143,7 +146,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._storage is None:
+        if self._storage is None or any(
+                p.grad is not None and p not in self._storage for g in self.param_groups for p in g["params"]):
             self._build_layout()
         paged_work: dict[torch.device, dict] = {}
         for group in self.param_groups:
