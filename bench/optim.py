@@ -101,7 +101,7 @@ def main() -> None:
     if args.sizes:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
     elif args.quick:
-        sizes = [1_000_000]
+        sizes = [10_000_000] if dev == "cuda" else [1_000_000]
     else:
         sizes = [10_000_000, 1_000_000_000] if dev == "cuda" else [10_000_000]
     results = {"device": dev, "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
@@ -109,7 +109,7 @@ def main() -> None:
     if dev == "cuda":
         bw = _duplex_bandwidth()
         results["pinned_duplex_bandwidth_GBps"] = bw / 1e9
-        print(f"pinned H2D+D2H (concurrent) bandwidth: {bw / 1e9:.1f} GB/s")
+        print(f"pinned H2D+D2H (concurrent) bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
     for total in sizes:
         piece = min(total, 16 << 20) if dev == "cuda" else min(total, 1 << 20)
         iters = args.iters or (3 if total >= 500_000_000 else 20)
@@ -138,10 +138,10 @@ def main() -> None:
             ideal = row["paged_bytes_per_step"] / results["pinned_duplex_bandwidth_GBps"] / 1e9
             row["paged_bw_ratio"] = ideal / (ms["lorart_paged"] / 1e3)
         results["runs"].append(row)
-        print(f"params={total:,}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+        print(f"params={total:,}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
         for k, v in row.items():
             if k.endswith(tuple(["_fused", "_foreach", "_single"])) or k == "paged_bw_ratio":
-                print(f"  {k}: {v:.3f}")
+                print(f"  {k}: {v:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

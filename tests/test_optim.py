@@ -188,19 +188,17 @@ def test_paged_equals_resident_cuda(budget):
     ps = _make(shapes, "cuda")
     a = [p.clone().requires_grad_() for p in ps]
     b = [p.clone().requires_grad_() for p in ps]
-    c = [p.clone().requires_grad_() for p in ps]
     res = PagedAdamW(a, lr=1e-2, weight_decay=0.1, gpu_budget_bytes=1 << 40)
     pag = PagedAdamW(b, lr=1e-2, weight_decay=0.1, gpu_budget_bytes=budget, page_chunk_bytes=4096)
-    ref = torch.optim.AdamW(c, lr=1e-2, weight_decay=0.1)
     _run_pair(res, a, pag, b, 40, "cuda")
-    _run_pair(ref, c, ref, c, 0, "cuda")
     torch.cuda.synchronize()
     r = pag.memory_report()
     assert r["paged_params"] >= (len(shapes) if budget == 0 else 1) and r["paged_h2d_bytes_per_step"] > 0
     assert res.memory_report()["paged_params"] == 0
-    for x, y in zip(a, b):
+    sd = pag.state_dict()  # synchronises the pager
+    for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y)  # same kernel, same math: bitwise equal
-        assert torch.equal(res.state[x]["exp_avg_sq"].cpu(), pag.state_dict()["state"][b.index(y)]["exp_avg_sq"].cpu())
+        assert torch.equal(res.state[x]["exp_avg_sq"].cpu(), sd["state"][i]["exp_avg_sq"].cpu())
     assert pag.state[b[0]]["exp_avg"].device.type == "cpu" and pag.state[b[0]]["exp_avg"].is_pinned()
 
 
