@@ -262,3 +262,24 @@ def test_frozen_params_get_no_state_until_they_have_grads():
     assert opt.memory_report()["host_state_bytes"] == 8 * 60
     assert torch.equal(opt.state[x]["exp_avg"], m_before) and float(opt.state[x]["step"]) == 1.0
     assert float(opt.state[w]["step"]) == 1.0
+
+
+def test_training_loop_with_closure_and_zero_grad(device):
+    torch.manual_seed(1)
+    net_a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
+    net_b = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
+    net_b.load_state_dict(net_a.state_dict())
+    x, y = torch.randn(32, 8, device=device), torch.randn(32, 1, device=device)
+    ref = torch.optim.AdamW(net_a.parameters(), lr=1e-2)
+    opt = PagedAdamW(net_b.parameters(), lr=1e-2)
+    for _ in range(20):
+        for net, o in ((net_a, ref), (net_b, opt)):
+            def closure(net=net, o=o):
+                o.zero_grad()
+                loss = torch.nn.functional.mse_loss(net(x), y)
+                loss.backward()
+                return loss
+            loss = o.step(closure)
+            assert loss is not None
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-5)
