@@ -15,6 +15,6 @@ import pytest
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     tests = os.path.join(here, "..", "tests")
-    args = ["-q", "-x", "-p", "no:cacheprovider", "-m", "cuda and not slow", "-k", "not bnb and not bitsandbytes",
+    args = ["-q", "-p", "no:cacheprovider", "-m", "cuda and not slow", "-k", "not bnb and not bitsandbytes",
             tests, *sys.argv[1:]]
     sys.exit(pytest.main(args))

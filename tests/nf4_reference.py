@@ -32,8 +32,9 @@ def _reference_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, 
     return packed, absmax
 
 
-def _reference_double_quant(absmax: torch.Tensor, code256: torch.Tensor):
-    offset = absmax.mean()
+def _reference_double_quant(absmax: torch.Tensor, code256: torch.Tensor, offset=None):
+    """offset: the mean of absmax as the caller computed it (a reduction's rounding depends on the device)."""
+    offset = absmax.mean() if offset is None else torch.as_tensor(offset, dtype=torch.float32).reshape(())
     v = absmax - offset
     nb = v.numel()
     nn_ = -(-nb // 256)

@@ -52,7 +52,7 @@ def test_double_quant_matches_reference(device, nb):
     code = nf4.dynamic_map(device)
     offset = absmax.mean().reshape(1)
     q, nested = torch.ops.lorart.nf4_double_quant(absmax, offset, code)
-    rq, rn, ro = _reference_double_quant(absmax.cpu(), code.cpu())
+    rq, rn, ro = _reference_double_quant(absmax.cpu(), code.cpu(), offset.cpu())
     assert torch.equal(nested.cpu(), rn)
     assert torch.equal(q.cpu(), rq)
 

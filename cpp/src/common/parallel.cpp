@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -15,6 +16,39 @@ namespace detail {
 namespace {
 
 thread_local bool t_in_parallel = false;
+
+// Each parallel region is a Job owned by shared_ptr: a worker that wakes late holds
+// the job it was woken for, never the next one, so a task can neither run twice nor
+// run after its region has returned.
+struct Job {
+  const std::function<void(int)>* fn = nullptr;
+  int tasks = 0;
+  std::atomic<int> next{0};
+  std::atomic<int> pending{0};
+  std::mutex mu;
+  std::condition_variable done;
+  std::exception_ptr error;
+
+  void work() {
+    const bool outer = t_in_parallel;
+    t_in_parallel = true;
+    for (;;) {
+      int i = next.fetch_add(1);
+      if (i >= tasks) break;
+      try {
+        (*fn)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu);
+        if (!error) error = std::current_exception();
+      }
+      if (pending.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lk(mu);
+        done.notify_all();
+      }
+    }
+    t_in_parallel = outer;
+  }
+};
 
 class Pool {
  public:
@@ -36,22 +70,28 @@ class Pool {
       for (int i = 0; i < tasks; ++i) fn(i);
       return;
     }
-    ensure_workers(nthreads_.load() - 1);
+    int helpers = std::min(tasks, nthreads_.load()) - 1;
+    ensure_workers(helpers);
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->tasks = tasks;
+    job->pending = tasks;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      tasks_ = tasks;
-      next_.store(0);
-      pending_ = tasks;
-      error_ = nullptr;
+      job_ = job;
       ++generation_;
     }
     cv_.notify_all();
-    work();
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return pending_ == 0; });
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    job->work();
+    {
+      std::unique_lock<std::mutex> lk(job->mu);
+      job->done.wait(lk, [&] { return job->pending.load() == 0; });
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (job_ == job) job_.reset();
+    }
+    if (job->error) std::rethrow_exception(job->error);
   }
 
  private:
@@ -67,46 +107,27 @@ class Pool {
     }
   }
 
-  void work() {
-    t_in_parallel = true;
-    for (;;) {
-      int i = next_.fetch_add(1);
-      if (i >= tasks_) break;
-      try {
-        (*fn_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (!error_) error_ = std::current_exception();
-      }
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) done_cv_.notify_all();
-    }
-    t_in_parallel = false;
-  }
-
   void loop() {
     uint64_t seen = 0;
     for (;;) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen && fn_ != nullptr; });
+        cv_.wait(lk, [&] { return generation_ != seen && job_ != nullptr; });
         seen = generation_;
+        job = job_;
       }
-      work();
+      job->work();
     }
   }
 
   std::atomic<int> nthreads_{1};
   std::mutex run_mu_;  // one parallel region at a time
   std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
+  std::condition_variable cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int)>* fn_ = nullptr;
-  std::atomic<int> tasks_{0};
-  std::atomic<int> next_{0};
-  int pending_ = 0;
+  std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
-  std::exception_ptr error_;
 };
 
 }  // namespace
