@@ -283,3 +283,16 @@ def test_training_loop_with_closure_and_zero_grad(device):
             assert loss is not None
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-5)
+
+
+def test_step_bumps_version_counters_like_torch():
+    """A parameter saved for a backward and then stepped makes that backward fail, as with torch's optimizers."""
+    x = torch.randn(6, requires_grad=True)
+    opt = PagedAdamW([x], lr=1e-2)
+    loss = (x * x).sum()  # saves x
+    x.grad = torch.ones(6)
+    v0 = x._version
+    opt.step()
+    assert x._version > v0
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
