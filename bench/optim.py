@@ -86,6 +86,12 @@ def _contenders(dev: str):
         c["torch_foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
         c["torch_fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
         c["lorart"] = lambda ps: PagedAdamW(ps, lr=1e-4)
+        try:  # bitsandbytes' paged optimizers need CUDA; its plain ones run on the CPU
+            import bitsandbytes as bnb  # noqa: F401
+            c["bnb_adamw"] = lambda ps: bnb.optim.AdamW(ps, lr=1e-4)
+            c["bnb_adamw8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)
+        except Exception as e:  # noqa: BLE001
+            print(f"bitsandbytes unavailable: {e}", file=sys.stderr)
     return c
 
 
@@ -131,7 +137,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
         ms = row["ms"]
         ours = "lorart_resident" if dev == "cuda" else "lorart"
-        for ref in ("torch_fused", "torch_foreach", "torch_single"):
+        for ref in ("torch_fused", "torch_foreach", "torch_single", "bnb_adamw", "bnb_paged_adamw"):
             if ref in ms and ours in ms:
                 row[f"{ours}_vs_{ref}"] = ms[ours] / ms[ref]
         if "lorart_paged" in ms and dev == "cuda":
@@ -140,7 +146,7 @@ def main() -> None:
         results["runs"].append(row)
         print(f"params={total:,}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
         for k, v in row.items():
-            if k.endswith(tuple(["_fused", "_foreach", "_single"])) or k == "paged_bw_ratio":
+            if "_vs_" in k or k == "paged_bw_ratio":
                 print(f"  {k}: {v:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -283,3 +283,33 @@ def test_training_loop_with_closure_and_zero_grad(device):
             assert loss is not None
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-5)
+
+
+def test_step_bumps_version_counters_like_torch():
+    """A parameter saved for a backward and then stepped makes that backward fail, as with torch's optimizers."""
+    x = torch.randn(6, requires_grad=True)
+    opt = PagedAdamW([x], lr=1e-2)
+    loss = (x * x).sum()  # saves x
+    x.grad = torch.ones(6)
+    v0 = x._version
+    opt.step()
+    assert x._version > v0
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 4100, 12288])
+def test_paging_walk_cpu_odd_sizes(chunk_bytes):
+    """Sizes around the alignment (4) and chunk (multiple of 64) boundaries, some parameters without grads."""
+    shapes = [(1,), (63,), (64,), (65,), (1023,), (1025,), (3, 7), (2049,)]
+    ps = _make(shapes, "cpu")
+    a = [p.clone().requires_grad_() for p in ps]
+    b = [p.clone().requires_grad_() for p in ps]
+    res = PagedAdamW(a, lr=1e-2, weight_decay=0.05)
+    pag = PagedAdamW(b, lr=1e-2, weight_decay=0.05, gpu_budget_bytes=0, page_chunk_bytes=chunk_bytes)
+    pag._page_cpu = True
+    _run_pair(res, a, pag, b, 9, "cpu")
+    assert pag.memory_report()["paged_params"] == len(shapes)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert torch.equal(res.state[x]["exp_avg"], pag.state[y]["exp_avg"])

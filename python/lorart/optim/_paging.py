@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from ..ops.optim import adamw_step_
+from ..ops.optim import adamw_step_eager
 
 _ALIGN = 4  # elements: keeps every slice 16-byte aligned for the vectorised kernel
 
@@ -115,7 +115,7 @@ class PagedStates:
             by_group.setdefault(id(group), (group, []))[1].append((p, g, po, co, sn, st))
         for group, items in by_group.values():
             beta1, beta2 = group["betas"]
-            adamw_step_(
+            adamw_step_eager(
                 [p.view(-1)[po:po + sn] for p, g, po, co, sn, st in items],
                 [g.view(-1)[po:po + sn] for p, g, po, co, sn, st in items],
                 [self.stage[b, 0, co:co + sn] for p, g, po, co, sn, st in items],

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..ops.optim import adamw_step_, check_adamw_hparams
+from ..ops.optim import adamw_step_eager, check_adamw_hparams
 from ._paging import PagedStates
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -184,7 +184,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 for lst, t in zip(lists, (p, g, state["exp_avg"], state["exp_avg_sq"], st)):
                     lst.append(t)
             for ps, gs, ms, vs, sts in resident.values():
-                adamw_step_(ps, gs, ms, vs, sts, float(group["lr"]), float(beta1), float(beta2),
+                adamw_step_eager(ps, gs, ms, vs, sts, float(group["lr"]), float(beta1), float(beta2),
                             float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]))
         for dev, work in paged_work.items():
             self._pools[dev].step(work)
