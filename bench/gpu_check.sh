@@ -41,6 +41,11 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 $PY -m lorart info || fail "lorart info"
 
+step "C++ tests (ctest, CPU build with 16 threads)"
+( cmake -S . -B build/gpu-ctest -G Ninja -DLORART_CUDA=OFF -DLORART_TESTS=ON > /dev/null \
+  && cmake --build build/gpu-ctest > /dev/null && ctest --test-dir build/gpu-ctest --output-on-failure 2>&1 | tail -5 ) \
+  || fail "ctest"
+
 step "tests"
 timeout 240 $PY -m pytest -q -p no:cacheprovider -m "not slow" --junitxml="$OUT/junit.xml" tests 2>&1 \
   | tail -40 | tee "$OUT/pytest.txt" || true
