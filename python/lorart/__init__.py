@@ -1,0 +1,1 @@
+"""lorart: LoRA/QLoRA fine-tuning runtime (placeholder; the real package init is written elsewhere)."""
