@@ -255,6 +255,8 @@ class LlamaForCausalLM(nn.Module):
             if attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, past + T):
                 raise ValueError(f"a 4D attention_mask must be bool [{B}, 1, {T}, {past + T}], got "
                                  f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            diag = torch.arange(T, device=dev)[:, None] + past == torch.arange(past + T, device=dev)
+            attention_mask = attention_mask.to(dev) | diag  # padding rows must not be all-False
             masks = {False: attention_mask, True: attention_mask}
         else:
             if attention_mask is not None:
