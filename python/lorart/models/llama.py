@@ -127,11 +127,8 @@ class LlamaAttention(nn.Module):
                 mask = (torch.arange(S, device=x.device)[None, :] <= i)[None, None].expand(B, 1, T, S)
             mask = torch.cat([mask.new_ones(B, 1, T, P), mask.expand(B, 1, T, -1)], dim=-1)
             is_causal = False
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
