@@ -20,4 +20,4 @@ def default_model():
         path = default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return load_model(path, dtype=torch.float32, use_cache=False)  # always test the GGUF path
+    return load_model(path, dtype=torch.float32, cache=False)  # always test the GGUF path

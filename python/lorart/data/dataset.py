@@ -6,7 +6,7 @@ import random
 import warnings
 from typing import Optional
 
-from .formats import DataError, Example, IGNORE_INDEX, encode_record, read_jsonl
+from .formats import DataError, encode_record, read_jsonl
 
 
 def load_jsonl(path: str, tokenizer, max_seq_len: Optional[int] = None) -> list:
@@ -78,7 +78,3 @@ def default_dataset_paths() -> dict:
             raise FileNotFoundError(f"bundled data file {p} is missing (reinstall lorart, or run "
                                     f"python {os.path.join(d, 'make_default.py')})")
     return paths
-
-
-__all__ = ["load_jsonl", "split_examples", "load_dataset", "default_dataset_paths", "default_data_dir",
-           "Example", "IGNORE_INDEX", "DataError"]

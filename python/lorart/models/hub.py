@@ -57,9 +57,9 @@ def _apply_linear_factory(model: nn.Module, factory: LinearFactory) -> None:
 
 
 def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
-               linear_factory: Optional[LinearFactory] = None, use_cache: bool = True):
+               linear_factory: Optional[LinearFactory] = None, cache: bool = True):
     """Load `(model, tokenizer)` from an HF folder, a `.gguf` file, or the default (`path=None`
-    or "default"). The GGUF is dequantized; its conversion is cached unless `use_cache=False`
+    or "default"). The GGUF is dequantized; its conversion is cached unless `cache=False`
     (cached in the requested dtype: fp32 keeps the dequantized values exactly)."""
     if path is None or path == "default":
         path = default_model_path()
@@ -72,7 +72,7 @@ def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
     if not path.endswith(".gguf"):
         raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
     from .gguf_import import load_gguf
-    if not use_cache:
+    if not cache:
         return load_gguf(path, dtype=dtype, device=device, linear_factory=linear_factory)
     folder = _gguf_cache_folder(path, dtype, cache_dir())
     if os.path.exists(os.path.join(folder, "config.json")):

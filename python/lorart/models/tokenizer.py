@@ -107,9 +107,13 @@ class Tokenizer:
             template = named.get("default", next(iter(named.values()), None))
         eos = gen.get("eos_token_id")
         extra = eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
-        return cls(tk, bos_token=get("bos_token"), eos_token=get("eos_token"), pad_token=get("pad_token"),
-                   chat_template=template, add_bos_token=bool(cfg.get("add_bos_token", False)),
-                   extra_eos_ids=extra)
+        bos = get("bos_token")
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None and bos is not None:  # e.g. Llama 3: BOS comes from the post-processor
+            probe = tk.encode("a", add_special_tokens=True).ids
+            add_bos = bool(probe) and probe[0] == tk.token_to_id(bos)
+        return cls(tk, bos_token=bos, eos_token=get("eos_token"), pad_token=get("pad_token"),
+                   chat_template=template, add_bos_token=bool(add_bos), extra_eos_ids=extra)
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
