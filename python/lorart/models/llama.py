@@ -226,6 +226,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None,
                 past_key_values: Optional[KVCache] = None, use_cache: bool = False,
                 inputs_embeds=None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """attention_mask: [B, past + T] (1 = token, 0 = padding; left or right padding) or a bool
+        [B, 1, T, past + T] mask (True = attend, e.g. packed documents). Outputs at padding
+        positions are unspecified. position_ids default to the count of real tokens before each
+        position. labels: next-token targets (-100 = ignored), shifted inside."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -260,8 +264,11 @@ class LlamaForCausalLM(nn.Module):
                 if attention_mask.shape != (B, past + T):
                     raise ValueError(f"attention_mask must be [batch, past + seq] = [{B}, {past + T}], "
                                      f"got {tuple(attention_mask.shape)}")
-                if not bool(attention_mask.all()):
-                    pad = attention_mask.to(dev)
+                pad = None if bool(attention_mask.all()) else attention_mask.to(dev)
+                if pad is not None and past == 0 and not bool((pad[:, 1:] > pad[:, :-1]).any()):
+                    # right padding only: causal attention never reaches the trailing pads, so the
+                    # plain causal path (flash kernels) is exact for every real token
+                    pad = None
             if position_ids is None and pad is not None:
                 position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             if pad is not None or (past > 0 and T > 1):
