@@ -35,3 +35,18 @@ def device(request) -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads large models or runs for more than 30 s")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct default, loaded once per session (fp32)."""
+    from lorart.models import default_model_path, load_model
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_model(path, dtype=torch.float32, cache=False)  # always test the GGUF path

@@ -1,0 +1,170 @@
+"""Load and save Llama-family models as Hugging Face folders (safetensors only).
+
+Weights are streamed tensor by tensor into a model built on the `meta` device, so no fp32
+copy of the model is ever built. `linear_factory(name, linear) -> nn.Module` is called for
+each decoder-layer `nn.Linear` as soon as its weight (and bias) are loaded, in the target
+dtype and device; whatever it returns replaces the linear (e.g. `NF4Linear.from_linear`).
+`lm_head` is never passed to the factory (it is often tied to the embedding).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+from .llama import LlamaForCausalLM
+from .tokenizer import Tokenizer
+
+LinearFactory = Callable[[str, nn.Linear], nn.Module]
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
+    mod_name, _, pname = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = mod._parameters.get(pname)
+    if old is None:
+        raise ValueError(f"{source}: tensor {name!r} has no matching parameter in the model")
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(old.shape)}")
+    mod._parameters[pname] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[str], torch.Tensor],
+                dtype=torch.float32, device="cpu", linear_factory: Optional[LinearFactory] = None,
+                source: str = "checkpoint") -> LlamaForCausalLM:
+    """Assemble a model from named tensors (HF names) fetched one at a time by `get_tensor`."""
+    dtype = _as_dtype(dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    available = {k for k in keys if not k.endswith(_IGNORED_KEYS)}
+    expected = set(model.state_dict().keys())
+    tied = config.tie_word_embeddings
+    if tied:
+        available.discard("lm_head.weight")
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - available), sorted(available - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match the config: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+
+    def fetch(name):
+        t = get_tensor(name)
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    done = set()
+    linears = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    for name, lin in linears:
+        for pname in ("weight", "bias"):
+            if getattr(lin, pname) is not None:
+                _set_param(model, f"{name}.{pname}", fetch(f"{name}.{pname}"), source)
+                done.add(f"{name}.{pname}")
+        if linear_factory is not None:
+            new = linear_factory(name, model.get_submodule(name))
+            if new is None:
+                raise ValueError(f"linear_factory returned None for {name!r}")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    for name in sorted(expected - done):
+        _set_param(model, name, fetch(name), source)
+    model.tie_weights()
+    model.model.rotary_emb.reset(device)
+    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_meta:
+            raise RuntimeError(f"{source}: {n} was not loaded")
+    return model.eval()
+
+
+def _weight_index(folder: str) -> dict:
+    """Map tensor name -> safetensors file; refuse pickled weights."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                wmap = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        return {k: os.path.join(folder, v) for k, v in wmap.items()}
+    if os.path.exists(single):
+        from safetensors import safe_open
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    pickled = [os.path.basename(p) for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt")
+               for p in glob.glob(os.path.join(folder, ext))]
+    if pickled:
+        raise ValueError(f"{folder}: found only pickled .bin/.pt weights ({', '.join(sorted(pickled))}); "
+                         "lorart refuses to load pickled weights (they can run arbitrary code). "
+                         "Convert them to safetensors first (e.g. transformers' save_pretrained "
+                         "with safe_serialization=True).")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
+                   linear_factory: Optional[LinearFactory] = None):
+    """Load `(model, tokenizer)` from an HF folder; tokenizer is None without tokenizer.json."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a directory")
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{folder}: missing config.json")
+    config = LlamaConfig.from_json_file(cfg_path)
+    index = _weight_index(folder)
+    from safetensors import safe_open
+    handles = {}
+    try:
+        for path in sorted(set(index.values())):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{folder}: shard {os.path.basename(path)} listed in the "
+                                        "index is missing")
+            handles[path] = safe_open(path, framework="pt", device="cpu")
+        model = build_model(config, index.keys(), lambda k: handles[index[k]].get_tensor(k),
+                            dtype=dtype, device=device, linear_factory=linear_factory, source=folder)
+    finally:
+        handles.clear()
+    return model, Tokenizer.from_folder(folder)
+
+
+def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tokenizer] = None,
+                   dtype=None) -> None:
+    """Write config.json, model.safetensors (and tokenizer files) readable by transformers."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor) or v.is_meta:
+            raise ValueError(f"cannot save {k!r}: not a materialized tensor (was a linear replaced?)")
+    dt = _as_dtype(dtype) if dtype is not None else model.dtype
+    sd = {k: v.detach().to("cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in sd.items()}
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save(folder, dtype=dt)
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    if tokenizer is not None:
+        tokenizer.save(folder)
+        gen = {"bos_token_id": tokenizer.bos_id,
+               "eos_token_id": tokenizer.eos_ids[0] if len(tokenizer.eos_ids) == 1 else tokenizer.eos_ids,
+               "pad_token_id": tokenizer.pad_id}
+    with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)

@@ -1,0 +1,172 @@
+"""Tokenizer wrapper: a `tokenizers.Tokenizer` plus special ids and a jinja2 chat template."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Optional, Sequence, Union
+
+import tokenizers
+
+
+def _token_str(t) -> Optional[str]:
+    if isinstance(t, dict):
+        return t.get("content")
+    return t
+
+
+class Tokenizer:
+    """Encode/decode text and render chat templates.
+
+    `bos_id`, `eos_id` and `pad_id` are ints or None; `pad_id` falls back to `eos_id`.
+    `eos_ids` lists every id that ends generation (e.g. Llama 3 has several).
+    """
+
+    def __init__(self, tk: tokenizers.Tokenizer, *, bos_token: Optional[str] = None,
+                 eos_token: Optional[str] = None, pad_token: Optional[str] = None,
+                 chat_template: Optional[str] = None, add_bos_token: bool = False,
+                 extra_eos_ids: Sequence[int] = ()):
+        self.tk = tk
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.chat_template = chat_template
+        self.add_bos_token = bool(add_bos_token)
+        self.bos_id = self._id(self.bos_token)
+        self.eos_id = self._id(self.eos_token)
+        self.pad_id = self._id(self.pad_token)
+        self.eos_ids = sorted({i for i in [self.eos_id, *extra_eos_ids] if i is not None})
+        self._template = None
+
+    def _id(self, token: Optional[str]) -> Optional[int]:
+        if token is None:
+            return None
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> list:
+        """Token ids of `text`. Special-token strings in the text (e.g. `<|im_start|>`) map to
+        their ids. A BOS id is prepended when `add_bos` (default: the tokenizer's add_bos_token)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.tk.token_to_id(token)
+
+    # ------------------------------------------------------------------ chat template
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs) -> Union[str, list]:
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        _check_messages(messages)
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     **kwargs)
+        return self.encode(text, add_bos=False) if tokenize else text
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_folder(cls, folder: str) -> Optional["Tokenizer"]:
+        """Load `tokenizer.json` (+ tokenizer_config.json, chat_template.jinja,
+        special_tokens_map.json, generation_config.json) from an HF folder; None if absent."""
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.exists(path):
+            return None
+        tk = tokenizers.Tokenizer.from_file(path)
+        cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        smap = _read_json(os.path.join(folder, "special_tokens_map.json"))
+        gen = _read_json(os.path.join(folder, "generation_config.json"))
+        get = lambda k: _token_str(cfg.get(k, smap.get(k)))  # noqa: E731
+        template = cfg.get("chat_template")
+        jinja = os.path.join(folder, "chat_template.jinja")
+        if os.path.exists(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+        eos = gen.get("eos_token_id")
+        extra = eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+        bos = get("bos_token")
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None and bos is not None:  # e.g. Llama 3: BOS comes from the post-processor
+            probe = tk.encode("a", add_special_tokens=True).ids
+            add_bos = bool(probe) and probe[0] == tk.token_to_id(bos)
+        return cls(tk, bos_token=bos, eos_token=get("eos_token"), pad_token=get("pad_token"),
+                   chat_template=template, add_bos_token=bool(add_bos), extra_eos_ids=extra)
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.tk.save(os.path.join(folder, "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+               "eos_token": self.eos_token, "pad_token": self.pad_token,
+               "add_bos_token": self.add_bos_token, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be a dict with str 'role' and 'content', got {m!r}")
+
+
+def _compile_template(source: str):
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("chat templates need jinja2: pip install jinja2") from e
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"invalid chat_template: {e}") from None
