@@ -1,0 +1,234 @@
+// CPU drivers of the LoRA kernels (threaded with detail::parallel_for). Arguments were checked in lora.cpp.
+#include "lora/lora_cpu.h"
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/check.h"
+#include "common/parallel.h"
+#include "lorart/detail/lora_math.h"
+
+namespace lorart::detail {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;  // elements of work per task, roughly
+
+inline int64_t rows_grain(int64_t work_per_row) { return work_per_row >= kGrain ? 1 : kGrain / work_per_row; }
+
+template <class T>
+inline T lora_st(lora_acc_t<T> v) { return from_f32<T>(v); }
+template <>
+inline double lora_st<double>(double v) { return v; }
+
+int64_t idx_at(const TensorView& idx, int64_t m) {
+  return idx.dtype == DType::I64 ? idx.ptr<int64_t>()[m * idx.strides[0]]
+                                 : static_cast<int64_t>(idx.ptr<int32_t>()[m * idx.strides[0]]);
+}
+
+}  // namespace
+
+void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint64_t seed) {
+  const int64_t M = x.shape[0], K = x.shape[1];
+  const uint32_t thr = lora_dropout_threshold(p);
+  lora_dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = lora_acc_t<T>;
+    const A keep_scale = static_cast<A>(1.0 / (1.0 - p));
+    const T* xp = x.ptr<T>();
+    T* op = out.ptr<T>();
+    parallel_for(M, rows_grain(K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const bool keep = lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr);
+          op[m * out.strides[0] + k] = lora_st<T>(keep ? lora_ld(xp[m * x.strides[0] + k]) * keep_scale : A(0));
+        }
+    });
+  });
+}
+
+void cpu_lora_shrink(const TensorView& x, const TensorView& Aw, double p, uint64_t seed, const TensorView& xa) {
+  const int64_t M = x.shape[0], K = x.shape[1], R = Aw.shape[0];
+  const uint32_t thr = lora_dropout_threshold(p);
+  lora_dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = lora_acc_t<T>;
+    const A keep_scale = static_cast<A>(p > 0 ? 1.0 / (1.0 - p) : 1.0);
+    const T* xp = x.ptr<T>();
+    const T* ap = Aw.ptr<T>();
+    parallel_for(M * R, rows_grain(K), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / R, j = i % R;
+        const T* xr = xp + m * x.strides[0];
+        const T* ar = ap + j * K;
+        A acc = 0;
+        if (p > 0) {
+          for (int64_t k = 0; k < K; ++k)
+            if (lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr)) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+          acc *= keep_scale;
+        } else {
+          for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+        }
+        if constexpr (std::is_same_v<T, double>) xa.ptr<double>()[m * R + j] = acc;
+        else xa.ptr<float>()[m * R + j] = acc;
+      }
+    });
+  });
+}
+
+namespace {
+
+// y[m, n] = dot(x[m], Wrow) + bias[n] + scale * dot(xa[m], B[n]) for all m, with Wrow given as acc values.
+template <class T>
+void finish_row(const TensorView& x, const lora_acc_t<T>* wrow, const TensorView& bias, const TensorView& xa,
+                const TensorView& B, double scale, const TensorView& y, int64_t n) {
+  using A = lora_acc_t<T>;
+  const int64_t M = x.shape[0], K = x.shape[1], R = B.shape[1];
+  const T* brow = B.ptr<T>() + n * R;
+  const A b = bias.data ? lora_ld(bias.ptr<T>()[n]) : A(0);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x.ptr<T>() + m * x.strides[0];
+    A acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * wrow[k];
+    A la = 0;
+    const A* xam = xa.ptr<A>() + m * R;
+    for (int64_t j = 0; j < R; ++j) la += xam[j] * lora_ld(brow[j]);
+    y.ptr<T>()[m * y.strides[0] + n] = lora_st<T>(acc + b + static_cast<A>(scale) * la);
+  }
+}
+
+}  // namespace
+
+void cpu_lora_fused_linear(const TensorView& x, const TensorView& W, const TensorView& bias, const TensorView& xa,
+                           const TensorView& B, double scale, const TensorView& y) {
+  const int64_t N = W.shape[0], K = W.shape[1];
+  lora_dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = lora_acc_t<T>;
+    parallel_for(N, rows_grain(K * x.shape[0]), [&](int64_t n0, int64_t n1) {
+      std::vector<A> wrow(static_cast<size_t>(K));
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* w = W.ptr<T>() + n * K;
+        for (int64_t k = 0; k < K; ++k) wrow[k] = lora_ld(w[k]);
+        finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
+      }
+    });
+  });
+}
+
+void cpu_lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, const TensorView& bias,
+                               const TensorView& xa, const TensorView& B, double scale, const TensorView& y) {
+  const int64_t N = W.rows, K = W.cols;
+  const float table[16] = LORART_NF4_TABLE;
+  const bool dq = W.absmax.dtype == DType::U8;
+  const uint8_t* packed = W.packed.ptr<uint8_t>();
+  const float* nabs = dq ? W.nested_absmax.ptr<float>() : nullptr;
+  const float* ncode = dq ? W.nested_code.ptr<float>() : nullptr;
+  lora_dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = lora_acc_t<T>;
+    parallel_for(N, rows_grain(K * x.shape[0]), [&](int64_t n0, int64_t n1) {
+      std::vector<A> wrow(static_cast<size_t>(K));
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = n * K + k;
+          const uint8_t byte = packed[i >> 1];
+          const int q = (i & 1) ? (byte & 0xF) : (byte >> 4);
+          const float am = lora_nf4_absmax(W.absmax.data, dq, nabs, ncode, W.offset, i / W.blocksize);
+          // bitsandbytes decodes in float32 then casts to the compute dtype: keep that rounding.
+          wrow[k] = lora_ld(lora_st<T>(table[q] * am));
+        }
+        finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
+      }
+    });
+  });
+}
+
+void cpu_lora_grouped_add(const TensorView& y, const TensorView& x, const TensorView& A_stack,
+                          const TensorView& B_stack, const TensorView& ranks, const TensorView& scales,
+                          const TensorView& idx, const TensorView& xa_ws) {
+  const int64_t M = x.shape[0], K = x.shape[1], RM = A_stack.shape[1], N = B_stack.shape[1];
+  const int32_t* rk = ranks.ptr<int32_t>();
+  const float* sc = scales.ptr<float>();
+  lora_dispatch_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = lora_acc_t<T>;
+    A* xa = xa_ws.ptr<A>();
+    parallel_for(M * RM, rows_grain(K), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / RM, j = i % RM, a = idx_at(idx, m);
+        A acc = 0;
+        if (a >= 0 && j < rk[a]) {
+          const T* xr = x.ptr<T>() + m * x.strides[0];
+          const T* ar = A_stack.ptr<T>() + (a * RM + j) * K;
+          for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+        }
+        xa[i] = acc;
+      }
+    });
+    parallel_for(M, rows_grain(N * RM), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t a = idx_at(idx, m);
+        if (a < 0) continue;
+        const int64_t r = rk[a];
+        const A s = static_cast<A>(sc[a]);
+        T* yr = y.ptr<T>() + m * y.strides[0];
+        for (int64_t n = 0; n < N; ++n) {
+          const T* br = B_stack.ptr<T>() + (a * N + n) * RM;
+          A acc = 0;
+          for (int64_t j = 0; j < r; ++j) acc += xa[m * RM + j] * lora_ld(br[j]);
+          yr[n] = lora_st<T>(lora_ld(yr[n]) + s * acc);
+        }
+      }
+    });
+  });
+}
+
+namespace {
+
+// Calls row_fn(n, wrow_ptr, merged_values) for each row n of W with merged = W + scale * B @ A (acc type).
+template <class T, class F>
+void merge_rows(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale, F&& row_fn) {
+  using A = lora_acc_t<T>;
+  const int64_t N = W.shape[0], K = W.shape[1], R = Aw.shape[0];
+  parallel_for(N, rows_grain(K * R), [&](int64_t n0, int64_t n1) {
+    std::vector<A> d(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t k = 0; k < K; ++k) d[k] = 0;
+      for (int64_t j = 0; j < R; ++j) {
+        const A b = lora_ld(B.ptr<T>()[n * R + j]);
+        const T* ar = Aw.ptr<T>() + j * K;
+        for (int64_t k = 0; k < K; ++k) d[k] += b * lora_ld(ar[k]);
+      }
+      T* wr = W.ptr<T>() + n * K;
+      for (int64_t k = 0; k < K; ++k) d[k] = lora_ld(wr[k]) + static_cast<A>(scale) * d[k];
+      row_fn(wr, d.data(), K);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_lora_merge(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale) {
+  lora_dispatch_float(W.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    merge_rows<T>(W, Aw, B, scale, [](T* wr, const lora_acc_t<T>* v, int64_t K) {
+      for (int64_t k = 0; k < K; ++k) wr[k] = lora_st<T>(v[k]);
+    });
+  });
+}
+
+int64_t cpu_lora_merge_count_nonfinite(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale) {
+  std::atomic<int64_t> bad{0};
+  lora_dispatch_float(W.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    merge_rows<T>(W, Aw, B, scale, [&](T*, const lora_acc_t<T>* v, int64_t K) {
+      int64_t c = 0;
+      for (int64_t k = 0; k < K; ++k) c += !std::isfinite(lora_ld(lora_st<T>(v[k])));
+      if (c) bad += c;
+    });
+  });
+  return bad.load();
+}
+
+}  // namespace lorart::detail

@@ -1,0 +1,407 @@
+// LoRA CUDA kernels, then their launchers (declared in lora_launch.h).
+//
+// - dropout / shrink: the dropout mask is the counter-based hash of detail/lora_math.h, identical to the CPU.
+// - fused_linear: the decode-time (M <= 16) linear: one warp per output feature reads its row of W once (dense
+//   or NF4-packed, 16-byte vector loads when aligned, scalar loads otherwise), multiplies it with every row of x,
+//   adds scale * xa[m] . B[n] (xa from the shrink kernel) and the bias, and rounds once.
+// - grouped shrink/expand: Punica-style BGMV, each row with its own adapter (index -1 = none).
+// - merge: W += scale * B @ A, one thread per element, optionally only counting non-finite results.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/check.h"
+#include "common/cuda_utils.cuh"
+#include "lora/lora_launch.h"
+#include "lorart/detail/lora_math.h"
+
+namespace lorart::cuda {
+namespace {
+
+using detail::lora_dropout_keep;
+
+__device__ __forceinline__ float ldf(float v) { return v; }
+__device__ __forceinline__ float ldf(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ldf(__half v) { return __half2float(v); }
+template <class T> __device__ __forceinline__ T stf(float v);
+template <> __device__ __forceinline__ float stf<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 stf<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half stf<__half>(float v) { return __float2half_rn(v); }
+
+// Eight consecutive elements as float; p must be 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float* o) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { const float2 f = __bfloat1622float2(h[i]); o[2 * i] = f.x; o[2 * i + 1] = f.y; }
+}
+__device__ __forceinline__ void load8(const __half* p, float* o) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { const float2 f = __half22float2(h[i]); o[2 * i] = f.x; o[2 * i + 1] = f.y; }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); the result is valid in thread 0.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// ---- kernels -----------------------------------------------------------------------------------------------
+
+template <class T>
+__global__ void dropout_kernel(const T* x, int64_t ldx, T* out, int64_t ldo, int64_t M, int64_t K, uint32_t thr,
+                               float keep_scale, uint64_t seed) {
+  const int64_t n = M * K;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / K, k = i - m * K;
+    const bool keep = lora_dropout_keep(seed, static_cast<uint64_t>(i), thr);
+    out[m * ldo + k] = stf<T>(keep ? ldf(x[m * ldx + k]) * keep_scale : 0.f);
+  }
+}
+
+// xa[m, j] = keep_scale * sum_k keep(m, k) x[m, k] A[j, k]; grid (M, R).
+template <class T>
+__global__ void shrink_kernel(const T* x, int64_t ldx, const T* A, int64_t K, int64_t R, bool drop, uint32_t thr,
+                              float keep_scale, uint64_t seed, float* xa) {
+  const int64_t m = blockIdx.x, j = blockIdx.y;
+  const T* xr = x + m * ldx;
+  const T* ar = A + j * K;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    if (!drop || lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr)) acc += ldf(xr[k]) * ldf(ar[k]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) xa[m * R + j] = acc * keep_scale;
+}
+
+// Dense weight row access for the fused kernel.
+template <class T>
+struct DenseRow {
+  const T* W;
+  int64_t K;
+  __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const { cuda::load8(W + n * K + k, o); }
+  __device__ __forceinline__ float at(int64_t n, int64_t k) const { return ldf(W[n * K + k]); }
+};
+
+// NF4 weight (bitsandbytes layout): values are decoded in float32 and rounded to T, as bnb's dequantize does.
+template <class T>
+struct NF4Row {
+  const uint8_t* packed;
+  const void* absmax;
+  bool dq;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  int64_t blocksize, K;
+  const float* table;  // shared memory, 16 entries
+  __device__ __forceinline__ float am(int64_t i) const {
+    return detail::lora_nf4_absmax(absmax, dq, nested_absmax, nested_code, offset, i / blocksize);
+  }
+  __device__ __forceinline__ float dec(int q, float a) const { return ldf(stf<T>(table[q] * a)); }
+  // 8 elements starting at flat index i = n*K + k (i % 8 == 0, so one absmax block, 4-byte aligned bytes).
+  __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const {
+    const int64_t i = n * K + k;
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(packed + (i >> 1));
+    const float a = am(i);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (w >> (8 * b)) & 0xFFu;
+      o[2 * b] = dec(byte >> 4, a);
+      o[2 * b + 1] = dec(byte & 0xF, a);
+    }
+  }
+  __device__ __forceinline__ float at(int64_t n, int64_t k) const {
+    const int64_t i = n * K + k;
+    const uint8_t byte = packed[i >> 1];
+    return dec((i & 1) ? (byte & 0xF) : (byte >> 4), am(i));
+  }
+};
+
+constexpr int kFusedWarps = 8;
+
+// One warp per output feature n; MAXM >= M rows of x held as MAXM accumulators per lane.
+template <class T, int MAXM, bool VEC, class Row>
+__device__ void fused_body(const T* x, int64_t ldx, const Row& row, const T* bias, const float* xa, const T* B,
+                           int64_t R, float scale, T* y, int64_t ldy, int M, int64_t N, int64_t K) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kFusedWarps;
+  for (int64_t n = blockIdx.x * int64_t(kFusedWarps) + (threadIdx.x >> 5); n < N; n += warps) {
+    float acc[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    if (VEC) {
+#pragma unroll 2
+      for (int64_t k = int64_t(lane) * 8; k < K; k += 32 * 8) {
+        float w[8], xv[8];
+        row.load8(n, k, w);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+          if (m < M) {
+            load8(x + m * ldx + k, xv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m] = fmaf(xv[e], w[e], acc[m]);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < K; k += 32) {
+        const float w = row.at(n, k);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+          if (m < M) acc[m] = fmaf(ldf(x[m * ldx + k]), w, acc[m]);
+      }
+    }
+    for (int64_t j = lane; j < R; j += 32) {
+      const float b = scale * ldf(B[n * R + j]);
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m)
+        if (m < M) acc[m] = fmaf(xa[m * R + j], b, acc[m]);
+    }
+    const float bn = bias ? ldf(bias[n]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+      if (m < M) {
+        const float v = warp_sum(acc[m]);
+        if (lane == 0) y[m * ldy + n] = stf<T>(v + bn);
+      }
+    }
+  }
+}
+
+template <class T, int MAXM, bool VEC>
+__global__ void __launch_bounds__(kFusedWarps * 32)
+    fused_dense_kernel(const T* x, int64_t ldx, const T* W, const T* bias, const float* xa, const T* B, int64_t R,
+                       float scale, T* y, int64_t ldy, int M, int64_t N, int64_t K) {
+  fused_body<T, MAXM, VEC>(x, ldx, DenseRow<T>{W, K}, bias, xa, B, R, scale, y, ldy, M, N, K);
+}
+
+template <class T, int MAXM, bool VEC>
+__global__ void __launch_bounds__(kFusedWarps * 32)
+    fused_nf4_kernel(const T* x, int64_t ldx, const uint8_t* packed, const void* absmax, bool dq,
+                     const float* nested_absmax, const float* nested_code, float offset, int64_t blocksize,
+                     const T* bias, const float* xa, const T* B, int64_t R, float scale, T* y, int64_t ldy, int M,
+                     int64_t N, int64_t K) {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) {
+    const float t[16] = LORART_NF4_TABLE;
+    table[threadIdx.x] = t[threadIdx.x];
+  }
+  __syncthreads();
+  const NF4Row<T> row{packed, absmax, dq, nested_absmax, nested_code, offset, blocksize, K, table};
+  fused_body<T, MAXM, VEC>(x, ldx, row, bias, xa, B, R, scale, y, ldy, M, N, K);
+}
+
+// Grouped shrink: xa[m, j] = A_stack[idx[m], j] . x[m] for j < ranks[idx[m]], else 0; grid (M, RM).
+template <class T>
+__global__ void grouped_shrink_kernel(const T* x, int64_t ldx, const T* A_stack, const int32_t* ranks,
+                                      const void* idx, bool idx64, int64_t istride, int64_t L, float* xa, int64_t K,
+                                      int64_t RM) {
+  const int64_t m = blockIdx.x, j = blockIdx.y;
+  const int64_t a = idx64 ? static_cast<const int64_t*>(idx)[m * istride]
+                          : static_cast<const int32_t*>(idx)[m * istride];
+  if (a < 0 || a >= L || j >= ranks[a]) {
+    if (threadIdx.x == 0) xa[m * RM + j] = 0.f;
+    return;
+  }
+  const T* xr = x + m * ldx;
+  const T* ar = A_stack + (a * RM + j) * K;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) acc += ldf(xr[k]) * ldf(ar[k]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) xa[m * RM + j] = acc;
+}
+
+// Grouped expand: y[m, n] += scales[a] * sum_j xa[m, j] B_stack[a, n, j]; grid (ceil(N / 256), min(M, 65535)).
+template <class T>
+__global__ void grouped_expand_kernel(T* y, int64_t ldy, const T* B_stack, const int32_t* ranks,
+                                      const float* scales, const void* idx, bool idx64, int64_t istride, int64_t L,
+                                      const float* xa, int64_t M, int64_t N, int64_t RM) {
+  extern __shared__ float xs[];
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const int64_t a = idx64 ? static_cast<const int64_t*>(idx)[m * istride]
+                            : static_cast<const int32_t*>(idx)[m * istride];
+    if (a < 0 || a >= L) continue;  // uniform over the block
+    const int64_t r = ranks[a] < RM ? ranks[a] : RM;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < r; j += blockDim.x) xs[j] = xa[m * RM + j];
+    __syncthreads();
+    if (n < N) {
+      const T* br = B_stack + (a * N + n) * RM;
+      float acc = 0.f;
+      for (int64_t j = 0; j < r; ++j) acc = fmaf(xs[j], ldf(br[j]), acc);
+      y[m * ldy + n] = stf<T>(ldf(y[m * ldy + n]) + scales[a] * acc);
+    }
+  }
+}
+
+// W[n, k] (+)= scale * sum_j B[n, j] A[j, k]; grid (N, ceil(K / 256)). With count != nullptr only counts the
+// non-finite results.
+template <class T>
+__global__ void merge_kernel(T* W, const T* A, const T* B, int64_t K, int64_t R, float scale, int32_t* count) {
+  const int64_t n = blockIdx.x, k = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  float d = 0.f;
+  for (int64_t j = 0; j < R; ++j) d = fmaf(ldf(B[n * R + j]), ldf(A[j * K + k]), d);
+  const T v = stf<T>(ldf(W[n * K + k]) + scale * d);
+  if (count) {
+    if (!isfinite(ldf(v))) atomicAdd(count, 1);
+  } else {
+    W[n * K + k] = v;
+  }
+}
+
+// ---- launchers ---------------------------------------------------------------------------------------------
+
+template <class T> struct Tag { using type = T; };
+
+template <class F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(Tag<float>{}); return;
+    case DType::BF16: f(Tag<__nv_bfloat16>{}); return;
+    case DType::F16: f(Tag<__half>{}); return;
+    default: detail::fail(ErrorKind::Type, detail::cat("lora (CUDA): unsupported dtype ", dtype_name(dt)));
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int grid_for(int64_t n, int threads) {
+  const int64_t cap = int64_t(sm_count()) * 32;
+  const int64_t g = ceil_div(n, threads);
+  return static_cast<int>(g < cap ? (g > 0 ? g : 1) : cap);
+}
+
+template <class F>
+void dispatch_m(int64_t M, F&& f) {
+  if (M <= 1) f(std::integral_constant<int, 1>{});
+  else if (M <= 2) f(std::integral_constant<int, 2>{});
+  else if (M <= 4) f(std::integral_constant<int, 4>{});
+  else if (M <= 8) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
+}  // namespace
+
+void lora_dropout(DType dt, const void* x, int64_t ldx, void* out, int64_t ldo, int64_t M, int64_t K, double p,
+                  uint64_t seed, Stream s) {
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dropout_kernel<T><<<grid_for(M * K, 256), 256, 0, as_stream(s)>>>(
+        static_cast<const T*>(x), ldx, static_cast<T*>(out), ldo, M, K, detail::lora_dropout_threshold(p),
+        static_cast<float>(1.0 / (1.0 - p)), seed);
+    check_launch("lora dropout_kernel");
+  });
+}
+
+void lora_shrink(DType dt, const void* x, int64_t ldx, const void* A, int64_t M, int64_t K, int64_t R, double p,
+                 uint64_t seed, float* xa, Stream s) {
+  LORART_CHECK(R <= 65535, "argument `A`: rank at most 65535 on CUDA, got ", R);
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(R));
+    shrink_kernel<T><<<grid, 256, 0, as_stream(s)>>>(static_cast<const T*>(x), ldx, static_cast<const T*>(A), K, R,
+                                                     p > 0, detail::lora_dropout_threshold(p),
+                                                     static_cast<float>(p > 0 ? 1.0 / (1.0 - p) : 1.0), seed, xa);
+    check_launch("lora shrink_kernel");
+  });
+}
+
+void lora_fused_linear(DType dt, const void* x, int64_t ldx, const void* W, const void* bias, const float* xa,
+                       const void* B, int64_t R, float scale, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                       Stream s) {
+  const bool vec = K % 8 == 0 && ldx % 8 == 0 && aligned16(x) && aligned16(W);
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(N, kFusedWarps), int64_t(sm_count()) * 64));
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_m(M, [&](auto mm) {
+      constexpr int MM = decltype(mm)::value;
+      auto args = [&](auto kern) {
+        kern<<<grid, kFusedWarps * 32, 0, as_stream(s)>>>(
+            static_cast<const T*>(x), ldx, static_cast<const T*>(W), static_cast<const T*>(bias), xa,
+            static_cast<const T*>(B), R, scale, static_cast<T*>(y), ldy, static_cast<int>(M), N, K);
+      };
+      if (vec) args(fused_dense_kernel<T, MM, true>); else args(fused_dense_kernel<T, MM, false>);
+      check_launch("lora fused_dense_kernel");
+    });
+  });
+}
+
+void lora_fused_linear_nf4(DType dt, const void* x, int64_t ldx, const uint8_t* packed, const void* absmax,
+                           bool double_quant, const float* nested_absmax, const float* nested_code, float offset,
+                           int64_t blocksize, const void* bias, const float* xa, const void* B, int64_t R,
+                           float scale, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, Stream s) {
+  const bool vec = K % 8 == 0 && ldx % 8 == 0 && aligned16(x) && (reinterpret_cast<uintptr_t>(packed) & 3u) == 0;
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(N, kFusedWarps), int64_t(sm_count()) * 64));
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_m(M, [&](auto mm) {
+      constexpr int MM = decltype(mm)::value;
+      auto args = [&](auto kern) {
+        kern<<<grid, kFusedWarps * 32, 0, as_stream(s)>>>(
+            static_cast<const T*>(x), ldx, packed, absmax, double_quant, nested_absmax, nested_code, offset,
+            blocksize, static_cast<const T*>(bias), xa, static_cast<const T*>(B), R, scale, static_cast<T*>(y), ldy,
+            static_cast<int>(M), N, K);
+      };
+      if (vec) args(fused_nf4_kernel<T, MM, true>); else args(fused_nf4_kernel<T, MM, false>);
+      check_launch("lora fused_nf4_kernel");
+    });
+  });
+}
+
+void lora_grouped_add(DType dt, void* y, int64_t ldy, const void* x, int64_t ldx, const void* A_stack,
+                      const void* B_stack, const int32_t* ranks, const float* scales, const void* idx, bool idx64,
+                      int64_t idx_stride, float* xa, int64_t M, int64_t N, int64_t K, int64_t RM, int64_t L,
+                      Stream s) {
+  LORART_CHECK(RM <= 12288, "argument `A_stack`: max rank at most 12288 on CUDA, got ", RM);
+  if (RM == 0) return;
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    grouped_shrink_kernel<T><<<dim3(static_cast<unsigned>(M), static_cast<unsigned>(RM)), 256, 0, as_stream(s)>>>(
+        static_cast<const T*>(x), ldx, static_cast<const T*>(A_stack), ranks, idx, idx64, idx_stride, L, xa, K, RM);
+    check_launch("lora grouped_shrink_kernel");
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, 256)), static_cast<unsigned>(std::min<int64_t>(M, 65535)));
+    grouped_expand_kernel<T><<<grid, 256, RM * sizeof(float), as_stream(s)>>>(
+        static_cast<T*>(y), ldy, static_cast<const T*>(B_stack), ranks, scales, idx, idx64, idx_stride, L, xa, M, N,
+        RM);
+    check_launch("lora grouped_expand_kernel");
+  });
+}
+
+void lora_merge(DType dt, void* W, const void* A, const void* B, int64_t N, int64_t K, int64_t R, float scale,
+                int32_t* count, Stream s) {
+  if (count) LORART_CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(int32_t), as_stream(s)));
+  if (N == 0 || K == 0) return;
+  LORART_CHECK(ceil_div(K, 256) <= 65535, "argument `W`: at most 16776960 columns on CUDA, got ", K);
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(K, 256)));
+    merge_kernel<T><<<grid, 256, 0, as_stream(s)>>>(static_cast<T*>(W), static_cast<const T*>(A),
+                                                    static_cast<const T*>(B), K, R, scale, count);
+    check_launch("lora merge_kernel");
+  });
+}
+
+}  // namespace lorart::cuda
