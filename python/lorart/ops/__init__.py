@@ -5,3 +5,4 @@ One module per capability; importing this package registers every op.
 from . import _common  # noqa: F401
 from . import nf4  # noqa: F401,E402
 from . import lora  # noqa: F401
+from . import optim  # noqa: F401

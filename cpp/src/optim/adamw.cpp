@@ -1,0 +1,134 @@
+// AdamW step: argument checks, device dispatch and the CPU kernel.
+#include <algorithm>
+#include <vector>
+
+#include "common/check.h"
+#include "common/half.h"
+#include "common/parallel.h"
+#include "lorart/detail/optim_math.h"
+#include "lorart/optim.h"
+#ifdef LORART_WITH_CUDA
+#include "common/cuda_api.h"
+#include "optim/optim_launch.h"
+#endif
+
+namespace lorart {
+namespace {
+
+constexpr int64_t kCpuTile = 1 << 15;  // elements per parallel work item
+
+// The inner loop over one contiguous run: written so that the compiler vectorises
+// it (no aliasing, no errno from sqrtf, uniform branch on s.w1 hoisted).
+template <class T>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default"), optimize("no-math-errno")))
+#endif
+void cpu_adamw_run(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                   int64_t n, detail::AdamWScalars s) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = detail::to_f32(p[i]);
+    float mf = m[i], vf = v[i];
+    detail::adamw_update(pf, detail::to_f32(g[i]), mf, vf, s);
+    p[i] = detail::from_f32<T>(pf);
+    m[i] = mf;
+    v[i] = vf;
+  }
+}
+
+struct Tile {
+  int tensor;
+  int64_t begin, end;
+};
+
+template <class T>
+void cpu_run_tile(const TensorView& p, const TensorView& g, const TensorView& m, const TensorView& v,
+                  const Tile& t, const detail::AdamWScalars& s) {
+  cpu_adamw_run<T>(p.ptr<T>() + t.begin, g.ptr<const T>() + t.begin, m.ptr<float>() + t.begin,
+                   v.ptr<float>() + t.begin, t.end - t.begin, s);
+}
+
+void cpu_adamw_step(const std::vector<TensorView>& params, const std::vector<TensorView>& grads,
+                    const std::vector<TensorView>& exp_avgs, const std::vector<TensorView>& exp_avg_sqs,
+                    const std::vector<detail::AdamWScalars>& scalars) {
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    for (int64_t b = 0; b < n; b += kCpuTile) tiles.push_back({static_cast<int>(i), b, std::min(n, b + kCpuTile)});
+  }
+  detail::parallel_for(static_cast<int64_t>(tiles.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Tile& t = tiles[k];
+      const size_t i = static_cast<size_t>(t.tensor);
+      switch (params[i].dtype) {
+        case DType::F32: cpu_run_tile<float>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
+        case DType::BF16: cpu_run_tile<detail::bf16>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
+        case DType::F16: cpu_run_tile<detail::f16>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
+        default: break;  // rejected by the checks
+      }
+    }
+  });
+}
+
+void check_options(const AdamWOptions& o) {
+  LORART_CHECK(o.lr >= 0.0, "argument `lr`: expected >= 0, got ", o.lr);
+  LORART_CHECK(o.beta1 >= 0.0 && o.beta1 < 1.0, "argument `beta1`: expected in [0, 1), got ", o.beta1);
+  LORART_CHECK(o.beta2 >= 0.0 && o.beta2 < 1.0, "argument `beta2`: expected in [0, 1), got ", o.beta2);
+  LORART_CHECK(o.eps >= 0.0, "argument `eps`: expected >= 0, got ", o.eps);
+  LORART_CHECK(o.weight_decay >= 0.0, "argument `weight_decay`: expected >= 0, got ", o.weight_decay);
+}
+
+std::string nth(const char* name, size_t i) { return detail::cat(name, "[", i, "]"); }
+
+}  // namespace
+
+void adamw_step(const std::vector<TensorView>& params, const std::vector<TensorView>& grads,
+                const std::vector<TensorView>& exp_avgs, const std::vector<TensorView>& exp_avg_sqs,
+                const std::vector<int64_t>& steps, const AdamWOptions& options, Stream stream) {
+  check_options(options);
+  const size_t n = params.size();
+  LORART_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+               "adamw_step: expected params, grads, exp_avgs, exp_avg_sqs and steps of one length, got ", n, ", ",
+               grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
+  if (n == 0) return;
+  std::vector<detail::AdamWScalars> scalars(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string pn = nth("params", i), gn = nth("grads", i), mn = nth("exp_avgs", i), vn = nth("exp_avg_sqs", i);
+    detail::check_dtype(params[i], pn.c_str(), {DType::F32, DType::BF16, DType::F16});
+    LORART_CHECK_TYPE(grads[i].dtype == params[i].dtype, "argument `", gn, "`: expected dtype ",
+                      dtype_name(params[i].dtype), " (the dtype of ", pn, "), got ", dtype_name(grads[i].dtype));
+    detail::check_dtype(exp_avgs[i], mn.c_str(), {DType::F32});
+    detail::check_dtype(exp_avg_sqs[i], vn.c_str(), {DType::F32});
+    const TensorView* all[4] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
+    const std::string* names[4] = {&pn, &gn, &mn, &vn};
+    for (int k = 0; k < 4; ++k) {
+      detail::check_contiguous(*all[k], names[k]->c_str());
+      LORART_CHECK(all[k]->numel() == params[i].numel(), "argument `", *names[k], "`: expected ", params[i].numel(),
+                   " elements (as ", pn, "), got ", all[k]->numel(), " (shape ", all[k]->shape_str(), ")");
+      if (k > 0) detail::check_same_device(params[0], "params[0]", *all[k], names[k]->c_str());
+      if (all[k]->numel() > 0) detail::check_not_null(*all[k], names[k]->c_str());
+    }
+    if (i > 0) detail::check_same_device(params[0], "params[0]", params[i], pn.c_str());
+    LORART_CHECK(steps[i] >= 1, "argument `steps[", i, "]`: expected >= 1 (the count after this step), got ", steps[i]);
+    scalars[i] = detail::adamw_scalars(options.lr, options.beta1, options.beta2, options.eps, options.weight_decay,
+                                       steps[i], options.maximize);
+  }
+  detail::check_device_supported(params[0], "params[0]");
+  if (params[0].is_cuda()) {
+#ifdef LORART_WITH_CUDA
+    cuda::set_device(params[0].device.index);
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+      std::vector<cuda::AdamWTensor> ts;
+      for (size_t i = 0; i < n; ++i) {
+        if (params[i].dtype != dt || params[i].numel() == 0) continue;
+        ts.push_back({params[i].data, grads[i].data, exp_avgs[i].ptr<float>(), exp_avg_sqs[i].ptr<float>(),
+                      params[i].numel(), scalars[i]});
+      }
+      if (!ts.empty()) cuda::adamw_step(ts, dt, stream);
+    }
+#endif
+  } else {
+    cpu_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scalars);
+  }
+}
+
+}  // namespace lorart

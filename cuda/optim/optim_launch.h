@@ -1,0 +1,28 @@
+// Launchers of the CUDA optimizer kernels (plain C++ header, raw pointers).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "lorart/common.h"
+#include "lorart/detail/optim_math.h"
+
+namespace lorart::cuda {
+
+// One tensor (or flat slice) of an AdamW step. All pointers are device pointers.
+struct AdamWTensor {
+  void* param;            // DType given to the launcher
+  const void* grad;       // same dtype as param
+  float* exp_avg;
+  float* exp_avg_sq;
+  int64_t numel;
+  detail::AdamWScalars s;
+};
+
+// One fused launch over all tensors (all with params of `dtype`: F32, BF16 or F16).
+// The tensors are cut into chunks; their descriptors go to the device with one
+// stream-ordered allocation + copy (cudaMallocAsync/cudaMemcpyAsync/cudaFreeAsync),
+// so nothing synchronises the host.
+void adamw_step(const std::vector<AdamWTensor>& tensors, DType dtype, Stream stream);
+
+}  // namespace lorart::cuda
