@@ -87,11 +87,15 @@ class AdapterStore {
   std::shared_ptr<const Adapter> get(const std::string& name) const;
 
   // y[n, out] += s * (x[n, in] @ A.T) @ B.T for adapter `adapter` at `module` (CPU views;
-  // x and y float32/bfloat16/float16, contiguous). An adapter that does not adapt
-  // `module` leaves y unchanged. Shape mismatches name the adapter and module.
+  // x and y float32/bfloat16/float16 of one dtype, contiguous), through the shared LoRA
+  // kernel lorart::lora_grouped_add (lorart/lora.h). A and B are used as stored when their
+  // dtype is x's, else converted per call (load with keep_dtype to match bf16 activations).
+  // An adapter that does not adapt `module` leaves y unchanged. Shape mismatches name the
+  // adapter and module.
   void apply(const std::string& adapter, const std::string& module, const TensorView& x,
              const TensorView& y) const;
-  // Per-row mix: row i uses adapter row_adapters[i] ("" = base only, nothing added).
+  // Per-row mix: row i uses adapter row_adapters[i] ("" = base only, nothing added). All
+  // names are resolved first (an unknown one throws before y is touched).
   void apply_mixed(const std::vector<std::string>& row_adapters, const std::string& module, const TensorView& x,
                    const TensorView& y) const;
 
@@ -99,11 +103,5 @@ class AdapterStore {
   mutable std::shared_mutex mu_;
   std::map<std::string, std::shared_ptr<const Adapter>> adapters_;
 };
-
-// The math the store applies, on CPU views: y[rows] += scaling * (x[rows] @ A.T) @ B.T
-// for the rows selected by `rows` (nullptr = all rows). Checks every shape.
-void lora_apply_cpu(const TensorView& x, const TensorView& A, const TensorView& B, float scaling,
-                    const TensorView& y, const std::vector<int64_t>* rows = nullptr,
-                    const char* what = "lora_apply");
 
 }  // namespace lorart

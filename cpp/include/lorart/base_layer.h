@@ -9,6 +9,7 @@
 #include <string>
 
 #include "lorart/common.h"
+#include "lorart/nf4.h"
 #include "lorart/safetensors.h"
 #include "lorart/tensor.h"
 
@@ -50,9 +51,12 @@ struct NF4Linear {
   static NF4Linear load(const SafetensorsFile& file, const std::string& prefix);
   // Whether `<prefix>.weight.quant_state.bitsandbytes__nf4` exists in `file`.
   static bool present(const SafetensorsFile& file, const std::string& prefix);
-  // The dequantized weight [rows, cols] in float32.
+  // A view for the NF4 kernels (lorart/nf4.h), valid while this layer lives.
+  NF4View view() const;
+  // The dequantized weight [rows, cols] in float32 (lorart::nf4_dequantize).
   Tensor dequantize() const;
-  // y[n, out] = x[n, in] @ dequant(W).T + b (CPU, float32 accumulation).
+  // y[n, out] = x[n, in] @ dequant(W).T + b through lorart::nf4_gemv (W decoded on the
+  // fly, float32 accumulation; x and y of one dtype float32/bfloat16/float16, CPU).
   void forward(const TensorView& x, const TensorView& y) const;
 };
 

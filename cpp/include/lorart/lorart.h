@@ -7,3 +7,6 @@
 #include "lorart/safetensors.h"
 #include "lorart/adapter_store.h"
 #include "lorart/base_layer.h"
+#include "lorart/nf4.h"
+#include "lorart/lora.h"
+#include "lorart/optim.h"

@@ -8,6 +8,7 @@
 #include "common/check.h"
 #include "lorart/adapter_store.h"
 #include "lorart/safetensors.h"
+#include "store/apply.h"
 
 namespace lorart {
 
@@ -160,27 +161,33 @@ std::shared_ptr<const Adapter> AdapterStore::get(const std::string& name) const 
 void AdapterStore::apply(const std::string& adapter, const std::string& module, const TensorView& x,
                          const TensorView& y) const {
   std::shared_ptr<const Adapter> a = get(adapter);
+  std::string what = detail::cat("adapter '", adapter, "', module '", module, "'");
+  detail::check_apply_args(x, y, what.c_str());
   const LoraPair* p = a->find(module);
   if (!p) return;
-  std::string what = detail::cat("adapter '", adapter, "', module '", module, "'");
-  lora_apply_cpu(x, p->A.view(), p->B.view(), a->scaling, y, nullptr, what.c_str());
+  detail::apply_rows(*a, module, *p, x, y, std::vector<int64_t>(static_cast<size_t>(x.shape[0]), 0), what.c_str());
 }
 
 void AdapterStore::apply_mixed(const std::vector<std::string>& row_adapters, const std::string& module,
                                const TensorView& x, const TensorView& y) const {
-  LORART_CHECK(x.ndim == 2 && static_cast<int64_t>(row_adapters.size()) == x.shape[0],
-               "apply_mixed: expected one adapter name per row of x (", x.ndim == 2 ? x.shape[0] : -1,
-               " rows), got ", row_adapters.size());
-  std::map<std::string, std::vector<int64_t>> groups;
-  for (size_t i = 0; i < row_adapters.size(); ++i)
-    if (!row_adapters[i].empty()) groups[row_adapters[i]].push_back(static_cast<int64_t>(i));
+  detail::check_apply_args(x, y, "apply_mixed");
+  LORART_CHECK(static_cast<int64_t>(row_adapters.size()) == x.shape[0],
+               "apply_mixed: expected one adapter name per row of x (", x.shape[0], " rows), got ",
+               row_adapters.size());
+  std::map<std::string, std::vector<int64_t>> groups;  // name -> idx (0 = its rows, -1 = others)
+  for (size_t i = 0; i < row_adapters.size(); ++i) {
+    if (row_adapters[i].empty()) continue;
+    auto& idx = groups[row_adapters[i]];
+    if (idx.empty()) idx.assign(row_adapters.size(), -1);
+    idx[i] = 0;
+  }
   std::vector<std::pair<std::shared_ptr<const Adapter>, const std::vector<int64_t>*>> resolved;
   for (const auto& g : groups) resolved.emplace_back(get(g.first), &g.second);  // all names checked first
   for (const auto& g : resolved) {
     const LoraPair* p = g.first->find(module);
     if (!p) continue;
     std::string what = detail::cat("adapter '", g.first->name, "', module '", module, "'");
-    lora_apply_cpu(x, p->A.view(), p->B.view(), g.first->scaling, y, g.second, what.c_str());
+    detail::apply_rows(*g.first, module, *p, x, y, *g.second, what.c_str());
   }
 }
 

@@ -9,7 +9,8 @@
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/json.h"
-#include "store/nf4_decode.h"
+#include "lorart/detail/nf4_math.h"
+#include "lorart/nf4.h"
 
 namespace lorart {
 
@@ -158,9 +159,9 @@ NF4Linear NF4Linear::load(const SafetensorsFile& f, const std::string& prefix) {
   LORART_CHECK(l.quant_map.numel() == 16, where(key(prefix, "weight.quant_map")), ": expected 16 values, got ",
                l.quant_map.numel());
   for (int i = 0; i < 16; ++i)
-    LORART_CHECK(std::fabs(l.quant_map.ptr<float>()[i] - detail::kNF4Table[i]) < 1e-6f,
+    LORART_CHECK(std::fabs(l.quant_map.ptr<float>()[i] - detail::nf4_code(i)) < 1e-6f,
                  where(key(prefix, "weight.quant_map")), ": value ", i, " is ", l.quant_map.ptr<float>()[i],
-                 ", not the NF4 table's ", detail::kNF4Table[i]);
+                 ", not the NF4 table's ", detail::nf4_code(i), " (an FP4 checkpoint?)");
   const bool dq = q.find("nested_blocksize") != nullptr;
   l.absmax = get("weight.absmax", dq ? DType::U8 : DType::F32, true);
   LORART_CHECK(l.absmax.numel() == nblocks, where(key(prefix, "weight.absmax")), ": expected ", nblocks,
@@ -180,16 +181,42 @@ NF4Linear NF4Linear::load(const SafetensorsFile& f, const std::string& prefix) {
   return l;
 }
 
+NF4View NF4Linear::view() const {
+  LORART_CHECK(packed.defined(), "NF4Linear: the layer is empty (not loaded)");
+  NF4View v;
+  v.packed = packed.view();
+  v.absmax = absmax.view();
+  if (double_quant()) {
+    v.nested_absmax = nested_absmax.view();
+    v.nested_code = nested_code.view();
+  }
+  v.offset = offset;
+  v.blocksize = blocksize;
+  v.rows = rows;
+  v.cols = cols;
+  return v;
+}
+
 Tensor NF4Linear::dequantize() const {
-  LORART_CHECK(packed.defined(), "NF4Linear::dequantize: the layer is empty (not loaded)");
+  NF4View v = view();
   Tensor w(DType::F32, {rows, cols});
-  detail::nf4_decode_cpu(*this, w.ptr<float>());
+  nf4_dequantize(v, w.view());
   return w;
 }
 
 void NF4Linear::forward(const TensorView& x, const TensorView& y) const {
-  Tensor w = dequantize();
-  linear_cpu(x, w.view(), bias, y, "NF4Linear::forward");
+  NF4View v = view();
+  detail::check_dtype(x, "x", {DType::F32, DType::BF16, DType::F16});
+  detail::check_ndim(x, "x", 2);
+  detail::check_ndim(y, "y", 2);
+  LORART_CHECK(x.shape[1] == cols, "NF4Linear::forward: expected x of shape [n, ", cols, "], got ", x.shape_str());
+  LORART_CHECK(y.shape[0] == x.shape[0] && y.shape[1] == rows, "NF4Linear::forward: expected y of shape [",
+               x.shape[0], ", ", rows, "], got ", y.shape_str());
+  LORART_CHECK(y.dtype == x.dtype, "NF4Linear::forward: argument `y`: expected dtype ", dtype_name(x.dtype),
+               " (x's), got ", dtype_name(y.dtype));
+  Tensor b;
+  if (bias.defined()) b = bias.dtype() == x.dtype ? bias : bias.to(x.dtype);
+  nf4_gemv(x, v, b.defined() ? b.view() : TensorView(), y);
 }
 
 BaseLinear BaseLinear::load(const SafetensorsFile& f, const std::string& prefix) {
