@@ -92,6 +92,9 @@ TEST(dump_roundtrip) {
   CHECK(d == R"({"a":[1,-2,0.5,1e-07,true,false,null],"s":"q\"\\\n\u0001é","o":{}})");
   CHECK(lorart::json::dump(parse(d)) == d);
   CHECK(lorart::json::dump(Value(0.1)) == "0.1");
+  CHECK(lorart::json::dump(Value(2.0)) == "2.0");
+  CHECK(lorart::json::dump(Value(-0.0)) == "-0.0");
+  CHECK(lorart::json::dump(Value(1e300)) == "1e+300");
   CHECK(lorart::json::dump(Value(1.0 / 3.0)) == "0.3333333333333333");
   Value o;
   o.set("k", Value(int64_t(3)));

@@ -81,7 +81,8 @@ Value parse(std::string_view text, const ParseOptions& opts = {});
 
 // Compact serialization: no spaces; strings escaped as serde_json does
 // (`"` `\\` and control characters; other UTF-8 bytes written as is);
-// integers exactly, other numbers with the shortest repr that round-trips a double.
+// integers exactly, other numbers with the shortest repr that round-trips a double
+// ("2.0", not "2", so that a dump parses back to the same value and kind).
 // Throws on non-finite numbers.
 std::string dump(const Value& v);
 // Appends one escaped, quoted JSON string.

@@ -58,6 +58,8 @@ class SafetensorsFile {
   // Throws "<file>: no tensor named 'x'" when absent.
   const SafetensorsEntry& entry(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // The same, in header order (what save_safetensors takes, to write the header back as it was).
+  const std::vector<std::pair<std::string, std::string>>& metadata_items() const { return metadata_items_; }
 
   // The tensor's raw bytes (read-only; valid while this object lives).
   const uint8_t* bytes(const std::string& name) const;
@@ -83,6 +85,7 @@ class SafetensorsFile {
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
+  std::vector<std::pair<std::string, std::string>> metadata_items_;
 };
 
 // A tensor to write: a name and a contiguous CPU view.

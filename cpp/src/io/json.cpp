@@ -305,6 +305,7 @@ void dump_to(std::string& out, const Value& v) {
         if (std::strtod(buf, nullptr) == d) break;
       }
       out += buf;
+      if (!std::strpbrk(buf, ".eE")) out += ".0";  // stays a non-integer number when parsed back
       return;
     }
     case Value::Type::String: dump_string(out, v.as_string()); return;

@@ -140,6 +140,7 @@ void SafetensorsFile::parse_header(uint64_t file_size) {
         LORART_CHECK(m.second.is_string(), "safetensors file '", p, "': __metadata__ value for '", m.first,
                      "' must be a string, got ", m.second.type_name());
         metadata_[m.first] = m.second.as_string();
+        metadata_items_.emplace_back(m.first, m.second.as_string());
       }
       continue;
     }
