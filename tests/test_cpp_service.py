@@ -316,3 +316,16 @@ def test_consumer_build_uses_the_cmake_package(bins):
     text = cfg.read_text()
     assert "find_dependency(Threads)" in text and "lorartTargets.cmake" in text
     assert (bins["cmake_dir"] / "lorartConfigVersion.cmake").is_file()
+
+
+def test_cmake_dir_flag():
+    import sys
+
+    from lorart.__main__ import cmake_dir
+
+    r = subprocess.run([sys.executable, "-m", "lorart", "--cmake-dir"], capture_output=True, text=True)
+    if cmake_dir() is None:  # a development checkout: no package inside python/lorart
+        assert r.returncode == 1 and "no CMake package" in r.stderr
+    else:  # an installed wheel
+        assert r.returncode == 0
+        assert (Path(r.stdout.strip()) / "lorartConfig.cmake").is_file()
