@@ -28,7 +28,7 @@ void bind(py::module_& m) {
            const std::optional<TensorView>& nested_absmax, const std::optional<TensorView>& nested_code, float offset,
            int64_t blocksize, int64_t rows, int64_t cols, const std::optional<TensorView>& bias, const TensorView& xa,
            const TensorView& B, double scale, const TensorView& y, uint64_t s) {
-          LoraNF4Weight w;
+          NF4View w;
           w.packed = packed;
           w.absmax = absmax;
           w.nested_absmax = opt(nested_absmax);

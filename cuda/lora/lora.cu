@@ -18,6 +18,7 @@
 #include "common/cuda_utils.cuh"
 #include "lora/lora_launch.h"
 #include "lorart/detail/lora_math.h"
+#include "lorart/detail/nf4_math.h"
 
 namespace lorart::cuda {
 namespace {
@@ -116,7 +117,9 @@ struct NF4Row {
   int64_t blocksize, K;
   const float* table;  // shared memory, 16 entries
   __device__ __forceinline__ float am(int64_t i) const {
-    return detail::lora_nf4_absmax(absmax, dq, nested_absmax, nested_code, offset, i / blocksize);
+    return dq ? detail::nf4_block_scale(nullptr, static_cast<const uint8_t*>(absmax), nested_absmax, nested_code,
+                                        offset, i / blocksize)
+              : static_cast<const float*>(absmax)[i / blocksize];
   }
   __device__ __forceinline__ float dec(int q, float a) const { return ldf(stf<T>(table[q] * a)); }
   // 8 elements starting at flat index i = n*K + k (i % 8 == 0, so one absmax block, 4-byte aligned bytes).
@@ -127,14 +130,14 @@ struct NF4Row {
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const uint32_t byte = (w >> (8 * b)) & 0xFFu;
-      o[2 * b] = dec(byte >> 4, a);
-      o[2 * b + 1] = dec(byte & 0xF, a);
+      o[2 * b] = dec(detail::nf4_hi(byte), a);
+      o[2 * b + 1] = dec(detail::nf4_lo(byte), a);
     }
   }
   __device__ __forceinline__ float at(int64_t n, int64_t k) const {
     const int64_t i = n * K + k;
     const uint8_t byte = packed[i >> 1];
-    return dec((i & 1) ? (byte & 0xF) : (byte >> 4), am(i));
+    return dec((i & 1) ? detail::nf4_lo(byte) : detail::nf4_hi(byte), am(i));
   }
 };
 
@@ -203,10 +206,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
                      const T* bias, const float* xa, const T* B, int64_t R, float scale, T* y, int64_t ldy, int M,
                      int64_t N, int64_t K) {
   __shared__ float table[16];
-  if (threadIdx.x < 16) {
-    const float t[16] = LORART_NF4_TABLE;
-    table[threadIdx.x] = t[threadIdx.x];
-  }
+  if (threadIdx.x < 16) table[threadIdx.x] = detail::nf4_code(threadIdx.x);
   __syncthreads();
   const NF4Row<T> row{packed, absmax, dq, nested_absmax, nested_code, offset, blocksize, K, table};
   fused_body<T, MAXM, VEC>(x, ldx, row, bias, xa, B, R, scale, y, ldy, M, N, K);

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "lorart/common.h"
+#include "lorart/nf4.h"
 
 namespace lorart {
 
@@ -31,15 +32,9 @@ int64_t lora_fused_max_rows();
 void lora_fused_linear(const TensorView& x, const TensorView& W, const TensorView& bias, const TensorView& xa,
                        const TensorView& B, double scale, const TensorView& y, Stream stream = nullptr);
 
-// Same with an NF4 base (bitsandbytes layout, see lorart/nf4.h for the fields): W is decoded on the fly,
-// never materialised. absmax float32 [nblocks], or uint8 codes with nested_absmax/nested_code (double quant).
-struct LoraNF4Weight {
-  TensorView packed, absmax, nested_absmax, nested_code;
-  float offset = 0.f;
-  int64_t blocksize = 64;
-  int64_t rows = 0, cols = 0;
-};
-void lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, const TensorView& bias, const TensorView& xa,
+// Same with an NF4 base (bitsandbytes layout, lorart/nf4.h): W is decoded on the fly (nf4_math.h, values
+// rounded to x's dtype as bnb's dequantize does), never materialised.
+void lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y, Stream stream = nullptr);
 
 // Mixed-adapter batches (Punica BGMV): row m of x uses adapter idx[m] (int32 or int64 [M]; -1 = none):

@@ -156,48 +156,23 @@ void lora_fused_linear(const TensorView& x, const TensorView& W, const TensorVie
   }
 }
 
-void lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, const TensorView& bias, const TensorView& xa,
+void lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y, Stream stream) {
   check_matrix(x, "x");
   detail::check_dtype(x, "x", {DType::F32, DType::BF16, DType::F16});
   detail::check_device_supported(x, "x");
   LORART_CHECK(x.shape[0] <= lora_fused_max_rows(), "argument `x`: the fused small-M path takes at most ",
                lora_fused_max_rows(), " rows, got ", x.shape[0]);
-  LORART_CHECK(W.rows >= 0 && W.cols == x.shape[1], "argument `cols`: expected ", x.shape[1],
-               " (x's last dimension), got ", W.cols);
-  LORART_CHECK(W.blocksize >= 32 && W.blocksize <= 4096 && (W.blocksize & (W.blocksize - 1)) == 0,
-               "argument `blocksize`: expected a power of two in [32, 4096], got ", W.blocksize);
-  const int64_t n = W.rows * W.cols, nblocks = (n + W.blocksize - 1) / W.blocksize;
-  detail::check_contiguous(W.packed, "packed");
-  detail::check_dtype(W.packed, "packed", {DType::U8});
-  LORART_CHECK(W.packed.numel() == (n + 1) / 2, "argument `packed`: expected ", (n + 1) / 2, " bytes for a [",
-               W.rows, ", ", W.cols, "] weight, got ", W.packed.numel());
+  nf4_check(W);
+  LORART_CHECK(W.cols == x.shape[1], "argument `cols`: expected ", x.shape[1], " (x's last dimension), got ",
+               W.cols);
   check_device(W.packed, "packed", x, "x");
-  detail::check_contiguous(W.absmax, "absmax");
-  detail::check_dtype(W.absmax, "absmax", {DType::F32, DType::U8});
-  LORART_CHECK(W.absmax.numel() == nblocks, "argument `absmax`: expected ", nblocks, " blocks, got ",
-               W.absmax.numel());
-  check_device(W.absmax, "absmax", x, "x");
-  if (W.absmax.dtype == DType::U8) {
-    LORART_CHECK(W.nested_absmax.data && W.nested_code.data,
-                 "arguments `nested_absmax`/`nested_code`: required when `absmax` is uint8 (double quant)");
-    detail::check_dtype(W.nested_absmax, "nested_absmax", {DType::F32});
-    detail::check_contiguous(W.nested_absmax, "nested_absmax");
-    LORART_CHECK(W.nested_absmax.numel() == (nblocks + 255) / 256, "argument `nested_absmax`: expected ",
-                 (nblocks + 255) / 256, " values, got ", W.nested_absmax.numel());
-    detail::check_dtype(W.nested_code, "nested_code", {DType::F32});
-    detail::check_contiguous(W.nested_code, "nested_code");
-    LORART_CHECK(W.nested_code.numel() == 256, "argument `nested_code`: expected 256 values, got ",
-                 W.nested_code.numel());
-    check_device(W.nested_absmax, "nested_absmax", x, "x");
-    check_device(W.nested_code, "nested_code", x, "x");
-  }
   check_out(x, xa, B, bias, y, W.rows);
   if (y.numel() == 0) return;
   if (x.is_cuda()) {
 #ifdef LORART_WITH_CUDA
     cuda::set_device(x.device.index);
-    const bool dq = W.absmax.dtype == DType::U8;
+    const bool dq = W.double_quant();
     cuda::lora_fused_linear_nf4(x.dtype, x.data, x.strides[0], W.packed.ptr<uint8_t>(), W.absmax.data, dq,
                                 dq ? W.nested_absmax.ptr<float>() : nullptr, dq ? W.nested_code.ptr<float>() : nullptr,
                                 W.offset, W.blocksize, bias.data, xa.ptr<float>(), B.data, B.shape[1],

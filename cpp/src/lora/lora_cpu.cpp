@@ -8,6 +8,7 @@
 #include "common/check.h"
 #include "common/parallel.h"
 #include "lorart/detail/lora_math.h"
+#include "lorart/detail/nf4_math.h"
 
 namespace lorart::detail {
 namespace {
@@ -116,12 +117,13 @@ void cpu_lora_fused_linear(const TensorView& x, const TensorView& W, const Tenso
   });
 }
 
-void cpu_lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, const TensorView& bias,
+void cpu_lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias,
                                const TensorView& xa, const TensorView& B, double scale, const TensorView& y) {
   const int64_t N = W.rows, K = W.cols;
-  const float table[16] = LORART_NF4_TABLE;
-  const bool dq = W.absmax.dtype == DType::U8;
+  const bool dq = W.double_quant();
   const uint8_t* packed = W.packed.ptr<uint8_t>();
+  const float* am_f = dq ? nullptr : W.absmax.ptr<float>();
+  const uint8_t* am_q = dq ? W.absmax.ptr<uint8_t>() : nullptr;
   const float* nabs = dq ? W.nested_absmax.ptr<float>() : nullptr;
   const float* ncode = dq ? W.nested_code.ptr<float>() : nullptr;
   lora_dispatch_float(x.dtype, [&](auto tag) {
@@ -133,10 +135,10 @@ void cpu_lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, cons
         for (int64_t k = 0; k < K; ++k) {
           const int64_t i = n * K + k;
           const uint8_t byte = packed[i >> 1];
-          const int q = (i & 1) ? (byte & 0xF) : (byte >> 4);
-          const float am = lora_nf4_absmax(W.absmax.data, dq, nabs, ncode, W.offset, i / W.blocksize);
+          const int q = (i & 1) ? nf4_lo(byte) : nf4_hi(byte);
+          const float am = nf4_block_scale(am_f, am_q, nabs, ncode, W.offset, i / W.blocksize);
           // bitsandbytes decodes in float32 then casts to the compute dtype: keep that rounding.
-          wrow[k] = lora_ld(lora_st<T>(table[q] * am));
+          wrow[k] = lora_ld(lora_st<T>(nf4_decode(q, am)));
         }
         finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
       }

@@ -35,7 +35,7 @@ void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint
 void cpu_lora_shrink(const TensorView& x, const TensorView& A, double p, uint64_t seed, const TensorView& xa);
 void cpu_lora_fused_linear(const TensorView& x, const TensorView& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y);
-void cpu_lora_fused_linear_nf4(const TensorView& x, const LoraNF4Weight& W, const TensorView& bias,
+void cpu_lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias,
                                const TensorView& xa, const TensorView& B, double scale, const TensorView& y);
 void cpu_lora_grouped_add(const TensorView& y, const TensorView& x, const TensorView& A_stack,
                           const TensorView& B_stack, const TensorView& ranks, const TensorView& scales,

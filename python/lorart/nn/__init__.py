@@ -1,4 +1,5 @@
-"""lorart.nn: modules (NF4Linear, ...)."""
+"""lorart.nn: modules (NF4Linear, LoRALinear, ...)."""
 from .nf4_linear import NF4Linear  # noqa: F401
+from .lora import LoRALinear  # noqa: F401
 
-__all__ = ["NF4Linear"]
+__all__ = ["NF4Linear", "LoRALinear"]

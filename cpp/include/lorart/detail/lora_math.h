@@ -1,5 +1,5 @@
-// LoRA math shared by the CPU and CUDA kernels (LORART_HD): the dropout mask hash and the
-// NF4 decode used by the fused small-M kernel.
+// LoRA math shared by the CPU and CUDA kernels (LORART_HD): the dropout mask hash. (The NF4 decode of the
+// fused QLoRA kernel is detail/nf4_math.h's.)
 #pragma once
 
 #include <cstdint>
@@ -27,21 +27,6 @@ LORART_HD uint32_t lora_dropout_threshold(double p) {
 
 LORART_HD bool lora_dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
   return static_cast<uint32_t>(lora_hash64(seed, index) >> 32) >= threshold;
-}
-
-// The bitsandbytes NF4 code table (index -> value).
-#define LORART_NF4_TABLE                                                                                   \
-  {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,        \
-   -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,         \
-   0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                  \
-   0.7229568362236023f, 1.0f}
-
-// Absmax of NF4 block b: float32 absmax, or (double quant) nested_code[q[b]] * nested_absmax[b / 256] + offset.
-LORART_HD float lora_nf4_absmax(const void* absmax, bool double_quant, const float* nested_absmax,
-                                const float* nested_code, float offset, int64_t b) {
-  if (!double_quant) return static_cast<const float*>(absmax)[b];
-  const uint8_t q = static_cast<const uint8_t*>(absmax)[b];
-  return nested_code[q] * nested_absmax[b >> 8] + offset;
 }
 
 }  // namespace lorart::detail

@@ -1,0 +1,183 @@
+"""Put LoRA / QLoRA adapters into any torch model and manage them model-wide.
+
+    report = lorart.inject(model, targets=["q_proj", "v_proj"], r=16, alpha=32, dropout=0.05)
+    report = lorart.inject(model, targets="all-linear", quantize="nf4")       # QLoRA
+    print(lorart.trainable_report(model))
+    with lorart.adapter_ids(model, ["a", "b", None]): logits = model(ids)     # one adapter per sequence
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .nn.lora import LoRALinear, nf4_weight_of
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or nf4_weight_of(m) is not None
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Module paths of the output embedding (lm_head): "all-linear" leaves it alone, as PEFT does."""
+    names = set()
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    for n, m in model.named_modules():
+        if (out is not None and m is out) or n.split(".")[-1] == "lm_head":
+            names.add(n)
+    return names
+
+
+def match_targets(model: nn.Module, targets) -> list[str]:
+    """Module paths of the linear layers that `targets` selects: a list of names (a module matches when its
+    path equals a name or ends with "." + name, PEFT's rule), a regex string (full match on the path), or
+    "all-linear" (every linear layer except the output layer)."""
+    cands = [n for n, m in model.named_modules() if n and (_is_linear(m) or isinstance(m, LoRALinear))]
+    cands = [n for n in cands if ".base_layer" not in n]
+    if targets == "all-linear":
+        skip = _output_layer_names(model)
+        return [n for n in cands if n not in skip]
+    if isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"lorart: inject: argument `targets`: invalid regex {targets!r}: {e}") from None
+        return [n for n in cands if rx.fullmatch(n)]
+    if isinstance(targets, Iterable):
+        names = list(targets)
+        if not all(isinstance(t, str) and t for t in names):
+            raise TypeError(f"lorart: inject: argument `targets`: expected module names, got {names!r}")
+        return [n for n in cands if any(n == t or n.endswith("." + t) for t in names)]
+    raise TypeError(f"lorart: inject: argument `targets`: expected a list of names, a regex or 'all-linear', "
+                    f"got {type(targets).__name__}")
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+           quantize: str | None = None, rslora: bool = False, adapter_name: str = "default",
+           train_bias: bool = False, blocksize: int = 64, double_quant: bool = True,
+           freeze: bool = True) -> dict:
+    """Wrap the linear layers chosen by `targets` in LoRALinear (optionally quantizing their base to NF4
+    first), freeze every other parameter and return trainable_report(model). A layer that already has
+    adapters gets `adapter_name` added to it."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"lorart: inject: argument `quantize`: expected 'nf4' or None, got {quantize!r}")
+    paths = match_targets(model, targets)
+    if not paths:
+        raise ValueError(f"lorart: inject: argument `targets`: {targets!r} matched no linear layer of "
+                         f"{type(model).__name__}")
+    for path in paths:
+        m = model.get_submodule(path)
+        if isinstance(m, LoRALinear):
+            m.add_adapter(adapter_name, r, alpha, dropout, rslora)
+            continue
+        if quantize == "nf4" and isinstance(m, nn.Linear):
+            from .nn.nf4_linear import NF4Linear
+
+            m = NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant, train_bias=train_bias)
+        _set_module(model, path, LoRALinear(m, r, alpha, dropout, rslora, adapter_name, train_bias))
+    if freeze:
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora_A." in n or ".lora_B." in n or (train_bias and n.endswith("base_layer.bias")))
+    return trainable_report(model, verbose=False)
+
+
+def trainable_report(model: nn.Module, verbose: bool = True) -> dict:
+    """Total and trainable parameters (as in the PEFT literature's tables: NF4 weights count their
+    elements, not their bytes), the trainable share in %, and the adapters' bytes. Prints a table when
+    `verbose`."""
+    total = trainable = adapter_bytes = 0
+    for n, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+        if ".lora_A." in n or ".lora_B." in n:
+            adapter_bytes += p.numel() * p.element_size()
+    frozen_nf4 = sum(int(torch.Size(w.shape).numel()) for m in model.modules()
+                     if (w := nf4_weight_of(m)) is not None and not isinstance(m, LoRALinear))
+    total += frozen_nf4
+    layers = lora_layers(model)
+    rep = {"total_params": total, "trainable_params": trainable,
+           "trainable_percent": 100.0 * trainable / total if total else 0.0,
+           "adapter_bytes": adapter_bytes, "lora_layers": len(layers),
+           "adapters": sorted({a for m in layers.values() for a in m.adapter_names})}
+    if verbose:
+        print(format_report(rep))
+    return rep
+
+
+def format_report(rep: dict) -> str:
+    rows = [("total params", f"{rep['total_params']:,}"), ("trainable params", f"{rep['trainable_params']:,}"),
+            ("trainable %", f"{rep['trainable_percent']:.4f}"),
+            ("adapter bytes", f"{rep['adapter_bytes']:,} ({rep['adapter_bytes'] / 2**20:.2f} MiB)"),
+            ("LoRA layers", str(rep["lora_layers"])), ("adapters", ", ".join(rep["adapters"]) or "-")]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    layers = lora_layers(model)
+    found = False
+    for m in layers.values():
+        if name in m.adapter_names:
+            m.set_adapter(name)
+            found = True
+    if not found:
+        raise KeyError(f"lorart: set_adapter: no layer has an adapter named {name!r}")
+
+
+def disable_adapters(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.disable_adapters()
+
+
+def enable_adapters(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.enable_adapters()
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = True,
+          keep_original: str = "host") -> None:
+    """Merge into every LoRA layer (see LoRALinear.merge); on a refusal, layers merged so far are unmerged."""
+    done = []
+    try:
+        for m in lora_layers(model).values():
+            m.merge(adapter_names, safe_merge=safe_merge, keep_original=keep_original)
+            done.append(m)
+    except Exception:
+        for m in done:
+            m.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids):
+    """Per-sequence (or per-row) adapter selection for the forwards inside the block: `ids` holds adapter
+    names (None = base model only) or indices into each layer's adapter_names; all rows run in one grouped
+    launch per layer (lorart::lora_grouped_add_). Inference: no gradients reach the adapters."""
+    layers = list(lora_layers(model).values())
+    old = [m.adapter_ids for m in layers]
+    try:
+        for m in layers:
+            m.adapter_ids = ids
+        yield
+    finally:
+        for m, o in zip(layers, old):
+            m.adapter_ids = o
