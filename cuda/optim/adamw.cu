@@ -16,7 +16,10 @@ namespace lorart::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 1 << 16;  // elements per descriptor (multiple of 4: keeps alignment)
+// Elements per descriptor (a multiple of 4: keeps alignment). Small enough that 10M parameters
+// give ~600 blocks (several per SM to hide memory latency), large enough that the descriptor
+// array stays < 0.05% of the traffic.
+constexpr int64_t kChunk = 1 << 14;
 
 struct Chunk {
   void* param;

@@ -17,11 +17,12 @@ namespace {
 
 constexpr int64_t kCpuTile = 1 << 15;  // elements per parallel work item
 
-// The inner loop over one contiguous run: written so that the compiler vectorises
-// it (no aliasing, no errno from sqrtf, uniform branch on s.w1 hoisted).
+// The inner loop over one contiguous run, written so that the compiler vectorises it
+// (no aliasing; this file is built with -fno-math-errno, see CMakeLists.txt). On x86-64
+// with GCC an AVX-512 or AVX2+FMA clone is picked at load time when the CPU has it.
 template <class T>
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default"), optimize("no-math-errno")))
+__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
 #endif
 void cpu_adamw_run(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                    int64_t n, detail::AdamWScalars s) {

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..ops.optim import adamw_step_, check_adamw_hparams
+from ..ops.optim import adamw_step_eager, check_adamw_hparams
 from ._paging import PagedStates
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -23,7 +23,8 @@ class PagedAdamW(torch.optim.Optimizer):
             States stay resident while they fit (in parameter order); the rest live in pinned host memory and
             are paged through a double-buffered staging area each step. None: half of the free GPU memory
             when the states are first laid out; 0: page everything.
-        page_chunk_bytes: bytes of one state (exp_avg or exp_avg_sq) moved per chunk.
+        page_chunk_bytes: bytes of one state (exp_avg or exp_avg_sq) moved per chunk. None: 1/16 of the paged
+            state, clamped to [4 MiB, 64 MiB] (enough chunks for the copies to overlap the updates).
         state_bits: 32 (the only width supported so far).
 
     The state_dict has torch.optim.AdamW's layout (per parameter `step` (float32 scalar tensor), `exp_avg`,
@@ -33,7 +34,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 gpu_budget_bytes: int | None = None, page_chunk_bytes: int = 64 << 20, state_bits: int = 32):
+                 gpu_budget_bytes: int | None = None, page_chunk_bytes: int | None = None,
+                 state_bits: int = 32):
         if isinstance(lr, torch.Tensor):
             raise TypeError("lorart: argument `lr`: expected a Python float, got a Tensor")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -46,16 +48,17 @@ class PagedAdamW(torch.optim.Optimizer):
                              f"got {state_bits!r}")
         if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
             raise ValueError(f"lorart: argument `gpu_budget_bytes`: expected None or >= 0, got {gpu_budget_bytes}")
-        if page_chunk_bytes < 4096:
+        if page_chunk_bytes is not None and page_chunk_bytes < 4096:
             raise ValueError(f"lorart: argument `page_chunk_bytes`: expected >= 4096, got {page_chunk_bytes}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                         maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
                         decoupled_weight_decay=True)
         self.gpu_budget_bytes = gpu_budget_bytes
-        self.page_chunk_bytes = int(page_chunk_bytes)
+        self.page_chunk_bytes = None if page_chunk_bytes is None else int(page_chunk_bytes)
         self.state_bits = state_bits
         self._storage: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._pools: dict[torch.device, PagedStates] = {}
+        self._page_cpu = False  # tests only: apply the budget (and the paging walk) to CPU parameters too
         super().__init__(params, defaults)
 
     # ---- parameters and layout ------------------------------------------------
@@ -84,7 +87,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self.synchronize()
         if sources is None:
             sources = {p: s for p, s in self.state.items() if "exp_avg" in s}
-        params = [p for g in self.param_groups for p in g["params"]]
+        # frozen parameters get no storage (a base model passed whole costs nothing); a parameter that gets
+        # a gradient later triggers a new layout
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad or p.grad is not None]
         params = list(dict.fromkeys(params))  # keep order, drop duplicates
         storage: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         paged: dict[torch.device, list[torch.Tensor]] = {}
@@ -96,14 +101,14 @@ class PagedAdamW(torch.optim.Optimizer):
             by_dev.setdefault(p.device, []).append(p)
         for dev, ps in by_dev.items():
             resident = ps
-            if dev.type == "cuda":
+            if dev.type == "cuda" or self._page_cpu:
                 resident, paged_ps = self._split_budget(dev, ps)
                 if paged_ps:
                     paged[dev] = paged_ps
             for p in resident:
                 storage[p] = (torch.zeros(p.shape, dtype=torch.float32, device=dev),
                               torch.zeros(p.shape, dtype=torch.float32, device=dev))
-        pools = {dev: PagedStates(dev, ps, self.page_chunk_bytes // 4) for dev, ps in paged.items()}
+        pools = {dev: PagedStates(dev, ps, self._chunk_elems(ps)) for dev, ps in paged.items()}
         for pool in pools.values():
             for p in pool.offsets:
                 storage[p] = pool.state_views(p)
@@ -118,14 +123,20 @@ class PagedAdamW(torch.optim.Optimizer):
             self.state[p] = {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": m, "exp_avg_sq": v}
         self._storage, self._pools = storage, pools
 
+    def _chunk_elems(self, ps: list[torch.Tensor]) -> int:
+        if self.page_chunk_bytes is not None:
+            return self.page_chunk_bytes // 4
+        total = sum(p.numel() for p in ps)
+        return min(16 << 20, max(1 << 20, total // 16))
+
     def _split_budget(self, dev: torch.device, ps: list[torch.Tensor]) -> tuple[list, list]:
         need = [8 * p.numel() for p in ps]
         budget = self.gpu_budget_bytes
         if budget is None:
-            budget = torch.cuda.mem_get_info(dev)[0] // 2
+            budget = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else 1 << 62
         if sum(need) <= budget:
             return ps, []
-        staging = 16 * min(self.page_chunk_bytes // 4, sum(p.numel() for p in ps) + 64)
+        staging = 16 * min(self._chunk_elems(ps), sum(p.numel() for p in ps) + 64)
         left = max(0, budget - staging)
         resident, paged = [], []
         for p, n in zip(ps, need):
@@ -143,7 +154,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._storage is None:
+        if self._storage is None or any(
+                p.grad is not None and p not in self._storage for g in self.param_groups for p in g["params"]):
             self._build_layout()
         paged_work: dict[torch.device, dict] = {}
         for group in self.param_groups:
@@ -172,7 +184,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 for lst, t in zip(lists, (p, g, state["exp_avg"], state["exp_avg_sq"], st)):
                     lst.append(t)
             for ps, gs, ms, vs, sts in resident.values():
-                adamw_step_(ps, gs, ms, vs, sts, float(group["lr"]), float(beta1), float(beta2),
+                adamw_step_eager(ps, gs, ms, vs, sts, float(group["lr"]), float(beta1), float(beta2),
                             float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]))
         for dev, work in paged_work.items():
             self._pools[dev].step(work)

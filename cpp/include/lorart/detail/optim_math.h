@@ -17,6 +17,14 @@
 
 #include "lorart/detail/hd.h"
 
+// Host builds force inlining so that the math also inlines into target-specific clones
+// of the CPU loop (GCC's target_clones), where plain `inline` is not enough to vectorise.
+#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
+#define LORART_OPTIM_HD inline __attribute__((always_inline))
+#else
+#define LORART_OPTIM_HD LORART_HD
+#endif
+
 namespace lorart::detail {
 
 struct AdamWScalars {
@@ -48,13 +56,13 @@ inline AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double 
 }
 
 // torch.lerp's formula (ATen Lerp.h): the branch keeps the result exact at the ends.
-LORART_HD float adamw_lerp(float a, float b, float w) {
+LORART_OPTIM_HD float adamw_lerp(float a, float b, float w) {
   return (w < 0.5f && w > -0.5f) ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }
 
 // One element: p, m, v updated in place (fp32 arithmetic). NaN/Inf in g propagate
 // into p, m and v, as in torch.
-LORART_HD void adamw_update(float& p, float g, float& m, float& v, const AdamWScalars& s) {
+LORART_OPTIM_HD void adamw_update(float& p, float g, float& m, float& v, const AdamWScalars& s) {
   g = g * s.grad_sign;
   p = p * s.wd_factor;
   m = adamw_lerp(m, g, s.w1);
