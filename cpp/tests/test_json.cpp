@@ -67,6 +67,20 @@ TEST(errors_name_the_byte_offset) {
   CHECK_THROWS(parse("// c\n1"), "expected a JSON value");
 }
 
+TEST(many_keys_and_late_duplicates) {
+  std::string big = "{";
+  for (int i = 0; i < 50000; ++i) big += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":0";
+  CHECK(parse(big + "}").as_object().size() == 50000);  // linear time: a hash set past 16 keys
+  CHECK_THROWS(parse(big + ",\"k49999\":1}"), "duplicate key \"k49999\"");
+  CHECK_THROWS(parse(big + ",\"k3\":1}"), "duplicate key \"k3\"");
+  std::string small = "{";
+  for (int i = 0; i < 16; ++i) small += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":0";
+  CHECK_THROWS(parse(small + ",\"k0\":1}"), "duplicate key \"k0\"");    // 17th key, set built at 16
+  CHECK_THROWS(parse(small + ",\"k15\":1}"), "duplicate key \"k15\"");
+  CHECK_THROWS(parse("{\"a\":0,\"b\":0,\"c\":0,\"d\":0,\"e\":0,\"f\":0,\"g\":0,\"h\":0,\"i\":0,\"j\":0,"
+                     "\"k\":0,\"l\":0,\"m\":0,\"n\":0,\"o\":0,\"a\":1}"), "duplicate key \"a\"");  // the 16th key
+}
+
 TEST(depth_limit) {
   std::string ok(64, '['), okc(64, ']');
   CHECK(parse(ok + okc).is_array());

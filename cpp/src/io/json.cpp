@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <unordered_set>
 
 #include "common/check.h"
 
@@ -112,6 +113,7 @@ class Parser {
   Value object(int depth) {
     ++i_;  // {
     Value::Object o;
+    std::unordered_set<std::string> seen;
     ws();
     if (peek() == '}') { ++i_; return Value(std::move(o)); }
     for (;;) {
@@ -119,11 +121,21 @@ class Parser {
       if (peek() != '"') err(detail::cat("expected a string key, got ", found()));
       size_t key_at = i_;
       std::string key = string();
-      for (const auto& kv : o)
-        if (kv.first == key) {
-          i_ = key_at;
-          err(detail::cat("duplicate key \"", key, "\""));
-        }
+      // Duplicate keys: a linear scan for small objects, a hash set beyond (an untrusted
+      // header may hold millions of keys).
+      bool dup = false;
+      if (o.size() < 16) {
+        for (const auto& kv : o) dup = dup || kv.first == key;
+        if (o.size() == 15)
+          for (const auto& kv : o) seen.insert(kv.first);
+      } else {
+        dup = seen.count(key) != 0;
+      }
+      if (dup) {
+        i_ = key_at;
+        err(detail::cat("duplicate key \"", key, "\""));
+      }
+      if (o.size() >= 15) seen.insert(key);
       ws();
       if (peek() != ':') err(detail::cat("expected ':' after a key, got ", found()));
       ++i_;
