@@ -91,6 +91,10 @@ TEST(depth_limit) {
   lorart::json::ParseOptions o;
   o.max_depth = 2;
   CHECK_THROWS(parse("[[[]]]", o), "nesting deeper than 2");
+  lorart::json::ParseOptions v;
+  v.max_values = 4;
+  CHECK(parse("[1,2,3]", v).as_array().size() == 3);
+  CHECK_THROWS(parse("[1,2,3,{}]", v), "at byte 7: more than 4 values");
 }
 
 TEST(typed_accessors_name_what_and_got) {

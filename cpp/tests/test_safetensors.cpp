@@ -155,6 +155,11 @@ TEST(corrupt_headers_are_rejected) {
   CHECK_THROWS(from(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", d16)), "leave a gap after byte 4");
   SafetensorsFile ooo = from(image(R"({"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", d16));
   CHECK(ooo.names() == (std::vector<std::string>{"b", "a"}));  // header order kept, ranges may be listed in any order
+  // a header of millions of tiny values is refused before it costs gigabytes
+  std::string many = "{\"__metadata__\":{},\"a\":{\"dtype\":\"U8\",\"shape\":[";
+  for (int i = 0; i < 2100000; ++i) many += "0,";
+  many += "0],\"data_offsets\":[0,0]}}";
+  CHECK_THROWS(from(image(many, "")), "more than 2000000 values");
   // metadata
   CHECK_THROWS(from(image(R"({"__metadata__":{"k":1}})", "")), "__metadata__ value for 'k' must be a string");
   CHECK_THROWS(from(image(R"({"__metadata__":[]})", "")), "__metadata__ must be an object");

@@ -74,6 +74,9 @@ class Value {
 
 struct ParseOptions {
   int max_depth = 64;
+  // Most values (scalars, arrays, objects) in the document; 0 = no limit. Bounds the memory
+  // an untrusted document can make the parser allocate (~110 bytes per value).
+  int64_t max_values = 0;
 };
 
 // Parses exactly one JSON value from `text` (surrounding whitespace allowed).

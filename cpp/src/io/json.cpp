@@ -97,6 +97,8 @@ class Parser {
 
   Value value(int depth) {
     if (depth >= opts_.max_depth) err(detail::cat("nesting deeper than ", opts_.max_depth, " levels"));
+    if (opts_.max_values > 0 && ++values_ > opts_.max_values)
+      err(detail::cat("more than ", opts_.max_values, " values in the document"));
     switch (peek()) {
       case '{': return object(depth);
       case '[': return array(depth);
@@ -301,6 +303,7 @@ class Parser {
   std::string_view s_;
   ParseOptions opts_;
   size_t i_ = 0;
+  int64_t values_ = 0;
 };
 
 void dump_to(std::string& out, const Value& v) {

@@ -20,6 +20,9 @@ namespace lorart {
 
 namespace {
 constexpr uint64_t kMaxHeader = 100'000'000;  // as the reference implementation
+// Values in the header JSON (~10 per tensor): bounds the parser's memory (~220 MB) for a
+// hostile 100 MB header of tiny values; real checkpoints hold far fewer than 200k tensors.
+constexpr int64_t kMaxHeaderValues = 2'000'000;
 
 [[noreturn]] void io_fail(const std::string& path, const std::string& what) {
   detail::fail(ErrorKind::Runtime, detail::cat("safetensors file '", path, "': ", what, ": ", std::strerror(errno)));
@@ -121,7 +124,9 @@ void SafetensorsFile::parse_header(uint64_t file_size) {
                "': the header must be a JSON object starting with '{'");
   json::Value header;
   try {
-    header = json::parse(std::string_view(reinterpret_cast<const char*>(base + 8), n));
+    json::ParseOptions po;
+    po.max_values = kMaxHeaderValues;
+    header = json::parse(std::string_view(reinterpret_cast<const char*>(base + 8), n), po);
   } catch (const Error& e) {
     LORART_CHECK(false, "safetensors file '", p, "': bad header JSON (byte offsets from file byte 8): ", e.what());
   }
