@@ -53,11 +53,33 @@ void linear_cpu(const TensorView& x, const TensorView& w, const Tensor& bias, co
   if (n == 0 || out == 0) return;
   detail::check_not_null(x, "x");
   detail::check_not_null(y, "y");
+  // x as float32 once (small), then float32 dot products with 8 independent partial sums
+  // (vectorisable without reassociation flags); a bf16/f16 weight (keep_dtype) is read per element.
+  Tensor xf;
+  const float* xp;
+  if (x.dtype == DType::F32) {
+    xp = x.ptr<float>();
+  } else {
+    xf = Tensor(DType::F32, {n, in});
+    for (int64_t i = 0; i < n * in; ++i) xf.ptr<float>()[i] = ld(x.data, x.dtype, i);
+    xp = xf.ptr<float>();
+  }
   detail::parallel_for(n * out, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const int64_t i = k / out, o = k % out;
+      const float* xr = xp + i * in;
       float acc = 0.f;
-      for (int64_t c = 0; c < in; ++c) acc += ld(x.data, x.dtype, i * in + c) * ld(w.data, w.dtype, o * in + c);
+      if (w.dtype == DType::F32) {
+        const float* wr = w.ptr<float>() + o * in;
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t c = 0;
+        for (; c + 8 <= in; c += 8)
+          for (int j = 0; j < 8; ++j) part[j] += xr[c + j] * wr[c + j];
+        for (; c < in; ++c) part[c & 7] += xr[c] * wr[c];
+        acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      } else {
+        for (int64_t c = 0; c < in; ++c) acc += xr[c] * ld(w.data, w.dtype, o * in + c);
+      }
       if (bias.defined()) acc += ld(bias.data(), bias.dtype(), o);
       st(y.data, y.dtype, k, acc);
     }
