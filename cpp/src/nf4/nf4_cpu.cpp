@@ -123,6 +123,22 @@ void dequantize_t(const NF4View& w, T* out) {
   });
 }
 
+// res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns): AVX2+FMA where the
+// CPU has it (nf4_cpu_simd.h), else a loop the compiler vectorizes with its baseline ISA.
+inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
+  if (simd::fma_available()) return simd::dot_rows(xf, m, k, w, res);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = xf + i * k;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8)
+      for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * w[j + u];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < k; ++j) s += xr[j] * w[j];
+    res[i] = s;
+  }
+}
+
 // One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
 // with each x row (converted to float once).
 template <class T>
@@ -131,20 +147,12 @@ void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> wrow(static_cast<size_t>(k));
+    std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
     for (int64_t r = r0; r < r1; ++r) {
       decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xr = xf.data() + i * k;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= k; j += 8)
-          for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * wrow[j + u];
-        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; j < k; ++j) s += xr[j] * wrow[j];
-        if (bias) s += detail::to_f32(bias[r]);
-        out[i * rows + r] = detail::from_f32<T>(s);
-      }
+      dot_rows(xf.data(), m, k, wrow.data(), res.data());
+      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
 }
