@@ -1,5 +1,6 @@
-// Fused multi-tensor AdamW: one launch updates many tensors, driven by a device
-// array of chunk descriptors. Memory-bound: each element reads p, g, m, v and
+// Fused multi-tensor AdamW: one launch updates many tensors (up to 384 chunks of
+// 16K-1M elements), driven by an array of chunk descriptors passed as one
+// __grid_constant__ kernel parameter. Memory-bound: each element reads p, g, m, v and
 // writes p, m, v once. The fast path uses 16-byte (fp32) / 8-byte (16-bit param)
 // vector accesses when every pointer of the chunk is aligned, else a scalar loop.
 #include <cuda_bf16.h>
@@ -16,10 +17,9 @@ namespace lorart::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Elements per descriptor (a multiple of 4: keeps alignment). Small enough that 10M parameters
-// give ~600 blocks (several per SM to hide memory latency), large enough that the descriptor
-// array stays < 0.05% of the traffic.
-constexpr int64_t kChunk = 1 << 14;
+// Descriptors travel as one __grid_constant__ kernel parameter (no allocation, no copy, no
+// synchronisation): 384 x 72 B = 27 KB, under the 32 KB parameter limit of CUDA >= 12.1 on sm_70+.
+constexpr int kMaxChunksPerLaunch = 384;
 
 struct Chunk {
   void* param;
@@ -28,6 +28,10 @@ struct Chunk {
   float* exp_avg_sq;
   int64_t numel;
   detail::AdamWScalars s;
+};
+
+struct ChunkBatch {
+  Chunk c[kMaxChunksPerLaunch];
 };
 
 template <class T> __device__ __forceinline__ float ld(const T* p, int64_t i);
@@ -45,14 +49,15 @@ template <> __device__ __forceinline__ __half cvt<__half>(float x) { return __fl
 template <class T> struct alignas(4 * sizeof(T)) Vec4 { T x[4]; };
 
 template <class T>
-__global__ void adamw_kernel(const Chunk* __restrict__ chunks, int64_t nchunks) {
-  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-    const Chunk ch = chunks[c];
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__ ChunkBatch batch, int nchunks) {
+  for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const Chunk& ch = batch.c[c];
     T* p = static_cast<T*>(ch.param);
     const T* g = static_cast<const T*>(ch.grad);
     float* m = ch.exp_avg;
     float* v = ch.exp_avg_sq;
     const int64_t n = ch.numel;
+    const detail::AdamWScalars sc = ch.s;
     const uintptr_t pa = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g);
     const uintptr_t sa = reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v);
     const bool vec = (pa % (4 * sizeof(T)) == 0) && (sa % 16 == 0);
@@ -62,13 +67,13 @@ __global__ void adamw_kernel(const Chunk* __restrict__ chunks, int64_t nchunks) 
       for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
         Vec4<T> pv = reinterpret_cast<const Vec4<T>*>(p)[i];
         const Vec4<T> gv = reinterpret_cast<const Vec4<T>*>(g)[i];
-        float4 mv = reinterpret_cast<const float4*>(m)[i];
-        float4 vv = reinterpret_cast<const float4*>(v)[i];
+        const float4 mv = reinterpret_cast<const float4*>(m)[i];
+        const float4 vv = reinterpret_cast<const float4*>(v)[i];
         float pf[4], mf[4] = {mv.x, mv.y, mv.z, mv.w}, vf[4] = {vv.x, vv.y, vv.z, vv.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           pf[k] = ld<T>(pv.x, k);
-          detail::adamw_update(pf[k], ld<T>(gv.x, k), mf[k], vf[k], ch.s);
+          detail::adamw_update(pf[k], ld<T>(gv.x, k), mf[k], vf[k], sc);
           pv.x[k] = cvt<T>(pf[k]);
         }
         reinterpret_cast<Vec4<T>*>(p)[i] = pv;
@@ -79,7 +84,7 @@ __global__ void adamw_kernel(const Chunk* __restrict__ chunks, int64_t nchunks) 
     }
     for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
       float pf = ld<T>(p, i), mf = m[i], vf = v[i];
-      detail::adamw_update(pf, ld<T>(g, i), mf, vf, ch.s);
+      detail::adamw_update(pf, ld<T>(g, i), mf, vf, sc);
       p[i] = cvt<T>(pf);
       m[i] = mf;
       v[i] = vf;
@@ -87,46 +92,54 @@ __global__ void adamw_kernel(const Chunk* __restrict__ chunks, int64_t nchunks) 
   }
 }
 
+template <class T>
+void launch(const ChunkBatch& batch, int n, cudaStream_t s) {
+  const int grid = std::min(n, sm_count() * 8);
+  adamw_kernel<T><<<grid, kThreads, 0, s>>>(batch, n);
+  check_launch("adamw_kernel");
+}
+
 }  // namespace
 
 void adamw_step(const std::vector<AdamWTensor>& tensors, DType dtype, Stream stream) {
+  LORART_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
+               "adamw_step: unsupported param dtype ", dtype_name(dtype));
   const size_t esize = dtype_size(dtype);
-  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (const AdamWTensor& t : tensors) total += t.numel;
+  // Elements per chunk (one block each): ~8 chunks per SM over the whole call, at least 16K elements,
+  // at most 1M; a multiple of 4096, so every chunk of an aligned tensor stays 16-byte aligned.
+  const int64_t per_sm = total / (static_cast<int64_t>(sm_count()) * 8);
+  const int64_t chunk = std::min<int64_t>(int64_t(1) << 20, std::max<int64_t>(int64_t(1) << 14, (per_sm + 4095) / 4096 * 4096));
+  cudaStream_t s = as_stream(stream);
+  ChunkBatch batch;
+  int n = 0;
   for (const AdamWTensor& t : tensors) {
-    for (int64_t off = 0; off < t.numel; off += kChunk) {
-      Chunk c;
+    for (int64_t off = 0; off < t.numel; off += chunk) {
+      Chunk& c = batch.c[n++];
       c.param = static_cast<char*>(t.param) + off * esize;
       c.grad = static_cast<const char*>(t.grad) + off * esize;
       c.exp_avg = t.exp_avg + off;
       c.exp_avg_sq = t.exp_avg_sq + off;
-      c.numel = std::min(kChunk, t.numel - off);
+      c.numel = std::min(chunk, t.numel - off);
       c.s = t.s;
-      chunks.push_back(c);
+      if (n == kMaxChunksPerLaunch) {
+        switch (dtype) {
+          case DType::F32: launch<float>(batch, n, s); break;
+          case DType::BF16: launch<__nv_bfloat16>(batch, n, s); break;
+          default: launch<__half>(batch, n, s); break;
+        }
+        n = 0;
+      }
     }
   }
-  if (chunks.empty()) return;
-  cudaStream_t s = as_stream(stream);
-  const size_t bytes = chunks.size() * sizeof(Chunk);
-  void* d = nullptr;
-  LORART_CUDA_CHECK(cudaMallocAsync(&d, bytes, s));
-  // Pageable source: the runtime stages it before returning, so `chunks` may die after.
-  cudaError_t err = cudaMemcpyAsync(d, chunks.data(), bytes, cudaMemcpyHostToDevice, s);
-  if (err != cudaSuccess) {
-    cudaFreeAsync(d, s);
-    check(static_cast<int>(err), "cudaMemcpyAsync(adamw descriptors)");
+  if (n > 0) {
+    switch (dtype) {
+      case DType::F32: launch<float>(batch, n, s); break;
+      case DType::BF16: launch<__nv_bfloat16>(batch, n, s); break;
+      default: launch<__half>(batch, n, s); break;
+    }
   }
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int grid = static_cast<int>(std::min<int64_t>(n, static_cast<int64_t>(sm_count()) * 16));
-  const Chunk* dc = static_cast<const Chunk*>(d);
-  switch (dtype) {
-    case DType::F32: adamw_kernel<float><<<grid, kThreads, 0, s>>>(dc, n); break;
-    case DType::BF16: adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(dc, n); break;
-    case DType::F16: adamw_kernel<__half><<<grid, kThreads, 0, s>>>(dc, n); break;
-    default: cudaFreeAsync(d, s); LORART_CHECK(false, "adamw_step: unsupported param dtype ", dtype_name(dtype));
-  }
-  err = cudaGetLastError();
-  cudaFreeAsync(d, s);  // stream-ordered: freed after the kernel has run
-  check(static_cast<int>(err), "adamw_kernel");
 }
 
 }  // namespace lorart::cuda

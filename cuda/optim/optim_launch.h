@@ -19,10 +19,10 @@ struct AdamWTensor {
   detail::AdamWScalars s;
 };
 
-// One fused launch over all tensors (all with params of `dtype`: F32, BF16 or F16).
-// The tensors are cut into chunks; their descriptors go to the device with one
-// stream-ordered allocation + copy (cudaMallocAsync/cudaMemcpyAsync/cudaFreeAsync),
-// so nothing synchronises the host.
+// Fused launches over all tensors (all with params of `dtype`: F32, BF16 or F16).
+// The tensors are cut into chunks; up to 384 chunk descriptors travel per launch as
+// one __grid_constant__ kernel parameter (no allocation, no copy), so nothing
+// synchronises the host.
 void adamw_step(const std::vector<AdamWTensor>& tensors, DType dtype, Stream stream);
 
 }  // namespace lorart::cuda
