@@ -81,7 +81,7 @@ std::string serialize_safetensors(const std::vector<NamedView>& tensors,
   for (int i = 0; i < 8; ++i) out += static_cast<char>((n >> (8 * i)) & 0xff);
   out += header;
   for (const NamedView* t : order)
-    out.append(static_cast<const char*>(t->second.data), t->second.nbytes());
+    if (t->second.nbytes() > 0) out.append(static_cast<const char*>(t->second.data), t->second.nbytes());
   return out;
 }
 
