@@ -72,26 +72,26 @@ __device__ float block_sum(float v) {
 // ---- kernels -----------------------------------------------------------------------------------------------
 
 template <class T>
-__global__ void dropout_kernel(const T* x, int64_t ldx, T* out, int64_t ldo, int64_t M, int64_t K, uint32_t thr,
-                               float keep_scale, uint64_t seed) {
+__global__ void dropout_kernel(const T* x, int64_t ldx, T* out, int64_t ldo, int64_t M, int64_t K,
+                               detail::LoraDropoutKey key, float keep_scale) {
   const int64_t n = M * K;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / K, k = i - m * K;
-    const bool keep = lora_dropout_keep(seed, static_cast<uint64_t>(i), thr);
+    const bool keep = lora_dropout_keep(key, static_cast<uint64_t>(i));
     out[m * ldo + k] = stf<T>(keep ? ldf(x[m * ldx + k]) * keep_scale : 0.f);
   }
 }
 
 // xa[m, j] = keep_scale * sum_k keep(m, k) x[m, k] A[j, k]; grid (M, R).
 template <class T>
-__global__ void shrink_kernel(const T* x, int64_t ldx, const T* A, int64_t K, int64_t R, bool drop, uint32_t thr,
-                              float keep_scale, uint64_t seed, float* xa) {
+__global__ void shrink_kernel(const T* x, int64_t ldx, const T* A, int64_t K, int64_t R, bool drop,
+                              detail::LoraDropoutKey key, float keep_scale, float* xa) {
   const int64_t m = blockIdx.x, j = blockIdx.y;
   const T* xr = x + m * ldx;
   const T* ar = A + j * K;
   float acc = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-    if (!drop || lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr)) acc += ldf(xr[k]) * ldf(ar[k]);
+    if (!drop || lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += ldf(xr[k]) * ldf(ar[k]);
   acc = block_sum(acc);
   if (threadIdx.x == 0) xa[m * R + j] = acc * keep_scale;
 }
@@ -310,8 +310,8 @@ void lora_dropout(DType dt, const void* x, int64_t ldx, void* out, int64_t ldo, 
   dispatch(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dropout_kernel<T><<<grid_for(M * K, 256), 256, 0, as_stream(s)>>>(
-        static_cast<const T*>(x), ldx, static_cast<T*>(out), ldo, M, K, detail::lora_dropout_threshold(p),
-        static_cast<float>(1.0 / (1.0 - p)), seed);
+        static_cast<const T*>(x), ldx, static_cast<T*>(out), ldo, M, K, detail::lora_dropout_key(seed, p),
+        static_cast<float>(1.0 / (1.0 - p)));
     check_launch("lora dropout_kernel");
   });
 }
@@ -323,8 +323,8 @@ void lora_shrink(DType dt, const void* x, int64_t ldx, const void* A, int64_t M,
     using T = typename decltype(tag)::type;
     const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(R));
     shrink_kernel<T><<<grid, 256, 0, as_stream(s)>>>(static_cast<const T*>(x), ldx, static_cast<const T*>(A), K, R,
-                                                     p > 0, detail::lora_dropout_threshold(p),
-                                                     static_cast<float>(p > 0 ? 1.0 / (1.0 - p) : 1.0), seed, xa);
+                                                     p > 0, detail::lora_dropout_key(seed, p),
+                                                     static_cast<float>(p > 0 ? 1.0 / (1.0 - p) : 1.0), xa);
     check_launch("lora shrink_kernel");
   });
 }

@@ -6,6 +6,7 @@
 from ._core import build_info, format_build_info, cuda_compiled, cuda_usable  # noqa: F401
 from . import ops  # noqa: F401  (registers torch.ops.lorart.*)
 from . import nf4  # noqa: F401,E402
+from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)
 from .inject import inject, trainable_report, set_adapter, disable_adapters, enable_adapters, merge, unmerge, adapter_ids  # noqa: F401,E501
 from .adapters import save_adapter, load_adapter  # noqa: F401
 from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)

@@ -7,8 +7,8 @@
 // Float tensors share one dtype: float32, bfloat16, float16 (and float64 on the CPU). Sums are
 // accumulated in float32 (float64 for float64) and rounded once.
 //
-// Dropout: element (m, k) of x is kept when lora_dropout_keep(seed, m * K + k, p) (detail/lora_math.h, a
-// counter-based hash), and kept elements are scaled by 1 / (1 - p). The CPU and the CUDA masks are
+// Dropout: element (m, k) of x is kept when lora_dropout_keep(lora_dropout_key(seed, p), m * K + k)
+// (detail/lora_math.h, a counter-based hash), and kept elements are scaled by 1 / (1 - p). The CPU and the CUDA masks are
 // bit-identical and are recomputed from `seed`, never stored.
 #pragma once
 

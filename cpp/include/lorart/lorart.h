@@ -2,3 +2,11 @@
 #pragma once
 
 #include "lorart/common.h"
+#include "lorart/tensor.h"
+#include "lorart/json.h"
+#include "lorart/safetensors.h"
+#include "lorart/adapter_store.h"
+#include "lorart/base_layer.h"
+#include "lorart/nf4.h"
+#include "lorart/lora.h"
+#include "lorart/optim.h"

@@ -31,7 +31,7 @@ int64_t idx_at(const TensorView& idx, int64_t m) {
 
 void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint64_t seed) {
   const int64_t M = x.shape[0], K = x.shape[1];
-  const uint32_t thr = lora_dropout_threshold(p);
+  const LoraDropoutKey key = lora_dropout_key(seed, p);
   lora_dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = lora_acc_t<T>;
@@ -41,7 +41,7 @@ void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint
     parallel_for(M, rows_grain(K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t k = 0; k < K; ++k) {
-          const bool keep = lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr);
+          const bool keep = lora_dropout_keep(key, static_cast<uint64_t>(m * K + k));
           op[m * out.strides[0] + k] = lora_st<T>(keep ? lora_ld(xp[m * x.strides[0] + k]) * keep_scale : A(0));
         }
     });
@@ -50,7 +50,7 @@ void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint
 
 void cpu_lora_shrink(const TensorView& x, const TensorView& Aw, double p, uint64_t seed, const TensorView& xa) {
   const int64_t M = x.shape[0], K = x.shape[1], R = Aw.shape[0];
-  const uint32_t thr = lora_dropout_threshold(p);
+  const LoraDropoutKey key = lora_dropout_key(seed, p);
   lora_dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = lora_acc_t<T>;
@@ -65,7 +65,7 @@ void cpu_lora_shrink(const TensorView& x, const TensorView& Aw, double p, uint64
         A acc = 0;
         if (p > 0) {
           for (int64_t k = 0; k < K; ++k)
-            if (lora_dropout_keep(seed, static_cast<uint64_t>(m * K + k), thr)) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+            if (lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
           acc *= keep_scale;
         } else {
           for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * lora_ld(ar[k]);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -35,28 +36,36 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
   const int64_t nb = (n + bs - 1) / bs;
   detail::parallel_for(nb, 64, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(bs) + 1);
+    std::vector<uint8_t> codes(static_cast<size_t>(bs) + 1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * bs, len = std::min(bs, n - s);
-      float amax = 0.f, probe = 0.f;
+      // max |v| on the float bits (monotonic for finite values) and a non-finite flag: integer
+      // reductions, which the compiler vectorizes (a float max/sum chain it may not reorder).
+      uint32_t mx = 0, nonfinite = 0;
       for (int64_t i = 0; i < len; ++i) {
-        float v = detail::to_f32(w[s + i]);
+        const float v = detail::to_f32(w[s + i]);
         buf[i] = v;
-        float a = std::fabs(v);
-        amax = a > amax ? a : amax;
-        probe += v * 0.f;  // NaN iff some v is NaN or +-inf
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        u &= 0x7fffffffu;
+        mx = u > mx ? u : mx;
+        nonfinite |= static_cast<uint32_t>(u >= 0x7f800000u);
       }
-      if (probe != 0.f || std::isnan(probe)) {
+      if (nonfinite) {
         int64_t expected = -1;
         bad.compare_exchange_strong(expected, b);
         absmax[b] = NAN;
         continue;
       }
+      float amax;
+      std::memcpy(&amax, &mx, 4);
       absmax[b] = amax;
       const float inv = detail::nf4_inv_scale(amax);
       if (len & 1) buf[len] = 0.f;  // pads the last low nibble with code 7 (0.0)
+      const int64_t len2 = len + (len & 1);
+      for (int64_t i = 0; i < len2; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
       uint8_t* out = packed + s / 2;
-      for (int64_t i = 0; i < len; i += 2)
-        out[i / 2] = detail::nf4_pack(detail::nf4_encode(buf[i] * inv), detail::nf4_encode(buf[i + 1] * inv));
+      for (int64_t i = 0; i < len2 / 2; ++i) out[i] = detail::nf4_pack(codes[2 * i], codes[2 * i + 1]);
     }
   });
 }
@@ -114,6 +123,22 @@ void dequantize_t(const NF4View& w, T* out) {
   });
 }
 
+// res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns): AVX2+FMA where the
+// CPU has it (nf4_cpu_simd.h), else a loop the compiler vectorizes with its baseline ISA.
+inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
+  if (simd::fma_available()) return simd::dot_rows(xf, m, k, w, res);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = xf + i * k;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8)
+      for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * w[j + u];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < k; ++j) s += xr[j] * w[j];
+    res[i] = s;
+  }
+}
+
 // One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
 // with each x row (converted to float once).
 template <class T>
@@ -122,20 +147,12 @@ void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> wrow(static_cast<size_t>(k));
+    std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
     for (int64_t r = r0; r < r1; ++r) {
       decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xr = xf.data() + i * k;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= k; j += 8)
-          for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * wrow[j + u];
-        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; j < k; ++j) s += xr[j] * wrow[j];
-        if (bias) s += detail::to_f32(bias[r]);
-        out[i * rows + r] = detail::from_f32<T>(s);
-      }
+      dot_rows(xf.data(), m, k, wrow.data(), res.data());
+      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
 }

@@ -64,8 +64,54 @@ LORART_NF4_TARGET inline void decode(const uint8_t* src, int64_t chunks, float s
     }
   }
 }
+LORART_NF4_TARGET inline float hsum(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+inline bool fma_available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// res[i] = dot(x row i, w) for m rows of k floats; 4 x rows per pass share each weight load.
+__attribute__((target("avx2,fma"))) inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w,
+                                                         float* res) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const float* x0 = xf + i * k;
+    const float *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      const __m256 wv = _mm256_loadu_ps(w + j);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j), wv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + j), wv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + j), wv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + j), wv, a3);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; j < k; ++j) { s0 += x0[j] * w[j]; s1 += x1[j] * w[j]; s2 += x2[j] * w[j]; s3 += x3[j] * w[j]; }
+    res[i] = s0; res[i + 1] = s1; res[i + 2] = s2; res[i + 3] = s3;
+  }
+  for (; i < m; ++i) {
+    const float* xr = xf + i * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(w + j), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j + 8), _mm256_loadu_ps(w + j + 8), a1);
+    }
+    float s0 = hsum(_mm256_add_ps(a0, a1));
+    for (; j < k; ++j) s0 += xr[j] * w[j];
+    res[i] = s0;
+  }
+}
 #undef LORART_NF4_TARGET
 #else
+inline bool fma_available() { return false; }
+inline void dot_rows(const float*, int64_t, int64_t, const float*, float*) {}
 inline bool available() { return false; }
 inline void decode(const uint8_t*, int64_t, float, void*, Out) {}
 #endif

@@ -195,6 +195,7 @@ class LoRALinear(nn.Module):
         names = self.adapter_names
         if isinstance(ids, Tensor):
             idx = ids.to(torch.int64).reshape(-1)
+            # (a CUDA tensor is not range-checked here, which would synchronise: the kernels skip bad indices)
         else:
             conv = []
             for a in ids:
@@ -207,7 +208,7 @@ class LoRALinear(nn.Module):
                 else:
                     conv.append(int(a))
             idx = torch.tensor(conv, dtype=torch.int64)
-        if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= len(names)):
+        if not idx.is_cuda and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= len(names)):
             raise ValueError(f"lorart: adapter_ids: indices must be in [-1, {len(names)}), got {idx.tolist()}")
         if idx.numel() == batch and rows % max(batch, 1) == 0 and idx.numel() != rows:
             idx = idx.repeat_interleave(rows // batch)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import nf4 as _nf4ops
 from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
 
 FUSED_MAX_ROWS = int(_C.lora_fused_max_rows())
@@ -109,6 +110,15 @@ def _drop(x2: Tensor, p: float, seed: int) -> Tensor:
     return x2 if p == 0.0 else torch.ops.lorart.lora_dropout(x2, p, seed)
 
 
+def _drop_raw(x2: Tensor, p: float, seed: int) -> Tensor:
+    """dropout for use inside an op's real implementation (no second trip through the dispatcher)."""
+    if p == 0.0:
+        return x2
+    out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
+    return out
+
+
 # ---- the LoRA linear -----------------------------------------------------------------------------------------
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -117,7 +127,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def _lora_tail(x2: Tensor, y: Tensor, A: Tensor, B: Tensor, scale: float, p: float, seed: int) -> Tensor:
     """The unfused LoRA path on a base output y [M, N]: y += scale * (dropout(x) @ A.T) @ B.T, in place."""
-    xa = _drop(x2, p, seed) @ A.t()
+    xa = _drop_raw(x2, p, seed) @ A.t()
     y.addmm_(xa, B.t(), alpha=scale)
     return xa
 
@@ -156,13 +166,6 @@ def _(x, weight, bias, A, B, scale, dropout, seed):
     return x.new_empty(*x.shape[:-1], N), x.new_empty(M, A.shape[0])
 
 
-def _nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
-    try:
-        op = torch.ops.lorart.nf4_dequantize
-    except (AttributeError, RuntimeError):
-        raise RuntimeError("lorart: the NF4 base needs lorart.ops.nf4 (torch.ops.lorart.nf4_dequantize), "
-                           "which this build does not have") from None
-    return op(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
 
 
 def _check_nf4(x, packed, absmax, rows, cols):
@@ -195,10 +198,8 @@ def _lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: T
                                  opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), view(xa),
                                  view(B.contiguous()), scale, view(y), stream(x))
         xa = xa.to(x.dtype)
-    else:  # the dequantised weight is a temporary, freed on return (never saved)
-        W = _nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, x.dtype)
-        y = torch.addmm(bias, x2, W.t()) if bias is not None else x2 @ W.t()
-        del W
+    else:  # lorart.ops.nf4's path: dequantised into a reused workspace, never saved for backward
+        y = _nf4ops._linear_impl(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
         xa = _lora_tail(x2, y, A, B, scale, dropout, seed)
     return y.view(*x.shape[:-1], rows), xa
 
@@ -211,7 +212,7 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, co
     return x.new_empty(*x.shape[:-1], rows), x.new_empty(M, A.shape[0])
 
 
-def _lora_backward(ctx, gy, gxa, W: Tensor):
+def _lora_backward(ctx, gy, gxa, W: Tensor | None, base_grad_input=None):
     x, A, B, xa = ctx.lora_saved
     x2 = _rows(x)
     gy2 = gy.reshape(-1, gy.shape[-1])
@@ -228,7 +229,7 @@ def _lora_backward(ctx, gy, gxa, W: Tensor):
     if need_A:
         dA = torch.mm(g_xa.t(), _drop(x2, p, seed))
     if need_x:
-        dx = torch.mm(gy2, W)
+        dx = torch.mm(gy2, W) if W is not None else base_grad_input(gy2)
         if p == 0.0:
             dx.addmm_(g_xa, A)
         else:
@@ -279,10 +280,11 @@ def _backward_nf4(ctx, gy, gxa):
     ctx.lora_saved = (x, A, B, xa)
     n = ctx.needs_input_grad
     ctx.lora_needs = (n[0], ctx.has_bias and n[9], n[10], n[11])
-    W = None
-    if n[0]:  # the dequantised weight lives only for dx = gy @ W
-        W = _nf4_dequantize(packed, absmax, nabs, ncode, offset, blocksize, rows, cols, gy.dtype)
-    dx, dA, dB, dbias = _lora_backward(ctx, gy, gxa, W)
+    def base_grad_input(gy2):  # dx = gy @ dequant(W4), W4 decoded into lorart.ops.nf4's reused workspace
+        return torch.ops.lorart.nf4_linear_grad_input(gy2.contiguous(), packed, absmax, nabs, ncode, offset,
+                                                      blocksize, rows, cols)
+
+    dx, dA, dB, dbias = _lora_backward(ctx, gy, gxa, None, base_grad_input)
     return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
 
 

@@ -8,25 +8,39 @@
 
 namespace lorart::detail {
 
-// Counter-based hash of (seed, index): the splitmix64 finaliser applied to seed ^ (index * golden ratio),
-// then a second round. Stateless, so any element's mask bit can be recomputed anywhere.
-LORART_HD uint64_t lora_hash64(uint64_t seed, uint64_t index) {
-  uint64_t z = seed ^ (index * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  z = (z ^ (z >> 32)) * 0xD6E8FEB86659FD93ull;
-  return z ^ (z >> 32);
+// The dropout mask is a counter-based hash of (seed, element index) with 32-bit arithmetic (fast on GPUs):
+// two keys derived from the 64-bit seed, then two rounds of the "lowbias32" integer mixer (C. Wellons)
+// over the index. Stateless: any element's bit can be recomputed anywhere, CPU or CUDA, identically.
+LORART_HD uint32_t lora_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
 }
 
-// Keep threshold for drop probability p: an element is dropped when the top 32 bits of its hash are below it.
-LORART_HD uint32_t lora_dropout_threshold(double p) {
-  double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+struct LoraDropoutKey {
+  uint32_t k1 = 0, k2 = 0, threshold = 0;  // an element is dropped when its hash is below `threshold`
+};
+
+// p in [0, 1): threshold = p * 2^32.
+LORART_HD LoraDropoutKey lora_dropout_key(uint64_t seed, double p) {
+  LoraDropoutKey k;
+  k.k1 = lora_mix32(static_cast<uint32_t>(seed) ^ lora_mix32(static_cast<uint32_t>(seed >> 32) + 0x9E3779B9u));
+  k.k2 = lora_mix32(k.k1 + 0x632BE5ABu);
+  const double t = p * 4294967296.0;
+  k.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  return k;
 }
 
-LORART_HD bool lora_dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
-  return static_cast<uint32_t>(lora_hash64(seed, index) >> 32) >= threshold;
+LORART_HD uint32_t lora_dropout_hash(const LoraDropoutKey& k, uint64_t index) {
+  const uint32_t lo = static_cast<uint32_t>(index), hi = static_cast<uint32_t>(index >> 32);
+  return lora_mix32(lora_mix32(lo ^ k.k1) ^ (hi * 0x9E3779B1u) ^ k.k2);
+}
+
+LORART_HD bool lora_dropout_keep(const LoraDropoutKey& k, uint64_t index) {
+  return lora_dropout_hash(k, index) >= k.threshold;
 }
 
 }  // namespace lorart::detail

@@ -1,0 +1,194 @@
+// PEFT adapter folders -> lorart::Adapter, and the thread-safe AdapterStore.
+#include <sys/stat.h>
+
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "common/check.h"
+#include "lorart/adapter_store.h"
+#include "lorart/safetensors.h"
+#include "store/apply.h"
+
+namespace lorart {
+
+namespace {
+bool file_exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LORART_CHECK(f.good(), "cannot read '", path, "'");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+const std::string kPrefix = "base_model.model.";
+const std::string kA = ".lora_A.weight", kB = ".lora_B.weight";
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+}  // namespace
+
+const LoraPair* Adapter::find(const std::string& module) const {
+  auto it = modules.find(module);
+  return it == modules.end() ? nullptr : &it->second;
+}
+
+size_t Adapter::nbytes() const {
+  size_t n = 0;
+  for (const auto& m : modules) n += m.second.A.nbytes() + m.second.B.nbytes();
+  return n;
+}
+
+std::shared_ptr<const Adapter> load_peft_adapter(const std::string& name, const std::string& folder,
+                                                 const AdapterLoadOptions& opts) {
+  LORART_CHECK(!name.empty(), "load_peft_adapter: the adapter name must not be empty");
+  const std::string cfg_path = folder + "/adapter_config.json";
+  const std::string st_path = folder + "/adapter_model.safetensors";
+  LORART_CHECK(file_exists(cfg_path), "adapter '", name, "': '", cfg_path, "' not found (expected a PEFT adapter folder)");
+  if (!file_exists(st_path)) {
+    LORART_CHECK(!file_exists(folder + "/adapter_model.bin"), "adapter '", name, "': '", folder,
+                 "/adapter_model.bin' is a pickle file and is refused (it can run code when loaded); save the "
+                 "adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True))");
+    LORART_CHECK(false, "adapter '", name, "': '", st_path, "' not found");
+  }
+  auto a = std::make_shared<Adapter>();
+  a->name = name;
+  a->folder = folder;
+  a->config = AdapterConfig::parse(read_text(cfg_path), cfg_path);
+  a->scaling = static_cast<float>(a->config.scaling());
+
+  SafetensorsFile f = SafetensorsFile::open(st_path);
+  for (const auto& e : f.entries()) {
+    const std::string& key = e.name;
+    bool is_a = ends_with(key, kA), is_b = ends_with(key, kB);
+    LORART_CHECK(key.rfind(kPrefix, 0) == 0 && (is_a || is_b), "adapter '", name, "': file '", st_path,
+                 "': unexpected tensor '", key, "' (expected only base_model.model.<module>.lora_A.weight / "
+                 ".lora_B.weight keys of a LoRA adapter)");
+    std::string module = key.substr(kPrefix.size(), key.size() - kPrefix.size() - kA.size());
+    LORART_CHECK(!module.empty(), "adapter '", name, "': file '", st_path, "': empty module path in '", key, "'");
+    std::string other = kPrefix + module + (is_a ? kB : kA);
+    LORART_CHECK(f.contains(other), "adapter '", name, "': file '", st_path, "': key '", other,
+                 "' is missing (its pair '", key, "' is present)");
+    if (!is_a) continue;  // each module once, from its A
+    const SafetensorsEntry& ea = e;
+    const SafetensorsEntry& eb = f.entry(other);
+    for (const SafetensorsEntry* x : {&ea, &eb}) {
+      LORART_CHECK_TYPE(x->has_dtype && (x->dtype == DType::F32 || x->dtype == DType::BF16 || x->dtype == DType::F16),
+                        "adapter '", name, "': file '", st_path, "': tensor '", x->name,
+                        "': expected dtype F32|BF16|F16, got ", x->dtype_name);
+      LORART_CHECK(x->shape.size() == 2, "adapter '", name, "': file '", st_path, "': tensor '", x->name,
+                   "': expected a 2-d tensor, got ", x->shape.size(), " dimensions");
+    }
+    const int64_t r = a->config.r;
+    LORART_CHECK(ea.shape[0] == r, "adapter '", name, "': file '", st_path, "': tensor '", ea.name, "' has shape [",
+                 ea.shape[0], ", ", ea.shape[1], "] but adapter_config.json says r = ", r, " (expected [", r, ", in])");
+    LORART_CHECK(eb.shape[1] == r, "adapter '", name, "': file '", st_path, "': tensor '", eb.name, "' has shape [",
+                 eb.shape[0], ", ", eb.shape[1], "] but r = ", r, " (expected [out, ", r, "])");
+    LoraPair p;
+    p.A = f.tensor(ea.name);
+    p.B = f.tensor(eb.name);
+    if (!opts.keep_dtype) {
+      if (p.A.dtype() != DType::F32) p.A = p.A.to(DType::F32);
+      if (p.B.dtype() != DType::F32) p.B = p.B.to(DType::F32);
+    }
+    a->modules.emplace(module, std::move(p));
+  }
+  LORART_CHECK(!a->modules.empty(), "adapter '", name, "': file '", st_path, "' holds no LoRA tensors");
+  return a;
+}
+
+std::shared_ptr<const Adapter> AdapterStore::load(const std::string& name, const std::string& folder,
+                                                  const AdapterLoadOptions& opts) {
+  if (!opts.replace)
+    LORART_CHECK(!contains(name), "adapter '", name, "' is already loaded (unload it first, or set replace)");
+  std::shared_ptr<const Adapter> a = load_peft_adapter(name, folder, opts);  // outside the lock
+  add(a, opts.replace);
+  return a;
+}
+
+void AdapterStore::add(std::shared_ptr<const Adapter> adapter, bool replace) {
+  LORART_CHECK(adapter && !adapter->name.empty(), "AdapterStore::add: expected a named adapter");
+  std::unique_lock<std::shared_mutex> lk(mu_);
+  auto it = adapters_.find(adapter->name);
+  LORART_CHECK(replace || it == adapters_.end(), "adapter '", adapter->name,
+               "' is already loaded (unload it first, or set replace)");
+  adapters_[adapter->name] = std::move(adapter);
+}
+
+bool AdapterStore::unload(const std::string& name) {
+  std::shared_ptr<const Adapter> gone;  // released after the lock
+  std::unique_lock<std::shared_mutex> lk(mu_);
+  auto it = adapters_.find(name);
+  if (it == adapters_.end()) return false;
+  gone = std::move(it->second);
+  adapters_.erase(it);
+  return true;
+}
+
+bool AdapterStore::contains(const std::string& name) const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  return adapters_.count(name) != 0;
+}
+
+std::vector<std::string> AdapterStore::names() const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  std::vector<std::string> out;
+  for (const auto& kv : adapters_) out.push_back(kv.first);
+  return out;
+}
+
+size_t AdapterStore::size() const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  return adapters_.size();
+}
+
+std::shared_ptr<const Adapter> AdapterStore::get(const std::string& name) const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  auto it = adapters_.find(name);
+  if (it != adapters_.end()) return it->second;
+  std::string loaded;
+  for (const auto& kv : adapters_) loaded += (loaded.empty() ? "" : ", ") + kv.first;
+  detail::fail(ErrorKind::Value,
+               detail::cat("unknown adapter '", name, "' (loaded: ", loaded.empty() ? "none" : loaded, ")"));
+}
+
+void AdapterStore::apply(const std::string& adapter, const std::string& module, const TensorView& x,
+                         const TensorView& y) const {
+  std::shared_ptr<const Adapter> a = get(adapter);
+  std::string what = detail::cat("adapter '", adapter, "', module '", module, "'");
+  detail::check_apply_args(x, y, what.c_str());
+  const LoraPair* p = a->find(module);
+  if (!p) return;
+  detail::apply_rows(*a, module, *p, x, y, std::vector<int64_t>(static_cast<size_t>(x.shape[0]), 0), what.c_str());
+}
+
+void AdapterStore::apply_mixed(const std::vector<std::string>& row_adapters, const std::string& module,
+                               const TensorView& x, const TensorView& y) const {
+  detail::check_apply_args(x, y, "apply_mixed");
+  LORART_CHECK(static_cast<int64_t>(row_adapters.size()) == x.shape[0],
+               "apply_mixed: expected one adapter name per row of x (", x.shape[0], " rows), got ",
+               row_adapters.size());
+  std::map<std::string, std::vector<int64_t>> groups;  // name -> idx (0 = its rows, -1 = others)
+  for (size_t i = 0; i < row_adapters.size(); ++i) {
+    if (row_adapters[i].empty()) continue;
+    auto& idx = groups[row_adapters[i]];
+    if (idx.empty()) idx.assign(row_adapters.size(), -1);
+    idx[i] = 0;
+  }
+  std::vector<std::pair<std::shared_ptr<const Adapter>, const std::vector<int64_t>*>> resolved;
+  for (const auto& g : groups) resolved.emplace_back(get(g.first), &g.second);  // all names checked first
+  for (const auto& g : resolved) {
+    const LoraPair* p = g.first->find(module);
+    if (!p) continue;
+    std::string what = detail::cat("adapter '", g.first->name, "', module '", module, "'");
+    detail::apply_rows(*g.first, module, *p, x, y, *g.second, what.c_str());
+  }
+}
+
+}  // namespace lorart
