@@ -9,7 +9,6 @@ from . import nf4  # noqa: F401,E402
 from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)
 from .inject import inject, trainable_report, set_adapter, disable_adapters, enable_adapters, merge, unmerge, adapter_ids  # noqa: F401,E501
 from .adapters import save_adapter, load_adapter  # noqa: F401
-from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)
 
 from ._core import _C as _C_core
 
