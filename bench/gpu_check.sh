@@ -47,7 +47,7 @@ step "C++ tests (ctest, CPU build with 16 threads)"
   || fail "ctest"
 
 step "tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -m "not slow" --junitxml="$OUT/junit.xml" tests 2>&1 \
+timeout 300 $PY -m pytest -q -p no:cacheprovider -n 6 -m "not slow" --junitxml="$OUT/junit.xml" tests 2>&1 \
   | tail -40 | tee "$OUT/pytest.txt" || true
 tail -1 "$OUT/pytest.txt" | grep -qE "failed|error|no tests ran" && fail "tests"
 
