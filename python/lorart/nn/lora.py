@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora as lops
+from ..ops.lora_extra import lora_grouped_add
 
 _SEED_BOUND = 1 << 62
 
@@ -172,8 +173,9 @@ class LoRALinear(nn.Module):
 
     def _stacks(self, dtype, device):
         names = self.adapter_names
-        key = (tuple(names), dtype, device,
-               tuple((self.lora_A[n].weight._version, self.lora_B[n].weight._version) for n in names),
+        # parameter versions only grow, so their sum changes whenever any adapter weight is written
+        ws = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
+        key = (tuple(names), dtype, device, tuple(id(w) for w in ws), sum(w._version for w in ws),
                tuple(self.scaling[n] for n in names))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
@@ -225,7 +227,7 @@ class LoRALinear(nn.Module):
         idx = self.row_indices(self.adapter_ids, rows, x.shape[0] if x.dim() > 1 else 1).to(x.device)
         y2 = y.reshape(rows, self.out_features)
         A, B, ranks, scales = self._stacks(y.dtype, x.device)
-        torch.ops.lorart.lora_grouped_add_(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
+        lora_grouped_add(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
         return y2.view(y.shape)
 
     # ---- merge ------------------------------------------------------------------------------------------------
