@@ -257,3 +257,16 @@ def test_cpu_and_cuda_agree(M, dtype):
         L.set_fused_policy(old)
     torch.testing.assert_close(yg.cpu(), yc, rtol=tol(dtype), atol=tol(dtype))
     assert torch.equal(L.lora_dropout(x.cuda(), 0.3, 5).cpu(), L.lora_dropout(x, 0.3, 5))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, W, b, A, B = make(5, 32, 24, 4)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    f = torch.compile(lambda x, A, B: L.lora_linear(x, W, b, A, B, 2.0, 0.1, 7), fullgraph=True)
+    y, ye = f(x, A, B), L.lora_linear(x, W, b, A, B, 2.0, 0.1, 7)
+    torch.testing.assert_close(y, ye, rtol=0, atol=0)
+    g = torch.autograd.grad(y.square().sum(), (A, B))
+    ge = torch.autograd.grad(ye.square().sum(), (A, B))
+    for a, c in zip(g, ge):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
