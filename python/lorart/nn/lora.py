@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
         self._merged_dense: Tensor | None = None        # NF4 base: dequant(W4) + deltas while merged
         self._original_nf4 = None                        # NF4 base before a requantizing merge
         self._stack_cache = None
+        self._ids_cache = None
         if getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(bool(train_bias))
         self.add_adapter(adapter_name, r, alpha, dropout, rslora, init=init)
@@ -224,7 +225,18 @@ class LoRALinear(nn.Module):
             raise RuntimeError("lorart: mixed-adapter batches need unmerged adapters: call unmerge() first")
         y = self._base_forward(x)
         rows = x.numel() // self.in_features
-        idx = self.row_indices(self.adapter_ids, rows, x.shape[0] if x.dim() > 1 else 1).to(x.device)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        ids = self.adapter_ids
+        # converted once per ids object and layer, not once per forward; the cache holds `ids` itself, so its
+        # id() cannot be reused by another object while cached
+        key = (ids._version if isinstance(ids, Tensor) else tuple(ids), rows, batch, x.device,
+               tuple(self.adapter_names))
+        c = self._ids_cache
+        if c is not None and c[0] is ids and c[1] == key:
+            idx = c[2]
+        else:
+            idx = self.row_indices(ids, rows, batch).to(x.device, non_blocking=True)
+            self._ids_cache = (ids, key, idx)
         y2 = y.reshape(rows, self.out_features)
         A, B, ranks, scales = self._stacks(y.dtype, x.device)
         lora_grouped_add(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
