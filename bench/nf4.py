@@ -16,6 +16,7 @@ import torch
 
 import lorart
 from lorart import nf4
+from lorart.ops import nf4 as nf4_ops
 
 try:
     import bitsandbytes as bnb
@@ -107,6 +108,13 @@ def run(args) -> list[dict]:
             rows.append({"op": "nf4_linear", "shape": [n, k], "m": m, "ours_s": t_ours, "ref_s": t_ref,
                          "bnb_s": t_bnb, "GB/s": packed_bytes / t_ours / 1e9,
                          "TFLOP/s": 2 * m * n * k / t_ours / 1e12})
+            if m <= 16:  # the other path at the same M, to tune GEMV_MAX_ROWS from one run
+                lim = nf4_ops.GEMV_MAX_ROWS[dev]
+                nf4_ops.GEMV_MAX_ROWS[dev] = (m - 1) if m <= lim else m
+                t_alt = timeit(lambda: torch.ops.lorart.nf4_linear(x, *args_, None), dev, it)
+                nf4_ops.GEMV_MAX_ROWS[dev] = lim
+                rows[-1]["path"] = "gemv" if m <= lim else "dequant+matmul"
+                rows[-1]["other_path_s"] = t_alt
     return rows
 
 
@@ -116,6 +124,8 @@ def print_table(rows, dev):
     print(f"{'op':<11} {'shape':>12} {'M':>5} {'ours us':>10} {'ref/ours':>9} {'bnb/ours':>9} {'GB/s':>8} {'extra':>14}")
     for r in rows:
         extra = f"{r['Gelem/s']:.2f} Gel/s" if r["op"] == "dequantize" else f"{r['TFLOP/s']:.2f} TFLOP/s"
+        if "path" in r:
+            extra += f"  {r['path']}; other path {r['other_path_s'] / r['ours_s']:.2f}x the time"
         print(f"{r['op']:<11} {'x'.join(map(str, r['shape'])):>12} {str(r['m'] or '-'):>5} {r['ours_s'] * 1e6:>10.1f} "
               f"{r['ref_s'] / r['ours_s']:>9.2f} {r['bnb_s'] / r['ours_s']:>9.2f} {r['GB/s']:>8.1f} {extra:>14}")
 

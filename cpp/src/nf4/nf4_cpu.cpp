@@ -5,12 +5,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/detail/nf4_math.h"
+#include "nf4/nf4_cpu_simd.h"
 
 namespace lorart::cpu {
 namespace {
@@ -33,35 +36,38 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
   const int64_t nb = (n + bs - 1) / bs;
   detail::parallel_for(nb, 64, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(bs) + 1);
+    std::vector<uint8_t> codes(static_cast<size_t>(bs) + 1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * bs, len = std::min(bs, n - s);
-      float amax = 0.f, probe = 0.f;
+      // max |v| on the float bits (monotonic for finite values) and a non-finite flag: integer
+      // reductions, which the compiler vectorizes (a float max/sum chain it may not reorder).
+      uint32_t mx = 0, nonfinite = 0;
       for (int64_t i = 0; i < len; ++i) {
-        float v = detail::to_f32(w[s + i]);
+        const float v = detail::to_f32(w[s + i]);
         buf[i] = v;
-        float a = std::fabs(v);
-        amax = a > amax ? a : amax;
-        probe += v * 0.f;  // NaN iff some v is NaN or +-inf
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        u &= 0x7fffffffu;
+        mx = u > mx ? u : mx;
+        nonfinite |= static_cast<uint32_t>(u >= 0x7f800000u);
       }
-      if (probe != 0.f || std::isnan(probe)) {
+      if (nonfinite) {
         int64_t expected = -1;
         bad.compare_exchange_strong(expected, b);
         absmax[b] = NAN;
         continue;
       }
+      float amax;
+      std::memcpy(&amax, &mx, 4);
       absmax[b] = amax;
       const float inv = detail::nf4_inv_scale(amax);
       if (len & 1) buf[len] = 0.f;  // pads the last low nibble with code 7 (0.0)
+      const int64_t len2 = len + (len & 1);
+      for (int64_t i = 0; i < len2; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
       uint8_t* out = packed + s / 2;
-      for (int64_t i = 0; i < len; i += 2)
-        out[i / 2] = detail::nf4_pack(detail::nf4_encode(buf[i] * inv), detail::nf4_encode(buf[i + 1] * inv));
+      for (int64_t i = 0; i < len2 / 2; ++i) out[i] = detail::nf4_pack(codes[2 * i], codes[2 * i + 1]);
     }
   });
-}
-
-// Scaled code table of one block: t[q] = code[q] * scale (the same float32 product).
-inline void scaled_table(float scale, float* t) {
-  for (int q = 0; q < 16; ++q) t[q] = detail::nf4_code(q) * scale;
 }
 
 inline float block_scale(const NF4View& w, int64_t b) {
@@ -70,61 +76,83 @@ inline float block_scale(const NF4View& w, int64_t b) {
                                  w.nested_code.ptr<float>(), w.offset, b);
 }
 
+// Decodes the flat elements [e0, e1) into dst. Per block, the 16 code values times the block
+// scale are rounded to T once (the same float32 product as element-wise decoding, so the
+// result is bit-identical); then every element is one table lookup.
+template <class T>
+void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
+  const uint8_t* p = w.packed.ptr<uint8_t>();
+  const int64_t bs = w.blocksize;
+  float code[16];
+  detail::nf4_fill_table(code);
+  int64_t i = e0;
+  while (i < e1) {
+    const int64_t b = i / bs, end = std::min(e1, (b + 1) * bs);
+    const float scale = block_scale(w, b);
+    const uint8_t* src = p + ((i + 1) >> 1);  // first whole byte at or after i
+    const int64_t pairs = (end - i - (i & 1)) / 2;
+    const int64_t chunks = simd::available() ? pairs / 16 : 0;
+    const bool scalar = (i & 1) || chunks * 16 < pairs || ((end - i - (i & 1)) & 1);
+    T t[16];
+    if (scalar)
+      for (int q = 0; q < 16; ++q) t[q] = detail::from_f32<T>(code[q] * scale);
+    if (i & 1) { *dst++ = t[p[i >> 1] & 15]; ++i; }
+    if (chunks > 0) {  // 16 bytes (32 elements) per step
+      constexpr simd::Out kind = std::is_same_v<T, float> ? simd::Out::F32
+                                 : std::is_same_v<T, detail::bf16> ? simd::Out::BF16 : simd::Out::F16;
+      simd::decode(src, chunks, scale, dst, kind);
+    }
+    for (int64_t k = chunks * 16; k < pairs; ++k) {
+      const uint8_t byte = src[k];
+      dst[2 * k] = t[byte >> 4];
+      dst[2 * k + 1] = t[byte & 15];
+    }
+    dst += 2 * pairs;
+    i += 2 * pairs;
+    if (i < end) { *dst++ = t[p[i >> 1] >> 4]; ++i; }
+  }
+}
+
 template <class T>
 void dequantize_t(const NF4View& w, T* out) {
-  const int64_t n = w.numel(), bs = w.blocksize, nb = w.nblocks();
-  const uint8_t* p = w.packed.ptr<uint8_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / bs);
-  detail::parallel_for(nb, grain, [&](int64_t b0, int64_t b1) {
-    float t[16];
-    for (int64_t b = b0; b < b1; ++b) {
-      scaled_table(block_scale(w, b), t);
-      const int64_t s = b * bs, len = std::min(bs, n - s);
-      const uint8_t* src = p + s / 2;
-      T* dst = out + s;
-      const int64_t pairs = len / 2;
-      for (int64_t k = 0; k < pairs; ++k) {
-        const uint8_t byte = src[k];
-        dst[2 * k] = detail::from_f32<T>(t[byte >> 4]);
-        dst[2 * k + 1] = detail::from_f32<T>(t[byte & 15]);
-      }
-      if (len & 1) dst[len - 1] = detail::from_f32<T>(t[src[pairs] >> 4]);
-    }
+  const int64_t n = w.numel();
+  constexpr int64_t kChunk = 16384;  // elements per task (a multiple of every blocksize)
+  detail::parallel_for((n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t e0 = c0 * kChunk, e1 = std::min(n, c1 * kChunk);
+    decode_range<T>(w, e0, e1, out + e0);
   });
 }
 
-// One output row n at a time: decode W[n, :] into a float row, then dot with each x row.
+// res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns): AVX2+FMA where the
+// CPU has it (nf4_cpu_simd.h), else a loop the compiler vectorizes with its baseline ISA.
+inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
+  if (simd::fma_available()) return simd::dot_rows(xf, m, k, w, res);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = xf + i * k;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8)
+      for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * w[j + u];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < k; ++j) s += xr[j] * w[j];
+    res[i] = s;
+  }
+}
+
+// One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
+// with each x row (converted to float once).
 template <class T>
 void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
-  const int64_t k = w.cols, rows = w.rows, bs = w.blocksize, n_el = w.numel();
-  const uint8_t* p = w.packed.ptr<uint8_t>();
+  const int64_t k = w.cols, rows = w.rows;
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> wrow(static_cast<size_t>(k));
+    std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * k;
-      for (int64_t j = 0; j < k;) {  // decode run by run: [j, end) lies in one block
-        const int64_t e = base + j, b = e / bs;
-        const int64_t end = std::min(k, std::min((b + 1) * bs, n_el) - base);
-        const float scale = block_scale(w, b);
-        for (; j < end; ++j) {
-          const int64_t ei = base + j;
-          const uint8_t byte = p[ei >> 1];
-          wrow[j] = detail::nf4_code((ei & 1) ? (byte & 15) : (byte >> 4)) * scale;
-        }
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xr = xf.data() + i * k;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= k; j += 8)
-          for (int u = 0; u < 8; ++u) acc[u] += xr[j + u] * wrow[j + u];
-        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; j < k; ++j) s += xr[j] * wrow[j];
-        if (bias) s += detail::to_f32(bias[r]);
-        out[i * rows + r] = detail::from_f32<T>(s);
-      }
+      decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      dot_rows(xf.data(), m, k, wrow.data(), res.data());
+      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
 }

@@ -79,7 +79,7 @@ def _check_quantize(w: Tensor, blocksize: int) -> None:
         raise ValueError(f"lorart: argument `weight`: expected a non-empty tensor, got shape {list(w.shape)}")
 
 
-@torch.library.custom_op("lorart::nf4_quantize", mutates_args=())
+@torch.library.custom_op("lorart::nf4_quantize", mutates_args=(), schema="(Tensor w, int blocksize) -> (Tensor, Tensor)")
 def nf4_quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """Blockwise NF4 quantization of any float tensor: (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks]).
     Raises ValueError when `w` holds NaN or inf."""
@@ -142,7 +142,8 @@ def _(absmax, offset, code):
 
 # ---- dequantize ----------------------------------------------------------------------
 
-@torch.library.custom_op("lorart::nf4_dequantize", mutates_args=())
+@torch.library.custom_op("lorart::nf4_dequantize", mutates_args=(),
+                         schema="(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols, ScalarType dtype) -> Tensor")
 def nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                    offset: float, blocksize: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """The [rows, cols] weight in `dtype` (float32|bfloat16|float16), decoded in float32."""
@@ -170,7 +171,7 @@ def _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksi
 
 # Largest row count (prod of x's leading dims) for which the fused GEMV is used; above it
 # the weight is dequantized into a reused buffer and multiplied with torch.matmul.
-GEMV_MAX_ROWS = {"cuda": 16, "cpu": 4}
+GEMV_MAX_ROWS = {"cuda": 16, "cpu": 16}
 _workspaces: dict = {}
 _ws_lock = threading.Lock()
 
@@ -226,7 +227,8 @@ def _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksiz
     return out.reshape(*lead, rows)
 
 
-@torch.library.custom_op("lorart::nf4_linear", mutates_args=())
+@torch.library.custom_op("lorart::nf4_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols, Tensor? bias) -> Tensor")
 def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
                nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int, cols: int,
                bias: Optional[Tensor]) -> Tensor:
@@ -242,7 +244,8 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, co
     return x.new_empty((*x.shape[:-1], rows))
 
 
-@torch.library.custom_op("lorart::nf4_linear_grad_input", mutates_args=())
+@torch.library.custom_op("lorart::nf4_linear_grad_input", mutates_args=(),
+                         schema="(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols) -> Tensor")
 def nf4_linear_grad_input(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
                           nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int,
                           cols: int) -> Tensor:
