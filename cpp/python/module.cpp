@@ -24,7 +24,10 @@ PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
   m.doc() = "lorart core (C++/CUDA kernels on raw pointers)";
 
-  py::register_exception_translator([](std::exception_ptr p) {
+  // A *local* translator: pybind11's global translator list is shared with every other pybind11
+  // module of the same internals version in the process (triton's, for one), and a foreign translator
+  // that meets our exceptions can crash. Everything thrown out of lorart's functions is mapped here.
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const lorart::Error& e) {
@@ -33,6 +36,14 @@ PYBIND11_MODULE(_C, m) {
         case lorart::ErrorKind::Value: PyErr_SetString(PyExc_ValueError, e.what()); return;
         default: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
       }
+    } catch (py::error_already_set& e) {
+      e.restore();
+    } catch (const py::builtin_exception& e) {
+      e.set_error();
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "lorart: out of memory");
+    } catch (const std::exception& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
 
