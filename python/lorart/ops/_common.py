@@ -36,7 +36,7 @@ def view(t: torch.Tensor) -> tuple:
         dt, di = 1, dev.index if dev.index is not None else torch.cuda.current_device()
     else:
         raise RuntimeError(f"lorart: tensors on {dev} are not supported (cpu or cuda)")
-    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), dt, di)
+    return (t.data_ptr(), code, t.shape, t.stride(), dt, di)  # torch.Size is a tuple
 
 
 def stream(t: torch.Tensor) -> int:

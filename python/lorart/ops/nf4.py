@@ -253,6 +253,10 @@ def nf4_linear_grad_input(dy: Tensor, packed: Tensor, absmax: Tensor, nested_abs
     _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
     check_dtype(dy, "dy", FLOAT_DTYPES)
     check_device(dy, "dy")
+    return _grad_input_impl(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols)
+
+
+def _grad_input_impl(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols) -> Tensor:
     lead = dy.shape[:-1]
     m = math.prod(lead)
     if m == 0:
@@ -288,5 +292,45 @@ def _backward(ctx, dy):
 
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ---- eager fast path ----------------------------------------------------------------------------------------
+# The custom op's dispatch (autograd wrapper, dynamo guard, redispatch) costs tens of microseconds per call,
+# which is the whole budget of a decode-size GEMV. Outside torch.compile, nf4_linear_eager runs the same
+# checks and the same implementations through a plain autograd.Function; under torch.compile it is the op.
+class _NF4LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols):
+        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
+        ctx.meta = (offset, blocksize, rows, cols)
+        return _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        offset, blocksize, rows, cols = ctx.meta
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _grad_input_impl(dy.contiguous(), packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                  rows, cols)
+        if ctx.needs_input_grad[1]:
+            db = dy.reshape(-1, rows).sum(0)
+        return dx, db, None, None, None, None, None, None, None, None
+
+
+def nf4_linear_eager(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+                     nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int, cols: int,
+                     bias: Optional[Tensor]) -> Tensor:
+    """Same result and gradients as torch.ops.lorart.nf4_linear, without the dispatcher in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lorart.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
+                                           cols, bias)
+    _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
+    check_device(x, "x")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _NF4LinearFn.apply(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
+                                  cols)
+    return _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
+
 __all__ = ["nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear", "nf4_linear_grad_input",
+           "nf4_linear_eager",
            "release_workspaces", "GEMV_MAX_ROWS"]
