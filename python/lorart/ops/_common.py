@@ -25,17 +25,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def view(t: torch.Tensor) -> tuple:
     """A tensor as (data_ptr, dtype code, shape, strides, device type, device index)."""
-    try:
-        code = _DTYPE_CODES[t.dtype]
-    except KeyError:
-        raise TypeError(f"lorart: unsupported dtype {t.dtype}") from None
-    dev = t.device
-    if dev.type == "cpu":
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"lorart: unsupported dtype {t.dtype}")
+    if t.is_cuda:
+        dt, di = 1, t.get_device()
+    elif t.is_cpu:
         dt, di = 0, 0
-    elif dev.type == "cuda":
-        dt, di = 1, dev.index if dev.index is not None else torch.cuda.current_device()
     else:
-        raise RuntimeError(f"lorart: tensors on {dev} are not supported (cpu or cuda)")
+        raise RuntimeError(f"lorart: tensors on {t.device} are not supported (cpu or cuda)")
     return (t.data_ptr(), code, t.shape, t.stride(), dt, di)  # torch.Size is a tuple
 
 
