@@ -37,10 +37,15 @@ def view(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), code, t.shape, t.stride(), dt, di)  # torch.Size is a tuple
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream(t: torch.Tensor) -> int:
     """torch's current CUDA stream for t's device (0 for CPU tensors)."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return 0
+    if _raw_stream is not None:  # the raw cudaStream_t without building a torch.cuda.Stream object
+        return _raw_stream(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
