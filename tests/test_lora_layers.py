@@ -226,3 +226,25 @@ def test_inject_nf4_trains_adapters_only():
     out.loss.backward()
     assert q.lora_B["default"].weight.grad is not None
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_mixed_batch_ids_change_between_forwards():
+    layer = LoRALinear(nn.Linear(16, 8), r=2, alpha=2)
+    layer.add_adapter("b", r=4, alpha=8)
+    randomize(layer, "default")
+    randomize(layer, "b")
+    x = torch.randn(3, 16)
+    exp = {n: peft_ref(layer, x, n) for n in ("default", "b")}
+    for ids in (["b", "default", None], torch.tensor([0, 1, -1]), torch.tensor([1, 1, 0])):
+        layer.adapter_ids = ids
+        with torch.no_grad():
+            y = layer(x)
+        names = [layer.adapter_names[i] if i >= 0 else None for i in layer.row_indices(ids, 3, 3).tolist()]
+        for m, n in enumerate(names):
+            ref = exp[n][m] if n else layer.base_layer(x)[m]
+            torch.testing.assert_close(y[m], ref, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([0, 0, 0])
+    layer.adapter_ids = ids
+    layer(x)
+    ids[0] = 1  # in-place change: the cached indices follow the tensor's version
+    torch.testing.assert_close(layer(x)[0], exp["b"][0].detach(), rtol=1e-5, atol=1e-5)

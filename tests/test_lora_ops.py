@@ -73,14 +73,20 @@ def test_dropout_mask_properties():
         L.lora_dropout(x, 1.0, 0)
 
 
+def _via_op(*args):
+    return torch.ops.lorart.lora_linear(*args)[0]
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_match_autograd_reference(policy, p, bias):
+def test_gradients_match_autograd_reference(policy, p, bias, path):
+    fn = L.lora_linear if path == "eager" else _via_op
     x, W, b, A, B = make(7, 24, 20, 4, torch.float64, bias=bias)
     for t in (x, A, B) + ((b,) if bias else ()):
         t.requires_grad_(True)
     gy = torch.randn(7, 20, dtype=torch.float64)
-    y = L.lora_linear(x, W, b, A, B, 1.5, p, 9)
+    y = fn(x, W, b, A, B, 1.5, p, 9)
     got = torch.autograd.grad(y, [t for t in (x, A, B, b) if t is not None], gy)
     ref = ref_lora(x, W, b, A, B, 1.5, p, 9)
     exp = torch.autograd.grad(ref, [t for t in (x, A, B, b) if t is not None], gy)
@@ -97,6 +103,8 @@ def test_no_weight_grad_and_gradcheck(policy):
     assert y.grad_fn is not None
     f = lambda x, b, A, B: L.lora_linear(x, W.detach(), b, A, B, 0.7, 0.2, 4)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, b, A, B))
+    g = lambda x, b, A, B: _via_op(x, W.detach(), b, A, B, 0.7, 0.2, 4)  # noqa: E731
+    assert torch.autograd.gradcheck(g, (x, b, A, B))
 
 
 def test_opcheck():
@@ -154,13 +162,14 @@ def test_nf4_large_m_and_backward_match_dense():
     x, _, b, A, B = make(M, K, N, r)
     for t in (x, A, B):
         t.requires_grad_(True)
-    y = L.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5)
     ref = L.lora_linear(x, Wd, b, A, B, 2.0, 0.1, 5)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    g = torch.autograd.grad(y.sum(), (x, A, B))
     e = torch.autograd.grad(ref.sum(), (x, A, B))
-    for a, c in zip(g, e):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    for y in (L.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5),
+              torch.ops.lorart.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5)[0]):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        g = torch.autograd.grad(y.sum(), (x, A, B))
+        for a, c in zip(g, e):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
 # ---- grouped (mixed-adapter) -----------------------------------------------------------------------------------
@@ -248,3 +257,16 @@ def test_cpu_and_cuda_agree(M, dtype):
         L.set_fused_policy(old)
     torch.testing.assert_close(yg.cpu(), yc, rtol=tol(dtype), atol=tol(dtype))
     assert torch.equal(L.lora_dropout(x.cuda(), 0.3, 5).cpu(), L.lora_dropout(x, 0.3, 5))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, W, b, A, B = make(5, 32, 24, 4)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    f = torch.compile(lambda x, A, B: L.lora_linear(x, W, b, A, B, 2.0, 0.1, 7), fullgraph=True)
+    y, ye = f(x, A, B), L.lora_linear(x, W, b, A, B, 2.0, 0.1, 7)
+    torch.testing.assert_close(y, ye, rtol=0, atol=0)
+    g = torch.autograd.grad(y.square().sum(), (A, B))
+    ge = torch.autograd.grad(ye.square().sum(), (A, B))
+    for a, c in zip(g, ge):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)

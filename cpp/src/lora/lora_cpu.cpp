@@ -1,6 +1,7 @@
 // CPU drivers of the LoRA kernels (threaded with detail::parallel_for). Arguments were checked in lora.cpp.
 #include "lora/lora_cpu.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -132,13 +133,19 @@ void cpu_lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const Tens
     parallel_for(N, rows_grain(K * x.shape[0]), [&](int64_t n0, int64_t n1) {
       std::vector<A> wrow(static_cast<size_t>(K));
       for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = n * K + k;
-          const uint8_t byte = packed[i >> 1];
-          const int q = (i & 1) ? nf4_lo(byte) : nf4_hi(byte);
-          const float am = nf4_block_scale(am_f, am_q, nabs, ncode, W.offset, i / W.blocksize);
-          // bitsandbytes decodes in float32 then casts to the compute dtype: keep that rounding.
-          wrow[k] = lora_ld(lora_st<T>(nf4_decode(q, am)));
+        // Decode row n block segment by block segment (one scale each); bitsandbytes decodes in float32 then
+        // casts to the compute dtype: keep that rounding.
+        for (int64_t k = 0; k < K;) {
+          const int64_t i0 = n * K + k, b = i0 / W.blocksize;
+          const int64_t end = std::min<int64_t>(K, (b + 1) * W.blocksize - n * K);
+          const float am = nf4_block_scale(am_f, am_q, nabs, ncode, W.offset, b);
+          float lut[16];
+          for (int q = 0; q < 16; ++q) lut[q] = static_cast<float>(lora_ld(lora_st<T>(nf4_decode(q, am))));
+          for (; k < end; ++k) {
+            const int64_t i = n * K + k;
+            const uint8_t byte = packed[i >> 1];
+            wrow[k] = lut[(i & 1) ? nf4_lo(byte) : nf4_hi(byte)];
+          }
         }
         finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
       }

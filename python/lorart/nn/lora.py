@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora as lops
+from ..ops.lora_extra import lora_grouped_add
 
 _SEED_BOUND = 1 << 62
 
@@ -60,6 +61,7 @@ class LoRALinear(nn.Module):
         self._merged_dense: Tensor | None = None        # NF4 base: dequant(W4) + deltas while merged
         self._original_nf4 = None                        # NF4 base before a requantizing merge
         self._stack_cache = None
+        self._ids_cache = None
         if getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(bool(train_bias))
         self.add_adapter(adapter_name, r, alpha, dropout, rslora, init=init)
@@ -172,8 +174,9 @@ class LoRALinear(nn.Module):
 
     def _stacks(self, dtype, device):
         names = self.adapter_names
-        key = (tuple(names), dtype, device,
-               tuple((self.lora_A[n].weight._version, self.lora_B[n].weight._version) for n in names),
+        # parameter versions only grow, so their sum changes whenever any adapter weight is written
+        ws = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
+        key = (tuple(names), dtype, device, tuple(id(w) for w in ws), sum(w._version for w in ws),
                tuple(self.scaling[n] for n in names))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
@@ -222,10 +225,21 @@ class LoRALinear(nn.Module):
             raise RuntimeError("lorart: mixed-adapter batches need unmerged adapters: call unmerge() first")
         y = self._base_forward(x)
         rows = x.numel() // self.in_features
-        idx = self.row_indices(self.adapter_ids, rows, x.shape[0] if x.dim() > 1 else 1).to(x.device)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        ids = self.adapter_ids
+        # converted once per ids object and layer, not once per forward; the cache holds `ids` itself, so its
+        # id() cannot be reused by another object while cached
+        key = (ids._version if isinstance(ids, Tensor) else tuple(ids), rows, batch, x.device,
+               tuple(self.adapter_names))
+        c = self._ids_cache
+        if c is not None and c[0] is ids and c[1] == key:
+            idx = c[2]
+        else:
+            idx = self.row_indices(ids, rows, batch).to(x.device, non_blocking=True)
+            self._ids_cache = (ids, key, idx)
         y2 = y.reshape(rows, self.out_features)
         A, B, ranks, scales = self._stacks(y.dtype, x.device)
-        torch.ops.lorart.lora_grouped_add_(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
+        lora_grouped_add(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
         return y2.view(y.shape)
 
     # ---- merge ------------------------------------------------------------------------------------------------
