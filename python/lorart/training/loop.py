@@ -66,8 +66,8 @@ def _trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _evaluate_all(model, tok, data, opts, dev, dtype, is_lorart, regex, pad, with_samples=True) -> tuple:
-    ev = eval_loss(model, data.eval, pad, dev, dtype, opts.batch_size)
+def _evaluate_all(model, tok, data, opts, dev, dtype, is_lorart, regex, pad, known_eval=None) -> tuple:
+    ev = known_eval or eval_loss(model, data.eval, pad, dev, dtype, opts.batch_size)
     gen = eval_loss(model, data.general, pad, dev, dtype, opts.batch_size)
     samples = []
     if opts.num_samples and data.eval:
