@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
+import lorart
+
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import tiny_folder  # noqa: E402
 
-PYDIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))  # the lorart this test imports (installed or in-tree)
 
 
 def lorart_cli(*args, cwd=None, stdin=None):
