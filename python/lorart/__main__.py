@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     info = sub.add_parser("info", help="version, CUDA kernels compiled, GPU usable now")
     info.set_defaults(func=_cmd_info)
+    from .cli import add_subcommands
+    add_subcommands(sub)
     return p
 
 
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    if args.func is _cmd_info:
+        return int(args.func(args) or 0)
+    from .cli import run
+    return run(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Held-out loss / perplexity, greedy sample generations and the answer-format accuracy."""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, collate
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
+    kw = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"].to(device)
+    out = model(**kw)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(sum of next-token NLL in fp32, number of target tokens)."""
+    shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    tgt = labels[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(shift, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((tgt != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list, pad_id: int, device, dtype, batch_size: int = 8) -> Optional[dict]:
+    """Token-weighted mean loss and perplexity over `examples` (in their order), dropout off."""
+    if not examples:
+        return None
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # less padding
+        for s in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
+            with autocast_ctx(device, dtype):
+                logits = forward_logits(model, batch, device)
+            nll, n = token_nll_sum(logits, batch["labels"])
+            total += float(nll)
+            count += n
+    finally:
+        model.train(was)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": count}
+
+
+def prompt_and_reference(ex) -> tuple:
+    """The ids before the first target token (the prompt) and the first target span (the reference)."""
+    labels = ex.labels
+    first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
+    if first is None or first == 0:  # plain text: the first half is the prompt
+        first = max(1, len(ex.input_ids) // 2)
+    end = first
+    while end < len(labels) and labels[end] != IGNORE_INDEX:
+        end += 1
+    return ex.input_ids[:first], ex.input_ids[first:end]
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, examples: list, n: int, max_new_tokens: int, device, dtype,
+                     is_lorart: bool, batch_size: int = 8) -> list:
+    """Greedy answers to the first `n` held-out prompts: [{"prompt", "reference", "output"}]."""
+    from ..models.generate import generate, left_pad
+    items = [prompt_and_reference(e) for e in examples[:n]]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    outs = []
+    was = model.training
+    model.eval()
+    try:
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            ids, mask = left_pad([p for p, _ in chunk], pad)
+            with autocast_ctx(device, dtype):
+                if is_lorart:
+                    gen = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_ids or None,
+                                   attention_mask=mask, pad_token_id=pad)
+                else:
+                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                         eos_token_id=tokenizer.eos_ids or None)
+            for row in gen:
+                outs.append(tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True).strip())
+    finally:
+        model.train(was)
+    return [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference":
+             tokenizer.decode(r, skip_special_tokens=True).strip(), "output": o} for (p, r), o in zip(items, outs)]
+
+
+def format_accuracy(samples: list, regex: Optional[str]) -> Optional[float]:
+    """Fraction of generated outputs that are exactly one answer in the expected format."""
+    if regex is None or not samples:
+        return None
+    rx = re.compile(regex)
+    return sum(1 for s in samples if rx.fullmatch(s["output"].strip())) / len(samples)
+
+
+def short_prompt(prompt: str) -> str:
+    """The last user turn of a rendered chat prompt (for tables), else the prompt's tail."""
+    m = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, flags=re.S)
+    text = m[-1] if m else prompt.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    text = " ".join(text.split())
+    return text if len(text) <= 120 else "..." + text[-117:]

@@ -1,0 +1,123 @@
+"""TrainOptions: every knob of `lorart.train`, validated once with errors naming the argument."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence, Union
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# the answer format of the bundled default data (python/lorart/data/default)
+DEFAULT_FORMAT_REGEX = r"ANSWER: [^|\n]*\S[^|\n]* \| CONFIDENCE: (high|medium|low)"
+
+
+@dataclass
+class TrainOptions:
+    method: str = "lora"                     # "lora" | "qlora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: Union[str, Sequence[str]] = DEFAULT_TARGETS
+    rslora: bool = False
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: Optional[int] = None          # overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    warmup: float = 0.05                     # steps (int >= 1) or a fraction of the steps (< 1)
+    schedule: str = "cosine"                 # "cosine" | "linear" | "constant" (after warmup)
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: Optional[int] = None         # None: a quarter of the steps
+    save_every: Optional[int] = None         # None: at every evaluation
+    early_stopping_patience: Optional[int] = None
+    early_stopping_min_delta: float = 0.0
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    seed: int = 0
+    eval_fraction: float = 0.1               # used when no eval_data is given (not for the default data)
+    num_samples: int = 8                     # held-out prompts generated before/after (samples.md)
+    sample_max_new_tokens: int = 32
+    format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    dtype: Optional[str] = None              # None: bf16 on CUDA, fp32 on CPU
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainOptions":
+        def bad(name, expected, got):
+            raise ValueError(f"lorart.train: argument `{name}`: expected {expected}, got {got!r}")
+
+        if self.method not in ("lora", "qlora"):
+            bad("method", "'lora' or 'qlora'", self.method)
+        for name in ("r", "epochs", "batch_size", "grad_accum", "max_seq_len", "log_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "an int >= 1", v)
+        if self.max_seq_len < 8:
+            bad("max_seq_len", "an int >= 8", self.max_seq_len)
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(name, "None or an int >= 1", v)
+        for name in ("alpha", "lr", "weight_decay", "min_lr_ratio", "early_stopping_min_delta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "a finite number >= 0", v)
+        if self.lr <= 0:
+            bad("lr", "a number > 0", self.lr)
+        if self.min_lr_ratio > 1:
+            bad("min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "a number in [0, 1)", self.dropout)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            bad("eval_fraction", "a number in [0, 1)", self.eval_fraction)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or self.warmup < 0 or (
+                isinstance(self.warmup, float) and not self.warmup < 1 and not float(self.warmup).is_integer()):
+            bad("warmup", "a step count (int >= 0) or a fraction of the steps in [0, 1)", self.warmup)
+        if self.schedule not in ("cosine", "linear", "constant"):
+            bad("schedule", "'cosine', 'linear' or 'constant'", self.schedule)
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0):
+            bad("max_grad_norm", "None or a number > 0", self.max_grad_norm)
+        if not isinstance(self.num_samples, int) or self.num_samples < 0:
+            bad("num_samples", "an int >= 0", self.num_samples)
+        if not isinstance(self.sample_max_new_tokens, int) or self.sample_max_new_tokens < 1:
+            bad("sample_max_new_tokens", "an int >= 1", self.sample_max_new_tokens)
+        if self.dtype not in (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            bad("dtype", "None, 'float32', 'bfloat16' or 'float16'", self.dtype)
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                bad("targets", "module names, a regex or 'all-linear'", self.targets)
+            self.targets = tuple(self.targets)
+        elif not isinstance(self.targets, str) or not self.targets:
+            bad("targets", "module names, a regex or 'all-linear'", self.targets)
+        if self.format_regex is not None:
+            import re
+            try:
+                re.compile(self.format_regex)
+            except re.error as e:
+                raise ValueError(f"lorart.train: argument `format_regex`: invalid regex: {e}") from None
+        return self
+
+    def warmup_steps(self, total: int) -> int:
+        w = self.warmup
+        return int(w) if (isinstance(w, int) or w >= 1) else int(round(w * total))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
+        return d
+
+    # options that change the training trajectory: a checkpoint only resumes a run with the same ones
+    TRAJECTORY = ("method", "r", "alpha", "dropout", "targets", "rslora", "lr", "epochs", "max_steps",
+                  "batch_size", "grad_accum", "max_seq_len", "warmup", "schedule", "min_lr_ratio", "weight_decay",
+                  "max_grad_norm", "packing", "seed", "eval_fraction", "dtype")
+
+    def fingerprint(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in self.TRAJECTORY}
+
+
+def option_names() -> list:
+    return [f.name for f in fields(TrainOptions) if f.name != "extra"]

@@ -1,0 +1,203 @@
+"""Resolve the device, load (or adopt) the model and tokenizer, add LoRA / QLoRA, load the data."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .options import DEFAULT_FORMAT_REGEX, TrainOptions
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        import lorart
+        if torch.cuda.is_available() and lorart.cuda_usable():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"lorart.train: argument `device`: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"lorart.train: argument `device`: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("lorart.train: argument `device`: 'cuda' was asked for but torch sees no CUDA GPU")
+    return dev
+
+
+def resolve_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype:
+    if opts.dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    from ..models.loading import _as_dtype
+    return _as_dtype(opts.dtype)
+
+
+def as_lorart_tokenizer(tok):
+    """A lorart Tokenizer from a lorart one or a transformers fast tokenizer (same vocabulary and template)."""
+    from ..models.tokenizer import Tokenizer
+    if tok is None or isinstance(tok, Tokenizer):
+        return tok
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"lorart.train: argument `tokenizer`: expected a lorart Tokenizer or a transformers fast "
+                        f"tokenizer, got {type(tok).__name__}")
+    probe = tok("a").input_ids if callable(tok) else []
+    add_bos = bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id
+    return Tokenizer(backend, bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token,
+                     chat_template=getattr(tok, "chat_template", None), add_bos_token=add_bos)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    model_name: Optional[str]
+    is_lorart: bool
+
+
+def _nf4_factory(dtype: torch.dtype):
+    from ..nn.nf4_linear import NF4Linear
+
+    def factory(name, linear):
+        return NF4Linear.from_linear(linear, compute_dtype=dtype)
+    return factory
+
+
+def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device, dtype: torch.dtype) -> Loaded:
+    """Load the model (streamed through NF4 for qlora), move it, inject LoRA; LoRA weights stay float32."""
+    from .. import inject
+    from ..models import LlamaForCausalLM, load_model
+
+    name = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        name = "default" if model is None else os.fspath(model)
+        factory = _nf4_factory(dtype) if opts.method == "qlora" else None
+        m, tok = load_model(None if name == "default" else name, dtype=dtype, device=device, linear_factory=factory)
+        quantize = None
+    elif isinstance(model, nn.Module):
+        m, tok = model, tokenizer
+        m.to(device)
+        if opts.dtype is not None or device.type == "cuda":
+            m.to(dtype)
+        quantize = "nf4" if opts.method == "qlora" else None
+        cfg = getattr(m, "config", None)
+        name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+    else:
+        raise TypeError(f"lorart.train: argument `model`: expected None, 'default', a path or an nn.Module, "
+                        f"got {type(model).__name__}")
+    if tokenizer is not None:
+        tok = tokenizer
+    tok = as_lorart_tokenizer(tok)
+    if tok is None:
+        raise ValueError("lorart.train: argument `tokenizer`: the model came without a tokenizer "
+                         "(no tokenizer.json in its folder); pass tokenizer=")
+    if tok.eos_id is None:
+        raise ValueError("lorart.train: argument `tokenizer`: the tokenizer has no EOS token")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(opts.seed)  # LoRA A init
+    try:
+        inject(m, targets=opts.targets, r=opts.r, alpha=opts.alpha, dropout=opts.dropout, quantize=quantize,
+               rslora=opts.rslora)
+    except (ValueError, TypeError) as e:
+        raise ValueError(str(e).replace("lorart: inject:", "lorart.train:")) from None
+    for p in m.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights; LoRALinear casts them to the compute dtype
+    if opts.gradient_checkpointing:
+        enable = getattr(m, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ValueError(f"lorart.train: argument `gradient_checkpointing`: {type(m).__name__} has no "
+                             "gradient_checkpointing_enable()")
+        if isinstance(m, LlamaForCausalLM):
+            enable()
+        else:
+            try:
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            except TypeError:
+                enable()
+    return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM))
+
+
+@dataclass
+class Data:
+    train: list
+    eval: list
+    general: list
+    train_path: str
+    eval_path: Optional[str]
+    is_default: bool
+
+
+def _load_records(records: list, tokenizer, max_seq_len: int, what: str) -> list:
+    from ..data.formats import DataError, encode_record
+    if not records:
+        raise DataError(f"lorart.train: argument `{what}`: the list of records is empty")
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"lorart.train: argument `{what}`: record {i} must be a dict, got {type(rec).__name__}")
+        ex = encode_record(rec, tokenizer, where=f"{what}[{i}]")
+        if len(ex) > max_seq_len:
+            ex.input_ids, ex.labels = ex.input_ids[:max_seq_len], ex.labels[:max_seq_len]
+            if ex.num_target_tokens == 0:
+                continue
+        out.append(ex)
+    if not out:
+        raise DataError(f"lorart.train: argument `{what}`: no usable examples after truncation to max_seq_len")
+    return out
+
+
+def _load(src, tokenizer, max_seq_len: int, what: str) -> list:
+    from ..data import load_jsonl
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if os.path.isdir(path):
+            raise ValueError(f"lorart.train: argument `{what}`: {path} is a folder; expected a .jsonl file")
+        return load_jsonl(path, tokenizer, max_seq_len)
+    if isinstance(src, (list, tuple)):
+        return _load_records(list(src), tokenizer, max_seq_len, what)
+    raise TypeError(f"lorart.train: argument `{what}`: expected a .jsonl path or a list of records, "
+                    f"got {type(src).__name__}")
+
+
+def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True) -> Data:
+    from ..data import default_dataset_paths, split_examples
+    is_default = data is None or data == "default"
+    paths = default_dataset_paths() if (is_default or general_data is True) else {}
+    if is_default:
+        train = _load(paths["train"], tokenizer, opts.max_seq_len, "data")
+        train_path = paths["train"]
+        if eval_data is None:
+            eval_data = paths["heldout"]
+    else:
+        train = _load(data, tokenizer, opts.max_seq_len, "data")
+        train_path = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<records>"
+    if eval_data is not None:
+        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data")
+        eval_path = os.fspath(eval_data) if isinstance(eval_data, (str, os.PathLike)) else "<records>"
+    elif opts.eval_fraction > 0 and len(train) >= 2:
+        train, ev = split_examples(train, opts.eval_fraction, seed=opts.seed)
+        eval_path = f"{opts.eval_fraction:g} of {train_path}"
+    else:
+        ev, eval_path = [], None
+    if general_data is True:
+        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data")
+    elif general_data in (False, None):
+        general = []
+    else:
+        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data")
+    if opts.packing:
+        from ..data import pack_examples
+        train = pack_examples(train, opts.max_seq_len)
+    return Data(train, ev, general, train_path, eval_path, is_default)
+
+
+def format_regex_for(opts: TrainOptions, data: Data) -> Optional[str]:
+    if opts.format_regex is not None:
+        return opts.format_regex
+    return DEFAULT_FORMAT_REGEX if data.is_default else None
