@@ -139,6 +139,7 @@ class Method:
     weights_file: ClassVar[str] = WEIGHTS_FILE
     optimizer: ClassVar[str] = "adamw"   # the optimizer the literature uses with it; "paged_adamw" for full
     default_lr: ClassVar[float] = 1e-3
+    base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
 
     def __init__(self, model: nn.Module, config, init: bool = True):
         self.model = model
@@ -193,7 +194,7 @@ class Method:
 
     def save(self, directory: str) -> str:
         meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
-                "base_model": model_shape(self.model)}
+                "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
         with atomic_dir(directory) as tmp:
             self._write(tmp)
             write_json(os.path.join(tmp, METHOD_FILE), meta)

@@ -60,7 +60,7 @@ class LoRAMethod(Method):
 
     def _write(self, folder: str) -> None:
         save_tensors(os.path.join(folder, WEIGHTS_NAME), self.state_dict())
-        write_json(os.path.join(folder, CONFIG_NAME), adapter_config(self.model))
+        write_json(os.path.join(folder, CONFIG_NAME), adapter_config(self.model, base_model_name_or_path=self.base_model_name))
 
     def merge(self) -> bool:
         merge(self.model)

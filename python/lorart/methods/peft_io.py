@@ -19,13 +19,13 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def prompt_learning_config(model: nn.Module, peft_type: str, num_virtual_tokens: int) -> dict:
+def prompt_learning_config(model: nn.Module, peft_type: str, num_virtual_tokens: int, base_model_name=None) -> dict:
     c = model.config
     token_dim = c.hidden_size if peft_type == "PROMPT_TUNING" else c.num_key_value_heads * c.head_dim
     heads = c.num_attention_heads if peft_type == "PROMPT_TUNING" else c.num_key_value_heads
     cfg = {
         "auto_mapping": None,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name,
         "inference_mode": True,
         "modules_to_save": None,
         "num_attention_heads": heads,

@@ -124,7 +124,8 @@ class PromptMethod(Method):
     def _write(self, folder: str) -> None:
         save_tensors(os.path.join(folder, PEFT_WEIGHTS), self.state_dict())
         write_json(os.path.join(folder, PEFT_CONFIG), prompt_learning_config(self.model, "PROMPT_TUNING",
-                                                                              self.config.num_virtual_tokens))
+                                                                              self.config.num_virtual_tokens,
+                                                                              self.base_model_name))
 
     def _read(self, folder: str) -> None:
         path = os.path.join(folder, PEFT_WEIGHTS)
