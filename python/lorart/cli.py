@@ -203,10 +203,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    t = sub.add_parser("train", help="fine-tune with LoRA / QLoRA (no arguments: a quick run of the embedded "
+    t = sub.add_parser("train", help="fine-tune with any lorart method, LoRA by default (no arguments: a quick run of the embedded "
                                      "model on the bundled data)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+    from .methods.compare import add_subcommand as add_compare
+    add_compare(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):

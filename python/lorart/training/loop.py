@@ -160,6 +160,9 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
     pg.message(f"lorart train: {opts.method} r={opts.r} on {loaded.model_name or type(m).__name__} ({dev}, "
                f"{str(dtype).replace('torch.', '')}); {len(data_.train)} train / {len(data_.eval)} eval examples; "
                f"{total} steps of {opts.batch_size}x{opts.grad_accum}; setup {time.perf_counter() - t_setup:.1f} s")
+    if st["before"] is None and not opts.eval_before:
+        st["before"] = {"eval_loss": None, "eval_ppl": None, "general_ppl": None, "format_accuracy": None}
+        torch.manual_seed(opts.seed)
     if st["before"] is None:
         t0 = time.perf_counter()
         st["before"], st["samples_before"] = _evaluate_all(m, tok, data_, opts, dev, dtype, loaded.is_lorart, regex,

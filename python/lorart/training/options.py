@@ -38,6 +38,7 @@ class TrainOptions:
     packing: bool = False
     seed: int = 0
     eval_fraction: float = 0.1               # used when no eval_data is given (not for the default data)
+    eval_before: bool = True                 # False skips the evaluation before training (lorart compare)
     num_samples: int = 8                     # held-out prompts generated before/after (samples.md)
     sample_max_new_tokens: int = 32
     format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
