@@ -1,10 +1,12 @@
 """The `lorart` subcommands train / generate / chat / eval (`info` lives in __main__).
 
-User mistakes (missing files, bad options, bad data) end with one line `lorart: error: ...` and exit code 2.
+User mistakes (missing files, bad options, bad data) end with one line `lorart: error: ...` and exit code 2
+(LORART_DEBUG=1 shows the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .training.options import TrainOptions
@@ -242,6 +244,8 @@ def run(func, args) -> int:
         return int(func(args) or 0)
     except (UserError, DataError, AdapterFileError, FileNotFoundError, IsADirectoryError, PermissionError,
             ValueError, TypeError, KeyError) as e:
+        if os.environ.get("LORART_DEBUG"):
+            raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         msg = " ".join(msg.split())
         for prefix in ("lorart: ",):

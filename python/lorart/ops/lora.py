@@ -25,8 +25,9 @@ from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_dev
 FUSED_MAX_ROWS = int(_C.lora_fused_max_rows())
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
-# "auto": fused kernel for <= FUSED_MAX_ROWS rows on CUDA and for NF4 on the CPU (torch's CPU GEMV beats a
-# portable C++ loop on a dense weight); "always" / "never" force a path (tests exercise both).
+# "auto": the fused kernel for <= FUSED_MAX_ROWS rows on CUDA. On the CPU the base runs on torch's GEMM (dense)
+# or lorart.ops.nf4's SIMD GEMV (NF4) with the LoRA term added in place: both beat the portable C++ fused loop,
+# which stays as the CPU reference of the CUDA kernel. "always" / "never" force a path (tests exercise both).
 _policy = {"fused": "auto"}
 
 
@@ -44,7 +45,7 @@ def _use_fused(x2: Tensor, nf4: bool) -> bool:
         return False
     if x2.dtype == torch.float64 and (nf4 or x2.is_cuda):
         return False
-    return mode == "always" or x2.is_cuda or nf4
+    return mode == "always" or x2.is_cuda
 
 
 def _rows(x: Tensor) -> Tensor:

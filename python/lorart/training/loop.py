@@ -67,11 +67,11 @@ def _trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _evaluate_all(model, tok, data, opts, dev, dtype, is_lorart, regex, pad, with_samples=True) -> tuple:
-    ev = eval_loss(model, data.eval, pad, dev, dtype, opts.batch_size)
+def _evaluate_all(model, tok, data, opts, dev, dtype, is_lorart, regex, pad, known_eval=None) -> tuple:
+    ev = known_eval or eval_loss(model, data.eval, pad, dev, dtype, opts.batch_size)
     gen = eval_loss(model, data.general, pad, dev, dtype, opts.batch_size)
     samples = []
-    if with_samples and opts.num_samples and data.eval:
+    if opts.num_samples and data.eval:
         samples = generate_samples(model, tok, data.eval, opts.num_samples, opts.sample_max_new_tokens, dev,
                                    dtype, is_lorart, opts.batch_size)
     m = {"eval_loss": ev and ev["loss"], "eval_ppl": ev and ev["ppl"], "general_ppl": gen and gen["ppl"],
@@ -285,7 +285,11 @@ def _finish(m, tok, loaded, data_, opts, dev, dtype, pad, regex, st, params, out
         notes.append(f"restored the adapter of step {st['best_step']} (the best eval loss)")
         pg.message(notes[-1])
     t0 = time.perf_counter()
-    after, samples_after = _evaluate_all(m, tok, data_, opts, dev, dtype, loaded.is_lorart, regex, pad)
+    last = st["history"][-1] if st["history"] else {}
+    known = None  # the evaluation of the final step, when it saw these very weights
+    if not notes and last.get("step") == st["step"] and "eval_loss" in last:
+        known = {"loss": last["eval_loss"], "ppl": last["eval_ppl"]}
+    after, samples_after = _evaluate_all(m, tok, data_, opts, dev, dtype, loaded.is_lorart, regex, pad, known)
     before = st["before"]
     pg.message(f"after training: {_fmt_metrics(after)} ({time.perf_counter() - t0:.1f} s)")
     adapter_dir = loaded.method.save(os.path.join(out, "adapter"))
