@@ -62,7 +62,8 @@ def load(model: nn.Module, directory: str, trainable: bool = False) -> Method:
     """Attach the method saved in `directory` (a lorart method folder, or a PEFT LoRA / PROMPT_TUNING /
     PREFIX_TUNING folder) to the base `model`."""
     if not os.path.isdir(directory):
-        raise MethodError(f"lorart: {directory}: not a directory")
+        raise MethodError(f"lorart: {directory}: not a directory (a trained method folder holds {METHOD_FILE} "
+                          "or PEFT's adapter_config.json)")
     if os.path.isfile(os.path.join(directory, METHOD_FILE)):
         meta = read_json(os.path.join(directory, METHOD_FILE))
         try:
