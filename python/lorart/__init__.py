@@ -10,6 +10,8 @@ from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)
 from .inject import inject, trainable_report, set_adapter, disable_adapters, enable_adapters, merge, unmerge, adapter_ids  # noqa: F401,E501
 from .adapters import save_adapter, load_adapter  # noqa: F401
 from .training import train, TrainResult  # noqa: F401
+from . import methods  # noqa: F401,E402  (lorart.methods.prepare / load: full, lora, qlora, adapter, prefix, prompt, bitfit)
+from .methods.compare import compare  # noqa: F401,E402
 
 from ._core import _C as _C_core
 
@@ -18,4 +20,5 @@ del _C_core
 
 __all__ = ["build_info", "format_build_info", "cuda_compiled", "cuda_usable", "ops", "__version__",
            "inject", "trainable_report", "set_adapter", "disable_adapters", "enable_adapters", "merge", "unmerge",
-           "adapter_ids", "save_adapter", "load_adapter", "nf4", "optim", "train", "TrainResult"]
+           "adapter_ids", "save_adapter", "load_adapter", "nf4", "optim", "train", "TrainResult",
+           "methods", "compare"]

@@ -35,6 +35,24 @@ def _targets(s):
     return tuple(t.strip() for t in s.split(",") if t.strip())
 
 
+def _method_names():
+    from .methods import METHODS
+    return METHODS
+
+
+def _key_value(s):
+    """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, true/false, lists), else a string."""
+    import json
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    try:
+        val = json.loads(v)
+    except ValueError:
+        val = v
+    return k.strip(), val
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainOptions()
     p.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
@@ -46,7 +64,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("training options (lorart.train keywords; None = library default)")
-    g.add_argument("--method", choices=["lora", "qlora"])
+    g.add_argument("--method", choices=list(_method_names()),
+                   help="full | lora | qlora | adapter | prefix | prompt | bitfit (default lora)")
+    g.add_argument("--method-option", dest="method_options", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. bottleneck=64, num_virtual_tokens=20, "
+                        "projection=true, init_text='Answer briefly'")
     g.add_argument("--r", type=int)
     g.add_argument("--alpha", type=float)
     g.add_argument("--dropout", type=float)
@@ -84,6 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
     from .training.options import option_names
     opts = {k: getattr(args, k) for k in option_names() if getattr(args, k, None) is not None}
+    if "method_options" in opts:
+        opts["method_options"] = dict(opts["method_options"])
     if args.model is None and args.data is None:
         for k, v in QUICK_DEFAULTS.items():
             opts.setdefault(k, v)
@@ -103,8 +127,8 @@ def _load_for_inference(args):
     if tok is None:
         raise UserError(f"{args.model}: the model folder has no tokenizer.json")
     if args.adapter:
-        from .adapters import load_adapter
-        load_adapter(model, args.adapter)
+        from .methods import load
+        load(model, args.adapter)
     return model.eval(), tok, dev, dtype
 
 
@@ -181,16 +205,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    t = sub.add_parser("train", help="fine-tune with LoRA / QLoRA (no arguments: a quick run of the embedded "
+    t = sub.add_parser("train", help="fine-tune with any lorart method, LoRA by default (no arguments: a quick run of the embedded "
                                      "model on the bundled data)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+    from .methods.compare import add_subcommand as add_compare
+    add_compare(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):
         c = sub.add_parser(name, help=hlp)
         c.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
-        c.add_argument("--adapter", help="a PEFT-format adapter folder (e.g. lorart-output/adapter)")
+        c.add_argument("--adapter", help="a trained method folder (e.g. lorart-output/adapter): any lorart method, or "
+                                         "a PEFT LoRA / prompt / prefix folder")
         c.add_argument("--device", default="auto")
         c.add_argument("--max-new-tokens", type=int, default=128 if name != "eval" else 32)
         if name == "eval":

@@ -45,6 +45,7 @@ class TrainResult:
     notes: list = field(default_factory=list)
     model: Any = field(repr=False, default=None)
     tokenizer: Any = field(repr=False, default=None)
+    method: Any = field(repr=False, default=None)   # the lorart.methods.Method trained (report(), merge(), ...)
 
 
 def _lr_lambda(opts: TrainOptions, total: int, warmup: int) -> Callable[[int], float]:
@@ -81,7 +82,8 @@ def _evaluate_all(model, tok, data, opts, dev, dtype, is_lorart, regex, pad, kno
 def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: str = "lorart-output",
           device: str = "auto", resume=False, general_data=True, progress: bool = True, stream=None,
           callback: Optional[Callable[[dict], Optional[bool]]] = None, **options) -> TrainResult:
-    """Fine-tune `model` with LoRA (method="lora") or QLoRA (method="qlora") on `data`.
+    """Fine-tune `model` on `data` with a lorart.methods method: "lora" (default), "qlora", "full", "adapter",
+    "prefix", "prompt" or "bitfit" (its own options in `method_options=`, e.g. {"bottleneck": 64}).
 
     model: None / "default" (the embedded SmolLM2-135M-Instruct), an HF folder or .gguf path, or a loaded
         nn.Module (lorart's LlamaForCausalLM or a transformers causal LM) with `tokenizer=`.
@@ -158,6 +160,9 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
     pg.message(f"lorart train: {opts.method} r={opts.r} on {loaded.model_name or type(m).__name__} ({dev}, "
                f"{str(dtype).replace('torch.', '')}); {len(data_.train)} train / {len(data_.eval)} eval examples; "
                f"{total} steps of {opts.batch_size}x{opts.grad_accum}; setup {time.perf_counter() - t_setup:.1f} s")
+    if st["before"] is None and not opts.eval_before:
+        st["before"] = {"eval_loss": None, "eval_ppl": None, "general_ppl": None, "format_accuracy": None}
+        torch.manual_seed(opts.seed)
     if st["before"] is None:
         t0 = time.perf_counter()
         st["before"], st["samples_before"] = _evaluate_all(m, tok, data_, opts, dev, dtype, loaded.is_lorart, regex,
@@ -273,7 +278,6 @@ def _eval_step(m, data_, opts, dev, dtype, pad, st, params, pg) -> list:
 
 
 def _finish(m, tok, loaded, data_, opts, dev, dtype, pad, regex, st, params, out, total, notes, pg) -> TrainResult:
-    from ..adapters import save_adapter
     if st["best_weights"] is not None and st["best_step"] != st["step"]:
         with torch.no_grad():
             for n, p in params.items():
@@ -288,7 +292,7 @@ def _finish(m, tok, loaded, data_, opts, dev, dtype, pad, regex, st, params, out
     after, samples_after = _evaluate_all(m, tok, data_, opts, dev, dtype, loaded.is_lorart, regex, pad, known)
     before = st["before"]
     pg.message(f"after training: {_fmt_metrics(after)} ({time.perf_counter() - t0:.1f} s)")
-    adapter_dir = save_adapter(m, os.path.join(out, "adapter"), base_model_name_or_path=loaded.model_name)
+    adapter_dir = loaded.method.save(os.path.join(out, "adapter"))
     metrics_path = os.path.join(out, "metrics.jsonl")
     write_json_atomic(metrics_path, st["history"], lines=True)
     plot_path = os.path.join(out, "loss.png")
@@ -312,11 +316,12 @@ def _finish(m, tok, loaded, data_, opts, dev, dtype, pad, regex, st, params, out
         best_step=st["best_step"], before=before, after=after,
         train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None, train_time_s=st["train_time_s"],
         tokens_per_s=tps, memory=mem, history=st["history"], samples_before=st["samples_before"],
-        samples_after=samples_after, notes=notes, model=m, tokenizer=tok)
+        samples_after=samples_after, notes=notes, model=m, tokenizer=tok, method=loaded.method)
     summary = {k: getattr(res, k) for k in ("output_dir", "adapter_dir", "metrics_path", "samples_path", "plot_path",
                                             "steps", "total_steps", "stopped_early", "best_step", "before", "after",
                                             "train_loss", "train_time_s", "tokens_per_s", "memory", "notes")}
-    summary.update({"model": loaded.model_name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+    summary.update({"method": loaded.method.report(), "artifact_bytes": loaded.method.storage_bytes(adapter_dir),
+                    "model": loaded.model_name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
                     "train_data": data_.train_path, "eval_data": data_.eval_path,
                     "train_examples": len(data_.train), "eval_examples": len(data_.eval),
                     "options": opts.to_dict()})

@@ -12,7 +12,8 @@ DEFAULT_FORMAT_REGEX = r"ANSWER: [^|\n]*\S[^|\n]* \| CONFIDENCE: (high|medium|lo
 
 @dataclass
 class TrainOptions:
-    method: str = "lora"                     # "lora" | "qlora"
+    method: str = "lora"                     # a lorart.methods name: full lora qlora adapter prefix prompt bitfit
+    method_options: Optional[dict] = None    # the method's own options (lorart.methods.METHODS[m].Config fields)
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -37,6 +38,7 @@ class TrainOptions:
     packing: bool = False
     seed: int = 0
     eval_fraction: float = 0.1               # used when no eval_data is given (not for the default data)
+    eval_before: bool = True                 # False skips the evaluation before training (lorart compare)
     num_samples: int = 8                     # held-out prompts generated before/after (samples.md)
     sample_max_new_tokens: int = 32
     format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
@@ -49,8 +51,11 @@ class TrainOptions:
         def bad(name, expected, got):
             raise ValueError(f"lorart.train: argument `{name}`: expected {expected}, got {got!r}")
 
-        if self.method not in ("lora", "qlora"):
-            bad("method", "'lora' or 'qlora'", self.method)
+        from ..methods import METHODS
+        if self.method not in METHODS:
+            bad("method", "one of " + ", ".join(METHODS), self.method)
+        if self.method_options is not None and not isinstance(self.method_options, dict):
+            bad("method_options", "None or a dict of the method's options", self.method_options)
         for name in ("r", "epochs", "batch_size", "grad_accum", "max_seq_len", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -110,7 +115,7 @@ class TrainOptions:
         return d
 
     # options that change the training trajectory: a checkpoint only resumes a run with the same ones
-    TRAJECTORY = ("method", "r", "alpha", "dropout", "targets", "rslora", "lr", "epochs", "max_steps",
+    TRAJECTORY = ("method", "method_options", "r", "alpha", "dropout", "targets", "rslora", "lr", "epochs", "max_steps",
                   "batch_size", "grad_accum", "max_seq_len", "warmup", "schedule", "min_lr_ratio", "weight_decay",
                   "max_grad_norm", "packing", "seed", "eval_fraction", "dtype")
 

@@ -77,9 +77,12 @@ def samples_markdown(before: list, after: list, acc_before=None, acc_after=None)
         fa = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
         lines += [f"Answer-format accuracy: before {fa(acc_before)}, after {fa(acc_after)}", ""]
     lines += ["| # | prompt | reference | before | after |", "|---|---|---|---|---|"]
-    for i, (b, a) in enumerate(zip(before, after), 1):
-        lines.append(f"| {i} | {_cell(short_prompt(b['prompt']))} | {_cell(b['reference'])} | "
-                     f"{_cell(b['output'])} | {_cell(a['output'])} |")
+    for i, a in enumerate(after if after else before, 1):   # `before` is empty with eval_before=False
+        b = before[i - 1] if i <= len(before) else None
+        a = a if after else None
+        ref = b or a
+        lines.append(f"| {i} | {_cell(short_prompt(ref['prompt']))} | {_cell(ref['reference'])} | "
+                     f"{_cell(b['output']) if b else '-'} | {_cell(a['output']) if a else '-'} |")
     return "\n".join(lines) + "\n"
 
 

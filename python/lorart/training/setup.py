@@ -57,6 +57,7 @@ class Loaded:
     tokenizer: object
     model_name: Optional[str]
     is_lorart: bool
+    method: object = None   # the lorart.methods.Method attached to `model`
 
 
 def _nf4_factory(dtype: torch.dtype):
@@ -67,9 +68,20 @@ def _nf4_factory(dtype: torch.dtype):
     return factory
 
 
+def method_config(opts: TrainOptions) -> dict:
+    """The lorart.methods options of this run: r/alpha/dropout/targets/rslora for lora and qlora, then
+    `method_options` (which may override them)."""
+    cfg = {}
+    if opts.method in ("lora", "qlora"):
+        cfg = {"targets": opts.targets, "r": opts.r, "alpha": opts.alpha, "dropout": opts.dropout,
+               "rslora": opts.rslora}
+    return {**cfg, **(opts.method_options or {})}
+
+
 def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device, dtype: torch.dtype) -> Loaded:
-    """Load the model (streamed through NF4 for qlora), move it, inject LoRA; LoRA weights stay float32."""
-    from .. import inject
+    """Load the model (streamed through NF4 for qlora), move it, attach the method (lorart.methods.prepare);
+    trainable weights stay float32."""
+    from .. import methods
     from ..models import LlamaForCausalLM, load_model
 
     name = None
@@ -77,13 +89,11 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
         name = "default" if model is None else os.fspath(model)
         factory = _nf4_factory(dtype) if opts.method == "qlora" else None
         m, tok = load_model(None if name == "default" else name, dtype=dtype, device=device, linear_factory=factory)
-        quantize = None
     elif isinstance(model, nn.Module):
         m, tok = model, tokenizer
         m.to(device)
         if opts.dtype is not None or device.type == "cuda":
             m.to(dtype)
-        quantize = "nf4" if opts.method == "qlora" else None
         cfg = getattr(m, "config", None)
         name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
     else:
@@ -99,15 +109,16 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
         raise ValueError("lorart.train: argument `tokenizer`: the tokenizer has no EOS token")
     for p in m.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(opts.seed)  # LoRA A init
+    torch.manual_seed(opts.seed)  # LoRA A / adapter / prompt init
     try:
-        inject(m, targets=opts.targets, r=opts.r, alpha=opts.alpha, dropout=opts.dropout, quantize=quantize,
-               rslora=opts.rslora)
+        method = methods.prepare(m, opts.method, method_config(opts), tokenizer=tok)
     except (ValueError, TypeError) as e:
         raise ValueError(str(e).replace("lorart: inject:", "lorart.train:")) from None
     for p in m.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # fp32 master weights; LoRALinear casts them to the compute dtype
+        # fp32 master weights (LoRALinear, adapters, prompts and prefixes cast to the compute dtype); BitFit's
+        # biases stay in the dtype of their linear layer, which adds them natively
+        if p.requires_grad and p.dtype != torch.float32 and opts.method != "bitfit":
+            p.data = p.data.float()
     if opts.gradient_checkpointing:
         enable = getattr(m, "gradient_checkpointing_enable", None)
         if enable is None:
@@ -120,7 +131,8 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except TypeError:
                 enable()
-    return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM))
+    method.base_model_name = name
+    return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM), method)
 
 
 @dataclass

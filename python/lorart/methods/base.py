@@ -1,0 +1,266 @@
+"""The interface every fine-tuning method implements, and the artifact folder it writes.
+
+An artifact folder holds `lorart_method.json` (method name, its config, the base model's shape) and one
+weights file: PEFT's `adapter_model.safetensors` + `adapter_config.json` where PEFT has the method (lora,
+qlora, prompt, prefix), else `weights.safetensors` (adapter, bitfit) or `model.safetensors` (full).
+Writes are atomic: a temporary folder beside the target, then a rename.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+METHOD_FILE = "lorart_method.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 1
+
+
+class MethodError(ValueError):
+    """A bad method configuration or artifact; the message names the argument or the file."""
+
+
+def base_param_count(model: nn.Module) -> int:
+    """Parameters of the model as the literature counts them (tied weights once, NF4 weights by element)."""
+    from ..nn.lora import nf4_weight_of
+
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(int(torch.Size(w.shape).numel()) for m in model.modules()
+                   if (w := nf4_weight_of(m)) is not None and not isinstance(w, nn.Parameter))
+
+
+def model_shape(model: nn.Module) -> dict:
+    c = model.config
+    return {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "vocab_size": c.vocab_size}
+
+
+@contextlib.contextmanager
+def atomic_dir(directory: str) -> Iterator[str]:
+    """Yield a temporary folder beside `directory`; on success it replaces `directory` in one rename."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".lorart-method-", dir=parent)
+    try:
+        yield tmp
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
+            os.rmdir(old)
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def dir_size(directory: str) -> int:
+    """Bytes of the files in an artifact folder."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if os.path.isfile(os.path.join(directory, f)))
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise MethodError(f"lorart: {path}: missing")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MethodError(f"lorart: {path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise MethodError(f"lorart: {path}: expected a JSON object")
+    return obj
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        pick = [f for f in ("adapter_model.bin", "pytorch_model.bin") if os.path.exists(
+            os.path.join(os.path.dirname(path), f))]
+        why = f"; found {pick[0]}, a pickle, which lorart never loads" if pick else ""
+        raise MethodError(f"lorart: {path}: missing{why}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise MethodError(f"lorart: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def expect_tensor(tensors: dict, key: str, shape: tuple, path: str) -> torch.Tensor:
+    if key not in tensors:
+        raise MethodError(f"lorart: {path}: key `{key}` is missing")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape):
+        raise MethodError(f"lorart: {path}: key `{key}`: expected shape {list(shape)}, got {list(t.shape)}")
+    return t
+
+
+class Method:
+    """A fine-tuning method attached to a model. Subclasses set `name`, `Config` (a dataclass) and implement
+    `_attach` (create and register the trainable tensors, freeze the rest), `state_dict`/`_load_tensors`
+    and `_write` / `_read` of the weights file.
+
+    - `trainable_parameters()`: the parameters the optimizer should update (all require grad).
+    - `save(dir)`: writes only what the method trained; returns the folder. `storage_bytes(dir)`.
+    - `Method.load(model, dir)` (or `lorart.methods.load`): attaches the saved method to a base model.
+    - `merge()`/`unmerge()`: fold the method into the base weights where it can (returns False if it cannot).
+    - `remove()`: detach the method, restoring the base model's function.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    weights_file: ClassVar[str] = WEIGHTS_FILE
+    optimizer: ClassVar[str] = "adamw"   # the optimizer the literature uses with it; "paged_adamw" for full
+    default_lr: ClassVar[float] = 1e-3
+    base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
+
+    def __init__(self, model: nn.Module, config, init: bool = True):
+        self.model = model
+        self.config = config
+        self.init = init  # False when loading: skip data-dependent initialisation, the file overwrites it
+        self.base_params = base_param_count(model)
+        was_training = model.training
+        self._attach()
+        model.train(was_training)   # new modules follow the model's train/eval mode
+
+    # -- to implement -------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        raise NotImplementedError
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors the artifact stores (detached)."""
+        return {k: p.detach() for k, p in self.named_trainable_parameters().items()}
+
+    def _write(self, folder: str) -> None:
+        save_tensors(os.path.join(folder, self.weights_file), self.state_dict())
+
+    def _read(self, folder: str) -> None:
+        path = os.path.join(folder, self.weights_file)
+        tensors = read_safetensors(path)
+        mine = self._loadable()
+        extra = sorted(set(tensors) - set(mine))
+        if extra:
+            raise MethodError(f"lorart: {path}: key `{extra[0]}` does not belong to this {self.name} method "
+                              f"(expected keys like `{next(iter(mine))}`)")
+        with torch.no_grad():
+            for k, p in mine.items():
+                p.copy_(expect_tensor(tensors, k, tuple(p.shape), path).to(p.dtype))
+
+    def _loadable(self) -> dict[str, torch.Tensor]:
+        """Artifact key -> the tensor of this model it is copied into (defaults to the trainable parameters)."""
+        return self.named_trainable_parameters()
+
+    # -- shared -------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
+
+    def report(self) -> dict:
+        n = sum(p.numel() for p in self.trainable_parameters())
+        return {"method": self.name, "trainable_params": n, "base_params": self.base_params,
+                "trainable_percent": 100.0 * n / self.base_params if self.base_params else 0.0}
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def save(self, directory: str) -> str:
+        meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
+                "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
+        with atomic_dir(directory) as tmp:
+            self._write(tmp)
+            write_json(os.path.join(tmp, METHOD_FILE), meta)
+        return os.path.abspath(directory)
+
+    @staticmethod
+    def storage_bytes(directory: str) -> int:
+        return dir_size(directory)
+
+    @classmethod
+    def load(cls, model: nn.Module, directory: str, trainable: bool = False) -> "Method":
+        """Attach the method saved in `directory` to `model` (a base model of the same shape)."""
+        meta = read_json(os.path.join(directory, METHOD_FILE))
+        if meta.get("method") != cls.name:
+            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: key `method`: expected "
+                              f"{cls.name!r}, got {meta.get('method')!r}")
+        check_shape(model, meta.get("base_model"), os.path.join(directory, METHOD_FILE))
+        method = cls(model, make_config(cls, meta.get("config") or {}), init=False)
+        method._read(directory)
+        for p in method.trainable_parameters():
+            p.requires_grad_(trainable)
+        return method
+
+    def merge(self) -> bool:
+        return False
+
+    def unmerge(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        r = self.report()
+        return (f"{type(self).__name__}({self.config}, trainable={r['trainable_params']:,} "
+                f"({r['trainable_percent']:.4f}%))")
+
+
+def check_shape(model: nn.Module, saved: dict | None, where: str) -> None:
+    if not saved:
+        return
+    have = model_shape(model)
+    for k, v in saved.items():
+        if k in have and have[k] != v:
+            raise MethodError(f"lorart: {where}: key `base_model.{k}`: the artifact was trained on a model with "
+                              f"{k}={v}, this model has {have[k]}")
+
+
+def make_config(cls: type, cfg, **kw):
+    """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys raise."""
+    if cfg is None:
+        cfg = {}
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        if not isinstance(cfg, cls.Config):
+            raise MethodError(f"lorart: method {cls.name!r}: argument `cfg`: expected a {cls.Config.__name__} or a "
+                              f"dict, got a {type(cfg).__name__}")
+        cfg = dataclasses.asdict(cfg)
+    if not isinstance(cfg, dict):
+        raise MethodError(f"lorart: method {cls.name!r}: argument `cfg`: expected a dict, got {type(cfg).__name__}")
+    merged = {**cfg, **kw}
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(merged) - fields)
+    if unknown:
+        raise MethodError(f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`; valid options: "
+                          f"{', '.join(sorted(fields))}")
+    for k, v in list(merged.items()):
+        if isinstance(v, list):
+            merged[k] = tuple(v)
+    return cls.Config(**merged)
