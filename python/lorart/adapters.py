@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_dir
 from .inject import lora_layers
 from .nn.lora import LoRALinear, nf4_weight_of
 
@@ -86,27 +85,10 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     cfg = adapter_config(model, adapter_name, base_model_name_or_path, task_type)
     sd = adapter_state_dict(model, adapter_name)
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lorart-adapter-", dir=parent)
-    try:
+    with atomic_dir(directory) as tmp:
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
-            os.rmdir(old)
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

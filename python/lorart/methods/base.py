@@ -7,16 +7,15 @@ Writes are atomic: a temporary folder beside the target, then a rename.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from .._atomic import atomic_dir
 
 METHOD_FILE = "lorart_method.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -41,31 +40,6 @@ def model_shape(model: nn.Module) -> dict:
     return {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
             "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
             "head_dim": c.head_dim, "vocab_size": c.vocab_size}
-
-
-@contextlib.contextmanager
-def atomic_dir(directory: str) -> Iterator[str]:
-    """Yield a temporary folder beside `directory`; on success it replaces `directory` in one rename."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lorart-method-", dir=parent)
-    try:
-        yield tmp
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
-            os.rmdir(old)
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def dir_size(directory: str) -> int:
