@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
+from _timing import timeit
 from torch import nn
 
 import lorart  # noqa: F401
@@ -22,27 +21,6 @@ from lorart.nn import LoRALinear, NF4Linear
 
 LLAMA = [(4096, 4096), (4096, 11008)]  # (in, out): q_proj, up_proj
 QUICK = [(512, 512)]
-
-
-def timeit(fn, device: str, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def peak_bytes(fn, device: str) -> int | None:

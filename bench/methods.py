@@ -7,27 +7,16 @@ two GEMMs alone (the floor any fused kernel could reach) and against the decoder
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import timeit as _timeit
 
 from lorart.nn import BottleneckAdapter
 
 
 def timeit(fn, device: str, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    """Median milliseconds per call."""
+    return 1e3 * _timeit(fn, device, iters)
 
 
 @torch.no_grad()

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
+from _timing import timeit
 
 import lorart
 from lorart import nf4
@@ -26,28 +25,6 @@ except Exception:  # noqa: BLE001 - optional peer
 
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK = [(1024, 1024), (2752, 1024)]
-
-
-def timeit(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def torch_reference_dequantize(w4: nf4.NF4Weight, dtype) -> torch.Tensor:
