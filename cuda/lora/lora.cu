@@ -16,6 +16,7 @@
 
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/vec.cuh"
 #include "lora/lora_launch.h"
 #include "lorart/detail/lora_math.h"
 #include "lorart/detail/nf4_math.h"
@@ -24,38 +25,6 @@ namespace lorart::cuda {
 namespace {
 
 using detail::lora_dropout_keep;
-
-__device__ __forceinline__ float ldf(float v) { return v; }
-__device__ __forceinline__ float ldf(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ldf(__half v) { return __half2float(v); }
-template <class T> __device__ __forceinline__ T stf(float v);
-template <> __device__ __forceinline__ float stf<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 stf<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half stf<__half>(float v) { return __float2half_rn(v); }
-
-// Eight consecutive elements as float; p must be 16-byte aligned.
-__device__ __forceinline__ void load8(const float* p, float* o) {
-  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { const float2 f = __bfloat1622float2(h[i]); o[2 * i] = f.x; o[2 * i + 1] = f.y; }
-}
-__device__ __forceinline__ void load8(const __half* p, float* o) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { const float2 f = __half22float2(h[i]); o[2 * i] = f.x; o[2 * i + 1] = f.y; }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over the block (blockDim.x a multiple of 32, <= 1024); the result is valid in thread 0.
 __device__ float block_sum(float v) {
@@ -78,7 +47,7 @@ __global__ void dropout_kernel(const T* x, int64_t ldx, T* out, int64_t ldo, int
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / K, k = i - m * K;
     const bool keep = lora_dropout_keep(key, static_cast<uint64_t>(i));
-    out[m * ldo + k] = stf<T>(keep ? ldf(x[m * ldx + k]) * keep_scale : 0.f);
+    out[m * ldo + k] = from_f<T>(keep ? to_f(x[m * ldx + k]) * keep_scale : 0.f);
   }
 }
 
@@ -91,7 +60,7 @@ __global__ void shrink_kernel(const T* x, int64_t ldx, const T* A, int64_t K, in
   const T* ar = A + j * K;
   float acc = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-    if (!drop || lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += ldf(xr[k]) * ldf(ar[k]);
+    if (!drop || lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += to_f(xr[k]) * to_f(ar[k]);
   acc = block_sum(acc);
   if (threadIdx.x == 0) xa[m * R + j] = acc * keep_scale;
 }
@@ -102,7 +71,7 @@ struct DenseRow {
   const T* W;
   int64_t K;
   __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const { cuda::load8(W + n * K + k, o); }
-  __device__ __forceinline__ float at(int64_t n, int64_t k) const { return ldf(W[n * K + k]); }
+  __device__ __forceinline__ float at(int64_t n, int64_t k) const { return to_f(W[n * K + k]); }
 };
 
 // NF4 weight (bitsandbytes layout): values are decoded in float32 and rounded to T, as bnb's dequantize does.
@@ -121,7 +90,7 @@ struct NF4Row {
                                         offset, i / blocksize)
               : static_cast<const float*>(absmax)[i / blocksize];
   }
-  __device__ __forceinline__ float dec(int q, float a) const { return ldf(stf<T>(table[q] * a)); }
+  __device__ __forceinline__ float dec(int q, float a) const { return to_f(from_f<T>(table[q] * a)); }
   // 8 elements starting at flat index i = n*K + k (i % 8 == 0, so one absmax block, 4-byte aligned bytes).
   __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const {
     const int64_t i = n * K + k;
@@ -172,21 +141,21 @@ __device__ void fused_body(const T* x, int64_t ldx, const Row& row, const T* bia
         const float w = row.at(n, k);
 #pragma unroll
         for (int m = 0; m < MAXM; ++m)
-          if (m < M) acc[m] = fmaf(ldf(x[m * ldx + k]), w, acc[m]);
+          if (m < M) acc[m] = fmaf(to_f(x[m * ldx + k]), w, acc[m]);
       }
     }
     for (int64_t j = lane; j < R; j += 32) {
-      const float b = scale * ldf(B[n * R + j]);
+      const float b = scale * to_f(B[n * R + j]);
 #pragma unroll
       for (int m = 0; m < MAXM; ++m)
         if (m < M) acc[m] = fmaf(xa[m * R + j], b, acc[m]);
     }
-    const float bn = bias ? ldf(bias[n]) : 0.f;
+    const float bn = bias ? to_f(bias[n]) : 0.f;
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) {
       if (m < M) {
         const float v = warp_sum(acc[m]);
-        if (lane == 0) y[m * ldy + n] = stf<T>(v + bn);
+        if (lane == 0) y[m * ldy + n] = from_f<T>(v + bn);
       }
     }
   }
@@ -227,7 +196,7 @@ __global__ void grouped_shrink_kernel(const T* x, int64_t ldx, const T* A_stack,
   const T* xr = x + m * ldx;
   const T* ar = A_stack + (a * RM + j) * K;
   float acc = 0.f;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) acc += ldf(xr[k]) * ldf(ar[k]);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) acc += to_f(xr[k]) * to_f(ar[k]);
   acc = block_sum(acc);
   if (threadIdx.x == 0) xa[m * RM + j] = acc;
 }
@@ -250,8 +219,8 @@ __global__ void grouped_expand_kernel(T* y, int64_t ldy, const T* B_stack, const
     if (n < N) {
       const T* br = B_stack + (a * N + n) * RM;
       float acc = 0.f;
-      for (int64_t j = 0; j < r; ++j) acc = fmaf(xs[j], ldf(br[j]), acc);
-      y[m * ldy + n] = stf<T>(ldf(y[m * ldy + n]) + scales[a] * acc);
+      for (int64_t j = 0; j < r; ++j) acc = fmaf(xs[j], to_f(br[j]), acc);
+      y[m * ldy + n] = from_f<T>(to_f(y[m * ldy + n]) + scales[a] * acc);
     }
   }
 }
@@ -263,10 +232,10 @@ __global__ void merge_kernel(T* W, const T* A, const T* B, int64_t K, int64_t R,
   const int64_t n = blockIdx.x, k = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
   if (k >= K) return;
   float d = 0.f;
-  for (int64_t j = 0; j < R; ++j) d = fmaf(ldf(B[n * R + j]), ldf(A[j * K + k]), d);
-  const T v = stf<T>(ldf(W[n * K + k]) + scale * d);
+  for (int64_t j = 0; j < R; ++j) d = fmaf(to_f(B[n * R + j]), to_f(A[j * K + k]), d);
+  const T v = from_f<T>(to_f(W[n * K + k]) + scale * d);
   if (count) {
-    if (!isfinite(ldf(v))) atomicAdd(count, 1);
+    if (!isfinite(to_f(v))) atomicAdd(count, 1);
   } else {
     W[n * K + k] = v;
   }
@@ -285,8 +254,6 @@ void dispatch(DType dt, F&& f) {
     default: detail::fail(ErrorKind::Type, detail::cat("lora (CUDA): unsupported dtype ", dtype_name(dt)));
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 int grid_for(int64_t n, int threads) {
   const int64_t cap = int64_t(sm_count()) * 32;

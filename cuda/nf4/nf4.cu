@@ -64,23 +64,6 @@ __global__ void double_quant_kernel(const float* __restrict__ absmax, int64_t nb
   if (i < nb) q[i] = dm::dynamic_encode(code, __fmul_rn(v, inv));
 }
 
-struct Tables {
-  float nf4[16];
-  float nested[256];
-};
-
-__device__ __forceinline__ void load_tables(Tables& s, const NF4Ptrs& w) {
-  if (threadIdx.x < 16) s.nf4[threadIdx.x] = dm::nf4_code(threadIdx.x);
-  if (w.absmax_q)
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.nested[i] = w.nested_code[i];
-  __syncthreads();
-}
-
-__device__ __forceinline__ float block_scale(const Tables& s, const NF4Ptrs& w, int64_t b) {
-  if (w.absmax_q == nullptr) return __ldg(w.absmax_f32 + b);
-  return dm::nf4_nested_scale(s.nested[__ldg(w.absmax_q + b)], __ldg(w.nested_absmax + (b >> 8)), w.offset);
-}
-
 // Fast path: each thread decodes 8 elements (4 packed bytes, one 32-bit load) per item and
 // writes them with 16-byte stores (a warp stores 512 contiguous bytes per instruction); kUnroll
 // items per iteration keep several loads in flight. Needs packed 4-byte and out 16-byte

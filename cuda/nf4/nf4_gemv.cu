@@ -15,23 +15,6 @@ namespace dm = ::lorart::detail;
 
 constexpr int kWarps = 4;  // output rows per CTA
 
-struct Smem {
-  float nf4[16];
-  float nested[256];
-};
-
-__device__ __forceinline__ void load_smem(Smem& s, const NF4Ptrs& w) {
-  if (threadIdx.x < 16) s.nf4[threadIdx.x] = dm::nf4_code(threadIdx.x);
-  if (w.absmax_q)
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.nested[i] = w.nested_code[i];
-  __syncthreads();
-}
-
-__device__ __forceinline__ float scale_of(const Smem& s, const NF4Ptrs& w, int64_t b) {
-  if (w.absmax_q == nullptr) return __ldg(w.absmax_f32 + b);
-  return dm::nf4_nested_scale(s.nested[__ldg(w.absmax_q + b)], __ldg(w.nested_absmax + (b >> 8)), w.offset);
-}
-
 template <class T, int MB>
 __device__ __forceinline__ void finish_row(float (&acc)[MB], int m, int64_t row, const NF4Ptrs& w,
                                            const T* __restrict__ bias, T* __restrict__ out) {
@@ -49,8 +32,8 @@ template <class T, int MB>
 __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const T* __restrict__ x, int m, NF4Ptrs w,
                                                                const T* __restrict__ bias, T* __restrict__ out,
                                                                int shift) {
-  __shared__ Smem s;
-  load_smem(s, w);
+  __shared__ Tables s;
+  load_tables(s, w);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= w.rows) return;
   const int lane = threadIdx.x & 31;
@@ -63,7 +46,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const T* __restri
 #pragma unroll 2
   for (int64_t c = lane; c < nchunks; c += 32) {
     const uint4 q = __ldcs(prow + c);
-    const float scale = scale_of(s, w, (chunk0 + c) >> shift);
+    const float scale = block_scale(s, w, (chunk0 + c) >> shift);
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
     float part[MB];
 #pragma unroll
@@ -98,8 +81,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const T* __restri
 template <class T, int MB>
 __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const T* __restrict__ x, int m, NF4Ptrs w,
                                                                   const T* __restrict__ bias, T* __restrict__ out) {
-  __shared__ Smem s;
-  load_smem(s, w);
+  __shared__ Tables s;
+  load_tables(s, w);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= w.rows) return;
   const int lane = threadIdx.x & 31;
@@ -110,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const T* __res
   for (int64_t k = lane; k < cols; k += 32) {
     const int64_t e = row * cols + k;
     const uint8_t byte = w.packed[e >> 1];
-    const float wv = s.nf4[(e & 1) ? (byte & 15) : (byte >> 4)] * scale_of(s, w, e / w.blocksize);
+    const float wv = s.nf4[(e & 1) ? (byte & 15) : (byte >> 4)] * block_scale(s, w, e / w.blocksize);
 #pragma unroll
     for (int i = 0; i < MB; ++i)
       if (i < m) acc[i] = fmaf(wv, to_f(x[i * cols + k]), acc[i]);

@@ -1,4 +1,5 @@
-// Float <-> storage conversions and 8-wide loads/stores for the NF4 CUDA kernels.
+// NF4 tables in shared memory and the dtype dispatch of the NF4 CUDA kernels (the float conversions and
+// 8-wide loads/stores they use are in common/vec.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,72 +9,30 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "common/vec.cuh"
+#include "lorart/detail/nf4_math.h"
+#include "nf4/nf4_launch.h"
 
 namespace lorart::cuda::nf4 {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+// The 16 NF4 values and (with double quantization) the 256-entry nested code, staged in shared
+// memory once per block; block_scale decodes the absmax of NF4 block b (double quant included).
+struct Tables {
+  float nf4[16];
+  float nested[256];
+};
 
-template <class T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-
-__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16*) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // .x = a (lower address)
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-__device__ __forceinline__ uint32_t pack2(float a, float b, __half*) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
+__device__ __forceinline__ void load_tables(Tables& s, const NF4Ptrs& w) {
+  if (threadIdx.x < 16) s.nf4[threadIdx.x] = ::lorart::detail::nf4_code(threadIdx.x);
+  if (w.absmax_q)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.nested[i] = w.nested_code[i];
+  __syncthreads();
 }
 
-// Stores 8 floats at a 16-byte aligned address.
-__device__ __forceinline__ void store8(float* dst, const float* v) {
-  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-template <class T>
-__device__ __forceinline__ void store8(T* dst, const float* v) {
-  uint4 u;
-  u.x = pack2(v[0], v[1], dst);
-  u.y = pack2(v[2], v[3], dst);
-  u.z = pack2(v[4], v[5], dst);
-  u.w = pack2(v[6], v[7], dst);
-  *reinterpret_cast<uint4*>(dst) = u;
-}
-
-// Loads 8 values from a 16-byte aligned address as floats.
-__device__ __forceinline__ void load8(const float* src, float* v) {
-  float4 a = __ldg(reinterpret_cast<const float4*>(src));
-  float4 b = __ldg(reinterpret_cast<const float4*>(src) + 1);
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16* src, float* v) {
-  uint4 u = __ldg(reinterpret_cast<const uint4*>(src));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { float2 f = __bfloat1622float2(h[i]); v[2 * i] = f.x; v[2 * i + 1] = f.y; }
-}
-__device__ __forceinline__ void load8(const __half* src, float* v) {
-  uint4 u = __ldg(reinterpret_cast<const uint4*>(src));
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { float2 f = __half22float2(h[i]); v[2 * i] = f.x; v[2 * i + 1] = f.y; }
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+__device__ __forceinline__ float block_scale(const Tables& s, const NF4Ptrs& w, int64_t b) {
+  if (w.absmax_q == nullptr) return __ldg(w.absmax_f32 + b);
+  return ::lorart::detail::nf4_nested_scale(s.nested[__ldg(w.absmax_q + b)], __ldg(w.nested_absmax + (b >> 8)),
+                                            w.offset);
 }
 
 }  // namespace lorart::cuda::nf4
