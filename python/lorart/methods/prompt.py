@@ -114,7 +114,7 @@ class PromptMethod(Method):
 
     def _post_hook(self, model, args, output):
         strip, self._strip = self._strip, 0
-        if strip:
+        if strip and output.logits is not None:
             output.logits = output.logits[:, strip:]
         return output
 

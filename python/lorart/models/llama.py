@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.loss import linear_cross_entropy
 from .config import LlamaConfig
 
 IGNORE_INDEX = -100
@@ -187,6 +188,8 @@ def _build_mask(pad_mask, B, T, past, device, window=None):
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_chunked_loss = True  # forward(labels=..., return_logits=False): loss without the full logits
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -225,11 +228,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None,
                 past_key_values: Optional[KVCache] = None, use_cache: bool = False,
-                inputs_embeds=None, logits_to_keep: int = 0) -> CausalLMOutput:
+                inputs_embeds=None, logits_to_keep: int = 0, loss_reduction: str = "mean",
+                return_logits: bool = True) -> CausalLMOutput:
         """attention_mask: [B, past + T] (1 = token, 0 = padding; left or right padding) or a bool
         [B, 1, T, past + T] mask (True = attend, e.g. packed documents). Outputs at padding
         positions are unspecified. position_ids default to the count of real tokens before each
-        position. labels: next-token targets (-100 = ignored), shifted inside."""
+        position. labels: next-token targets (-100 = ignored), shifted inside; the loss is their mean
+        (loss_reduction="mean") or sum ("sum"). return_logits=False with labels: the loss comes from
+        lorart.ops.loss.linear_cross_entropy (chunked; the [tokens, vocab] logits are never formed) and
+        the output's logits are None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -295,19 +302,33 @@ class LlamaForCausalLM(nn.Module):
             if labels is not None:
                 raise ValueError("labels cannot be combined with logits_to_keep")
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            if labels.shape != (B, T):
-                raise ValueError(f"labels must have shape {(B, T)}, got {tuple(labels.shape)}")
-            loss = causal_lm_loss(logits, labels)
+        if labels is not None and labels.shape != (B, T):
+            raise ValueError(f"labels must have shape {(B, T)}, got {tuple(labels.shape)}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction: expected 'mean' or 'sum', got {loss_reduction!r}")
+        if labels is not None and not return_logits and _plain_linear(self.lm_head):
+            logits = None
+            loss = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                        labels[:, 1:].reshape(-1).to(dev), self.lm_head.bias,
+                                        ignore_index=IGNORE_INDEX, reduction=loss_reduction)
+        else:
+            logits = self.lm_head(h)
+            loss = None if labels is None else causal_lm_loss(logits, labels, loss_reduction)
         return CausalLMOutput(logits=logits, loss=loss,
                               past_key_values=past_key_values if use_cache else None)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (fp32), mean over labels != -100 (0 when there are none)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (fp32), mean over labels != -100 (0 when there are none), or their sum."""
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
     return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear computing exactly F.linear(x, weight, bias) (not a LoRA/NF4 wrapper or a subclass)."""
+    return (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and not m._forward_hooks
+            and not m._forward_pre_hooks)

@@ -6,3 +6,4 @@ from . import _common  # noqa: F401
 from . import nf4  # noqa: F401,E402
 from . import lora  # noqa: F401
 from . import optim  # noqa: F401
+from . import loss  # noqa: F401

@@ -26,6 +26,19 @@ def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def batch_nll_sum(model, batch: dict, device: torch.device) -> tuple:
+    """(sum of next-token NLL in fp32, number of target tokens) of one batch. lorart's own models compute it
+    from the hidden states in chunks (lorart.ops.loss): the [tokens, vocab] logits are never formed."""
+    if getattr(model, "supports_chunked_loss", False):
+        kw = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+              "labels": batch["labels"].to(device), "loss_reduction": "sum", "return_logits": False}
+        if "position_ids" in batch:
+            kw["position_ids"] = batch["position_ids"].to(device)
+        out = model(**kw)
+        return out.loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return token_nll_sum(forward_logits(model, batch, device), batch["labels"])
+
+
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     """(sum of next-token NLL in fp32, number of target tokens)."""
     shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -47,8 +60,7 @@ def eval_loss(model, examples: list, pad_id: int, device, dtype, batch_size: int
         for s in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
             with autocast_ctx(device, dtype):
-                logits = forward_logits(model, batch, device)
-            nll, n = token_nll_sum(logits, batch["labels"])
+                nll, n = batch_nll_sum(model, batch, device)
             total += float(nll)
             count += n
     finally:

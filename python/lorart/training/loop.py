@@ -13,7 +13,7 @@ import torch
 from ..data import batch_indices, collate
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .evaluate import autocast_ctx, eval_loss, format_accuracy, forward_logits, generate_samples, token_nll_sum
+from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples
 from .options import TrainOptions, option_names
 from .outputs import comparison_table, peak_memory, write_json_atomic, write_plot, write_samples
 from .progress import Progress
@@ -199,11 +199,10 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
             loss_sum = 0.0
             for b in batches:
                 with autocast_ctx(dev, dtype):
-                    logits = forward_logits(m, b, dev)
-                nll, _ = token_nll_sum(logits, b["labels"])
+                    nll, _ = batch_nll_sum(m, b, dev)
                 (nll / max(ntgt, 1)).backward()
                 loss_sum += float(nll.detach())
-                del logits, nll
+                del nll
             if opts.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), opts.max_grad_norm)
             lr = optim.param_groups[0]["lr"]
