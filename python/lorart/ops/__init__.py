@@ -7,3 +7,4 @@ from . import nf4  # noqa: F401,E402
 from . import lora  # noqa: F401
 from . import optim  # noqa: F401
 from . import loss  # noqa: F401
+from . import act  # noqa: F401
