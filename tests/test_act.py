@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from lorart.ops.act import swiglu
 
@@ -131,7 +132,8 @@ def test_llama_mlp_uses_fused_path_and_matches_plain():
     assert seen.count(3 * 5 * 40) == 3  # gate, up (swiglu) and the down input; the plain path keeps 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [8 * 1000, 1001])  # vector and scalar kernels
 def test_cuda_matches_cpu(dtype, n):

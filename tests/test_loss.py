@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorart.ops.loss import default_chunk_rows, linear_cross_entropy
@@ -171,7 +172,8 @@ def test_model_chunked_loss_equals_logits_loss():
             torch.testing.assert_close(ga[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_autocast_matches_plain_path():
     h, W, b, y = _inputs(N=300, H=64, V=1000)
     h, W, b, y = (t.detach().cuda().requires_grad_(t.requires_grad) if t.is_floating_point() else t.cuda()
