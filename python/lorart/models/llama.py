@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.act import runs_on, swiglu
+from ..ops._common import runs_on
+from ..ops.act import swiglu
 from ..ops.loss import linear_cross_entropy
+from ..ops.norm import MAX_HIDDEN_CUDA, rms_norm
 from .config import LlamaConfig
 
 IGNORE_INDEX = -100
@@ -61,6 +63,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.weight.dtype == x.dtype and runs_on(x) and not (x.is_cuda and x.shape[-1] > MAX_HIDDEN_CUDA)
+                and x.shape[-1] > 0):
+            return rms_norm(x, self.weight, self.eps)  # same arithmetic; backward keeps x and rstd only
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -8,3 +8,4 @@ from . import lora  # noqa: F401
 from . import optim  # noqa: F401
 from . import loss  # noqa: F401
 from . import act  # noqa: F401
+from . import norm  # noqa: F401

@@ -80,4 +80,21 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
             )
 
 
-__all__ = ["_C", "view", "stream", "check_device", "check_dtype", "check_same_device", "FLOAT_DTYPES"]
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether lorart's fused elementwise/row kernels (act, norm) are the ones to use for t; callers fall back
+    to plain torch ops otherwise: this build can run them on t's device, and t is not float16 on the CPU (our
+    scalar fp16 conversions make those CPU loops several times slower than torch's)."""
+    if t.device.type == "cpu":
+        return t.dtype != torch.float16
+    if t.device.type != "cuda":
+        return False
+    ok = _cuda_ok.get("ok")
+    if ok is None:
+        ok = _cuda_ok["ok"] = bool(cuda_compiled()) and cuda_status()[0] > 0
+    return ok
+
+
+_cuda_ok: dict = {}
+
+
+__all__ = ["_C", "view", "stream", "check_device", "check_dtype", "check_same_device", "FLOAT_DTYPES", "runs_on"]

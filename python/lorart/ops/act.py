@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import (_C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, cuda_compiled, cuda_status,
-                      stream, view)
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -96,21 +95,6 @@ class _SwiGLUFn(torch.autograd.Function):
         return _backward_impl(gate, up, grad_out)
 
 
-def runs_on(t: Tensor) -> bool:
-    """Whether the fused kernel is the one to use for t (callers fall back to the plain ops otherwise): this
-    build can run it on t's device, and it is not float16 on the CPU (our scalar fp16 conversions make the
-    CPU loop ~7x slower than torch's there; fp32 and bf16 are 1.2-2x faster)."""
-    if t.device.type == "cpu":
-        return t.dtype != torch.float16
-    if t.device.type != "cuda":
-        return False
-    ok = _cuda_ok.get("ok")
-    if ok is None:
-        ok = _cuda_ok["ok"] = bool(cuda_compiled()) and cuda_status()[0] > 0
-    return ok
-
-
-_cuda_ok: dict = {}
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -124,4 +108,4 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return _impl(gate, up)
 
 
-__all__ = ["swiglu", "runs_on"]
+__all__ = ["swiglu"]
