@@ -62,7 +62,7 @@ done
 
 step "benchmarks"
 QUICKFLAG=""; [ "${QUICK:-0}" = 1 ] && QUICKFLAG="--quick"
-for b in nf4 lora optim; do
+for b in nf4 lora optim fused; do
   [ -f bench/$b.py ] || continue
   echo "--- bench/$b.py"
   timeout 150 $PY bench/$b.py --device cuda $QUICKFLAG --json "$OUT/$b.json" > "$OUT/bench-$b.txt" 2>&1 \
