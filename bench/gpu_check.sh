@@ -82,7 +82,7 @@ step "summary"
   for tool in memcheck racecheck; do
     echo "compute-sanitizer $tool: \`$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.txt" | tail -1)\`"
   done
-  for b in nf4 lora optim; do
+  for b in nf4 lora optim fused; do
     [ -f "$OUT/bench-$b.txt" ] || continue
     echo; echo "### bench/$b.py"; echo; echo '```'; cat "$OUT/bench-$b.txt"; echo '```'
   done
