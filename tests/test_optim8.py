@@ -354,10 +354,10 @@ def test_100_steps_close_to_bitsandbytes_and_to_32bit():
     rel8, relb = ((p8 - p32).norm() / move).item(), ((pb - p32).norm() / move).item()
     print(f"100 steps: |8-32|/|move| lorart {rel8:.4f} bnb {relb:.4f}; max |8-32| lorart "
           f"{(p8 - p32).abs().max() / lr:.3f} lr, bnb {(pb - p32).abs().max() / lr:.3f} lr; max |lorart-bnb| "
-          f"{(p8 - pb).abs().max() / lr:.3f} lr")
+          f"{(p8 - pb).abs().max() / lr:.3f} lr, |lorart-bnb|/|move| {((p8 - pb).norm() / move).item():.4f}")
     assert rel8 < 0.03 and relb < 0.03 and rel8 < 1.1 * relb
     assert (p8 - p32).abs().max() < 1.5 * lr
-    assert (p8 - pb).abs().max() < 1.5 * lr and ((p8 - pb).norm() / move) < 0.03
+    assert (p8 - pb).abs().max() < 1.5 * lr and ((p8 - pb).norm() / move) < 0.01
     for x, y in zip(a, b):
         assert ob.state[x]["step"] == o8.state[y]["step"]
 

@@ -2,7 +2,6 @@
 // the dynamic maps and the standalone (CPU) blockwise quantisation.
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #include "common/check.h"
@@ -21,6 +20,7 @@ namespace lorart {
 namespace detail {
 
 const DynamicTables& dynamic_tables() {
+  // on the heap (132 KB), built once; never freed (used until exit)
   static const DynamicTables* tables = [] {
     auto* t = new DynamicTables;
     for (int s = 0; s < 2; ++s) {

@@ -42,7 +42,7 @@ class StateLayout:
 
     def nbytes(self, numel: int) -> int:
         """Bytes of both states of `numel` elements, as laid out (absmax included)."""
-        return sum(2 * torch.empty((), dtype=dt).element_size() * -(-numel // div) for dt, div in self.planes)
+        return sum(2 * dt.itemsize * -(-numel // div) for dt, div in self.planes)
 
     def zeros(self, p: torch.Tensor) -> tuple:
         """Resident (unpaged) states of p."""
@@ -106,7 +106,7 @@ def plan(params: list[torch.Tensor], chunk_elems: int, layout: StateLayout) -> t
 def staging_bytes(params: list[torch.Tensor], chunk_elems: int, layout: StateLayout) -> int:
     """GPU bytes of the double-buffered staging area PagedStates(params, chunk_elems, layout) allocates."""
     chunk = plan(params, chunk_elems, layout)[1]
-    return sum(2 * 2 * (chunk // div) * torch.empty((), dtype=dt).element_size() for dt, div in layout.planes)
+    return sum(2 * 2 * (chunk // div) * dt.itemsize for dt, div in layout.planes)
 
 
 class PagedStates:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.optim import BLOCK, dequantize_blockwise8, dynamic_map, quantize_blockwise8
+from ..ops.optim import BLOCK, dynamic_map, quantize_blockwise8
 from ._paging import LAYOUT8, StateLayout
 
 BNB_WRAP_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes.optim.optimizer.Optimizer8bit's key
@@ -116,10 +116,3 @@ def entries(storage: tuple, layout: StateLayout, state_bits: int, step: float, q
         e.update(absmax1=storage[2], absmax2=storage[3], qmap1=qmaps[0], qmap2=qmaps[1])
     return e
 
-
-def dequantized(storage: tuple, layout: StateLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 exp_avg, exp_avg_sq (CPU) of a parameter's storage, whatever its width (for reports/tests)."""
-    if layout is LAYOUT8:
-        return (dequantize_blockwise8(storage[0], storage[2], True),
-                dequantize_blockwise8(storage[1], storage[3], False))
-    return storage[0].detach().cpu(), storage[1].detach().cpu()

@@ -3,7 +3,6 @@ states that stay on the GPU while they fit a budget and are paged from pinned ho
 memory beyond it (see lorart/optim/_paging.py and docs/optim.md)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
