@@ -1,8 +1,9 @@
 """Step time of lorart.optim.PagedAdamW against torch.optim.AdamW (foreach, fused) and
-bitsandbytes' PagedAdamW (when installed), states resident and paged.
+bitsandbytes' PagedAdamW (when installed), states resident and paged; with 8-bit states
+(state_bits=8) against bitsandbytes' AdamW8bit / PagedAdamW8bit.
 
     python bench/optim.py --device cuda [--json out.json]     # 10M and 1B parameters
-    python bench/optim.py --device cpu --quick                 # a CPU smoke run
+    python bench/optim.py --device cpu --quick [--threads 1]   # a CPU smoke run
 
 Ratios are taken within one run. For the paged configuration the script also measures
 the pinned host<->device bandwidth (H2D and D2H concurrently, as the pager runs them) and
@@ -75,9 +76,12 @@ def _contenders(dev: str):
         c["torch_fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
         c["lorart_resident"] = lambda ps: PagedAdamW(ps, lr=1e-4, gpu_budget_bytes=1 << 50)
         c["lorart_paged"] = lambda ps: PagedAdamW(ps, lr=1e-4, gpu_budget_bytes=0)
+        c["lorart8_resident"] = lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8, gpu_budget_bytes=1 << 50)
+        c["lorart8_paged"] = lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8, gpu_budget_bytes=0)
         try:
             import bitsandbytes as bnb  # noqa: F401
             c["bnb_paged_adamw"] = lambda ps: bnb.optim.PagedAdamW(ps, lr=1e-4)
+            c["bnb_adamw8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)
             c["bnb_paged_adamw8bit"] = lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-4)
         except Exception as e:  # noqa: BLE001
             print(f"bitsandbytes unavailable: {e}", file=sys.stderr)
@@ -86,6 +90,7 @@ def _contenders(dev: str):
         c["torch_foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
         c["torch_fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
         c["lorart"] = lambda ps: PagedAdamW(ps, lr=1e-4)
+        c["lorart8"] = lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8)
         try:  # bitsandbytes' paged optimizers need CUDA; its plain ones run on the CPU
             import bitsandbytes as bnb  # noqa: F401
             c["bnb_adamw"] = lambda ps: bnb.optim.AdamW(ps, lr=1e-4)
@@ -102,8 +107,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated parameter counts")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of torch and lorart (default: theirs)")
     args = ap.parse_args()
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        lorart._C.set_num_threads(args.threads)
     if args.sizes:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
     elif args.quick:
@@ -111,7 +120,8 @@ def main() -> None:
     else:
         sizes = [10_000_000, 1_000_000_000] if dev == "cuda" else [10_000_000]
     results = {"device": dev, "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
-               "threads": lorart._C.get_num_threads(), "torch": torch.__version__, "runs": []}
+               "threads": lorart._C.get_num_threads(), "torch_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "runs": []}
     if dev == "cuda":
         bw = _duplex_bandwidth()
         results["pinned_duplex_bandwidth_GBps"] = bw / 1e9
@@ -125,9 +135,9 @@ def main() -> None:
             try:
                 opt = make(ps)
                 row["ms"][name] = 1e3 * _time_steps(opt, dev, 2, iters)
-                if name == "lorart_paged":
+                if name in ("lorart_paged", "lorart8_paged"):
                     rep = opt.memory_report()
-                    row["paged_bytes_per_step"] = rep["paged_h2d_bytes_per_step"] + rep["paged_d2h_bytes_per_step"]
+                    row[f"{name}_bytes_per_step"] = rep["paged_h2d_bytes_per_step"] + rep["paged_d2h_bytes_per_step"]
             except (RuntimeError, MemoryError) as e:
                 print(f"{name} @ {total}: {e}", file=sys.stderr)
             del ps
@@ -136,17 +146,21 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.empty_cache()
         ms = row["ms"]
-        ours = "lorart_resident" if dev == "cuda" else "lorart"
-        for ref in ("torch_fused", "torch_foreach", "torch_single", "bnb_adamw", "bnb_paged_adamw"):
+        pairs = [(ours, ref) for ours in ("lorart_resident", "lorart")
+                 for ref in ("torch_fused", "torch_foreach", "torch_single", "bnb_adamw", "bnb_paged_adamw")]
+        pairs += [("lorart8_resident", "bnb_adamw8bit"), ("lorart8", "bnb_adamw8bit"), ("lorart8", "lorart"),
+                  ("lorart8_resident", "lorart_resident"), ("lorart8_paged", "bnb_paged_adamw8bit")]
+        for ours, ref in pairs:
             if ref in ms and ours in ms:
                 row[f"{ours}_vs_{ref}"] = ms[ours] / ms[ref]
-        if "lorart_paged" in ms and dev == "cuda":
-            ideal = row["paged_bytes_per_step"] / results["pinned_duplex_bandwidth_GBps"] / 1e9
-            row["paged_bw_ratio"] = ideal / (ms["lorart_paged"] / 1e3)
+        for name, key in (("lorart_paged", "paged_bw_ratio"), ("lorart8_paged", "paged8_bw_ratio")):
+            if name in ms and dev == "cuda":
+                ideal = row[f"{name}_bytes_per_step"] / results["pinned_duplex_bandwidth_GBps"] / 1e9
+                row[key] = ideal / (ms[name] / 1e3)
         results["runs"].append(row)
         print(f"params={total:,}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
         for k, v in row.items():
-            if "_vs_" in k or k == "paged_bw_ratio":
+            if "_vs_" in k or k.endswith("bw_ratio"):
                 print(f"  {k}: {v:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

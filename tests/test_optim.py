@@ -146,7 +146,9 @@ def test_nan_gradient_propagates_like_torch(device):
     (dict(eps=-1e-8), "`eps`"),
     (dict(weight_decay=-0.1), "`weight_decay`"),
     (dict(amsgrad=True), "amsgrad"),
-    (dict(state_bits=8), "`state_bits`"),
+    (dict(state_bits=16), "`state_bits`"),
+    (dict(state_bits=True), "`state_bits`"),
+    (dict(min_8bit_size=-1), "`min_8bit_size`"),
     (dict(gpu_budget_bytes=-1), "`gpu_budget_bytes`"),
 ])
 def test_bad_hyperparameters(kwargs, match):

@@ -7,6 +7,7 @@
 #include "common/parallel.h"
 #include "lorart/detail/optim_math.h"
 #include "lorart/optim.h"
+#include "optim/optim_checks.h"
 #ifdef LORART_WITH_CUDA
 #include "common/cuda_api.h"
 #include "optim/optim_launch.h"
@@ -75,22 +76,12 @@ void cpu_adamw_step(const std::vector<TensorView>& params, const std::vector<Ten
   });
 }
 
-void check_options(const AdamWOptions& o) {
-  LORART_CHECK(o.lr >= 0.0, "argument `lr`: expected >= 0, got ", o.lr);
-  LORART_CHECK(o.beta1 >= 0.0 && o.beta1 < 1.0, "argument `beta1`: expected in [0, 1), got ", o.beta1);
-  LORART_CHECK(o.beta2 >= 0.0 && o.beta2 < 1.0, "argument `beta2`: expected in [0, 1), got ", o.beta2);
-  LORART_CHECK(o.eps >= 0.0, "argument `eps`: expected >= 0, got ", o.eps);
-  LORART_CHECK(o.weight_decay >= 0.0, "argument `weight_decay`: expected >= 0, got ", o.weight_decay);
-}
-
-std::string nth(const char* name, size_t i) { return detail::cat(name, "[", i, "]"); }
-
 }  // namespace
 
 void adamw_step(const std::vector<TensorView>& params, const std::vector<TensorView>& grads,
                 const std::vector<TensorView>& exp_avgs, const std::vector<TensorView>& exp_avg_sqs,
                 const std::vector<int64_t>& steps, const AdamWOptions& options, Stream stream) {
-  check_options(options);
+  detail::check_adamw_options(options);
   const size_t n = params.size();
   LORART_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
                "adamw_step: expected params, grads, exp_avgs, exp_avg_sqs and steps of one length, got ", n, ", ",
@@ -98,25 +89,10 @@ void adamw_step(const std::vector<TensorView>& params, const std::vector<TensorV
   if (n == 0) return;
   std::vector<detail::AdamWScalars> scalars(n);
   for (size_t i = 0; i < n; ++i) {
-    const std::string pn = nth("params", i), gn = nth("grads", i), mn = nth("exp_avgs", i), vn = nth("exp_avg_sqs", i);
-    detail::check_dtype(params[i], pn.c_str(), {DType::F32, DType::BF16, DType::F16});
-    LORART_CHECK_TYPE(grads[i].dtype == params[i].dtype, "argument `", gn, "`: expected dtype ",
-                      dtype_name(params[i].dtype), " (the dtype of ", pn, "), got ", dtype_name(grads[i].dtype));
-    detail::check_dtype(exp_avgs[i], mn.c_str(), {DType::F32});
-    detail::check_dtype(exp_avg_sqs[i], vn.c_str(), {DType::F32});
-    const TensorView* all[4] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
-    const std::string* names[4] = {&pn, &gn, &mn, &vn};
-    for (int k = 0; k < 4; ++k) {
-      detail::check_contiguous(*all[k], names[k]->c_str());
-      LORART_CHECK(all[k]->numel() == params[i].numel(), "argument `", *names[k], "`: expected ", params[i].numel(),
-                   " elements (as ", pn, "), got ", all[k]->numel(), " (shape ", all[k]->shape_str(), ")");
-      if (k > 0) detail::check_same_device(params[0], "params[0]", *all[k], names[k]->c_str());
-      if (all[k]->numel() > 0) detail::check_not_null(*all[k], names[k]->c_str());
-    }
-    if (i > 0) detail::check_same_device(params[0], "params[0]", params[i], pn.c_str());
-    LORART_CHECK(steps[i] >= 1, "argument `steps[", i, "]`: expected >= 1 (the count after this step), got ", steps[i]);
-    scalars[i] = detail::adamw_scalars(options.lr, options.beta1, options.beta2, options.eps, options.weight_decay,
-                                       steps[i], options.maximize);
+    scalars[i] = detail::check_param_grad_step(params, grads, steps, i, options);
+    const std::string as = detail::cat("as params[", i, "]");
+    detail::check_state(exp_avgs[i], detail::nth("exp_avgs", i), {DType::F32}, params[i].numel(), as, params[0]);
+    detail::check_state(exp_avg_sqs[i], detail::nth("exp_avg_sqs", i), {DType::F32}, params[i].numel(), as, params[0]);
   }
   detail::check_device_supported(params[0], "params[0]");
   if (params[0].is_cuda()) {

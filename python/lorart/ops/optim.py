@@ -1,4 +1,6 @@
-"""Optimizer ops: torch.ops.lorart.adamw_step_ (fused multi-tensor AdamW, in place)."""
+"""Optimizer ops: torch.ops.lorart.adamw_step_ (fused multi-tensor AdamW, in place, float32 states) and
+torch.ops.lorart.adamw8_step_ (the same with 8-bit blockwise states, bitsandbytes' layout), plus the
+8-bit states' dynamic maps and blockwise (de)quantisation used to convert states."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,7 @@ from torch import Tensor
 from ._common import _C, check_device, stream, view
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK = 256  # elements per absmax of the 8-bit states
 
 
 def check_adamw_hparams(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -21,26 +24,37 @@ def check_adamw_hparams(lr: float, beta1: float, beta2: float, eps: float, weigh
             raise ValueError(f"lorart: argument `{name}`: expected a float in [0, 1), got {val!r}")
 
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay) -> None:
+def _blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def _check(op, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Checks shared by the ops and their fakes. states: [(name, tensors, dtype, 8-bit absmax?)]."""
     check_adamw_hparams(lr, beta1, beta2, eps, weight_decay)
     n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
-        raise ValueError(
-            "lorart: adamw_step_: expected params, grads, exp_avgs, exp_avg_sqs and steps of one length, got "
-            f"{n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(steps)}"
-        )
+    lists = [("params", params), ("grads", grads)] + [(s[0], s[1]) for s in states] + [("steps", steps)]
+    if any(len(ts) != n for _, ts in lists):
+        names = ", ".join(nm for nm, _ in lists[:-1])
+        raise ValueError(f"lorart: {op}: expected {names} and steps of one length, got "
+                         + ", ".join(str(len(ts)) for _, ts in lists))
     for i in range(n):
-        p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+        p, g = params[i], grads[i]
         if p.dtype not in _PARAM_DTYPES:
             raise TypeError(f"lorart: argument `params[{i}]`: expected dtype float32|bfloat16|float16, got {p.dtype}")
         if g.dtype != p.dtype:
             raise TypeError(f"lorart: argument `grads[{i}]`: expected dtype {p.dtype} (as params[{i}]), got {g.dtype}")
-        for name, t in ((f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v)):
-            if t.dtype != torch.float32:
-                raise TypeError(f"lorart: argument `{name}`: expected dtype float32, got {t.dtype}")
-        for name, t in ((f"params[{i}]", p), (f"grads[{i}]", g), (f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v)):
-            if t.numel() != p.numel():
-                raise ValueError(f"lorart: argument `{name}`: expected {p.numel()} elements (as params[{i}]), "
+        checks = [(f"params[{i}]", p, p.numel(), f"as params[{i}]"), (f"grads[{i}]", g, p.numel(), f"as params[{i}]")]
+        for name, ts, dtype, per_block in states:
+            t = ts[i]
+            if t.dtype != dtype:
+                raise TypeError(f"lorart: argument `{name}[{i}]`: expected dtype {str(dtype).replace('torch.', '')}, "
+                                f"got {t.dtype}")
+            count, what = ((_blocks(p.numel()), f"ceil(params[{i}].numel / {BLOCK})") if per_block
+                           else (p.numel(), f"as params[{i}]"))
+            checks.append((f"{name}[{i}]", t, count, what))
+        for name, t, count, what in checks:
+            if t.numel() != count:
+                raise ValueError(f"lorart: argument `{name}`: expected {count} elements ({what}), "
                                  f"got {t.numel()} (shape {tuple(t.shape)})")
             if not t.is_contiguous():
                 raise ValueError(f"lorart: argument `{name}`: expected a contiguous tensor")
@@ -49,6 +63,16 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, w
                                  f"got {params[0].device} and {t.device}")
         if steps[i] < 1:
             raise ValueError(f"lorart: argument `steps[{i}]`: expected >= 1 (the count after this step), got {steps[i]}")
+
+
+def _states32(exp_avgs, exp_avg_sqs):
+    return [("exp_avgs", exp_avgs, torch.float32, False), ("exp_avg_sqs", exp_avg_sqs, torch.float32, False)]
+
+
+def _states8(q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs):
+    return [("q_exp_avgs", q_exp_avgs, torch.uint8, False), ("q_exp_avg_sqs", q_exp_avg_sqs, torch.uint8, False),
+            ("absmax_exp_avgs", absmax_exp_avgs, torch.float32, True),
+            ("absmax_exp_avg_sqs", absmax_exp_avg_sqs, torch.float32, True)]
 
 
 @torch.library.custom_op("lorart::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
@@ -75,7 +99,8 @@ def adamw_step_(
 
 
 def _run(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
-    _check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+    _check("adamw_step_", params, grads, _states32(exp_avgs, exp_avg_sqs), steps, lr, beta1, beta2, eps,
+           weight_decay)
     if not params:
         return
     check_device(params[0], "params[0]")
@@ -101,8 +126,103 @@ def adamw_step_eager(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, bet
 
 @adamw_step_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize=False):
-    _check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+    _check("adamw_step_", params, grads, _states32(exp_avgs, exp_avg_sqs), steps, lr, beta1, beta2, eps,
+           weight_decay)
     return None
 
 
-__all__ = ["adamw_step_", "adamw_step_eager", "check_adamw_hparams"]
+
+@torch.library.custom_op("lorart::adamw8_step_",
+                         mutates_args=("params", "q_exp_avgs", "q_exp_avg_sqs", "absmax_exp_avgs", "absmax_exp_avg_sqs"))
+def adamw8_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    q_exp_avgs: list[Tensor],
+    q_exp_avg_sqs: list[Tensor],
+    absmax_exp_avgs: list[Tensor],
+    absmax_exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step with 8-bit blockwise states (bitsandbytes' 8-bit Adam layout), in place.
+
+    params: float32|bfloat16|float16; grads: params' dtypes; q_exp_avgs, q_exp_avg_sqs: uint8 with params'
+    element counts; absmax_exp_avgs, absmax_exp_avg_sqs: float32 with ceil(numel / 256) elements; all
+    contiguous, one device. Byte q of block b stands for code[q] * absmax[b] (dynamic_map(signed=True) for
+    exp_avg, dynamic_map(signed=False) for exp_avg_sq). Fresh states: zero bytes and zero absmax.
+    """
+    _run8(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, maximize)
+
+
+def _run8(params, grads, q1, q2, a1, a2, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+    _check("adamw8_step_", params, grads, _states8(q1, q2, a1, a2), steps, lr, beta1, beta2, eps, weight_decay)
+    if not params:
+        return
+    check_device(params[0], "params[0]")
+    _C.adamw8_step(
+        [view(t) for t in params], [view(t) for t in grads], [view(t) for t in q1], [view(t) for t in q2],
+        [view(t) for t in a1], [view(t) for t in a2], [int(s) for s in steps], float(lr), float(beta1),
+        float(beta2), float(eps), float(weight_decay), bool(maximize), stream(params[0]),
+    )
+
+
+def adamw8_step_eager(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr,
+                      beta1, beta2, eps, weight_decay, maximize=False) -> None:
+    """adamw8_step_ without the dispatcher's per-call cost (as adamw_step_eager); the op while tracing."""
+    args = (params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2,
+            eps, weight_decay, maximize)
+    if torch.compiler.is_compiling():
+        torch.ops.lorart.adamw8_step_(*args)
+        return
+    _run8(*args)
+    for ts in (params, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs):
+        torch.autograd.graph.increment_version(ts)
+
+
+@adamw8_step_.register_fake
+def _(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+      weight_decay, maximize=False):
+    _check("adamw8_step_", params, grads, _states8(q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs),
+           steps, lr, beta1, beta2, eps, weight_decay)
+    return None
+
+
+# ---- the 8-bit states' maps and conversions (host side) ---------------------------------
+_MAPS: dict[bool, Tensor] = {}
+
+
+def dynamic_map(signed: bool = True) -> Tensor:
+    """bitsandbytes' sorted 256-entry dynamic map (create_dynamic_map(signed)), float32 on the CPU.
+    Signed: exp_avg's code; unsigned: exp_avg_sq's. Returns a new tensor (the cached one is never handed out)."""
+    if signed not in _MAPS:
+        _MAPS[signed] = torch.tensor(_C.dynamic_map(bool(signed)), dtype=torch.float32)
+    return _MAPS[signed].clone()
+
+
+def quantize_blockwise8(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """x (any float dtype/device) -> (q uint8 of x's shape, absmax float32 [ceil(numel / 256)]) on the CPU,
+    with the 8-bit kernels' rule (absmax = max |x| per 256 elements, q = nearest code to x / absmax)."""
+    x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    absmax = torch.empty(_blocks(x.numel()), dtype=torch.float32)
+    _C.quantize_blockwise8(view(x), bool(signed), view(q), view(absmax))
+    return q, absmax
+
+
+def dequantize_blockwise8(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """code[q] * absmax (float32, q's shape, on the CPU)."""
+    q = q.detach().cpu().contiguous()
+    absmax = absmax.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _C.dequantize_blockwise8(view(q), view(absmax), bool(signed), view(out))
+    return out
+
+
+__all__ = ["adamw_step_", "adamw_step_eager", "adamw8_step_", "adamw8_step_eager", "check_adamw_hparams",
+           "dynamic_map", "quantize_blockwise8", "dequantize_blockwise8", "BLOCK"]
