@@ -155,8 +155,10 @@ def _sync(device):
 
 def host_times(K, N, M, base_kind, r, p, device, rounds, calls):
     """Median per-call seconds of each variant and median per-round ratio lorart/peft, the variants interleaved
-    round by round (a shared machine drifts). At tiny shapes this is host time; on a GPU, calls are queued
-    without a sync between them, so it is host time only while the GPU keeps up."""
+    round by round (a shared machine drifts). On the CPU: the calling thread's CPU time (one torch thread runs
+    everything on it, and time spent descheduled on a busy machine is not counted). On a GPU: wall time with
+    calls queued without a sync between them, so host time only while the GPU keeps up."""
+    clock = time.thread_time if device == "cpu" else time.perf_counter
     mods, dt = _layers(K, N, base_kind, r, p, device)
     x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
     gy = torch.randn(M, N, device=device, dtype=dt)
@@ -170,11 +172,11 @@ def host_times(K, N, M, base_kind, r, p, device, rounds, calls):
         for _ in range(rounds):
             for k, f in fns.items():
                 _sync(device)
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(calls):
                     f()
                 _sync(device)
-                per[k].append((time.perf_counter() - t) / calls)
+                per[k].append((clock() - t) / calls)
         out[tag] = {k: statistics.median(v) for k, v in per.items()}
         out[tag]["ratio_vs_peft"] = statistics.median(a / b for a, b in zip(per["lorart"], per["peft"]))
         out[tag]["ratio_vs_bare"] = statistics.median(a / b for a, b in zip(per["lorart"], per["bare"]))
@@ -244,7 +246,8 @@ def main_host(args) -> int:
     torch.set_num_threads(args.threads)
     rounds, calls = (5, 50) if args.quick else (15, 200)
     res = {"device": dev, "threads": args.threads, "torch": torch.__version__, "r": 16, "host": [], "ops": []}
-    print(f"per-call time, us (median of {rounds} interleaved rounds of {calls} calls; ratios: median per round), "
+    clock = "thread CPU time" if dev == "cpu" else "wall time"
+    print(f"per-call {clock}, us (median of {rounds} interleaved rounds of {calls} calls; ratios: median per round), "
           f"r=16, {args.threads} thread(s), {dev}")
     print(f"{'K':>4} {'N':>5} {'M':>3} {'base':>4} {'p':>4} | fwd: lorart  peft  bare  x peft | "
           f"fwd+bwd: lorart  peft  bare  x peft")
