@@ -5,7 +5,7 @@ peak memory. ``--host``: per-call host time at small shapes and op counts per fw
 
     python bench/lora.py --device cuda [--json out.json]
     python bench/lora.py --device cpu --quick
-    python bench/lora.py --host [--device cuda] [--threads 1]
+    python bench/lora.py --host [--device cuda] [--threads 1] [--rows 1,64,384]
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def host_times(K, N, M, base_kind, r, p, device, rounds, calls):
+def host_times(K, N, M, base_kind, r, p, device, rounds, calls, round_s=0.03):
     """Median per-call seconds of each variant and median per-round ratio lorart/peft, the variants interleaved
     round by round (a shared machine drifts). On the CPU: the calling thread's CPU time (one torch thread runs
     everything on it, and time spent descheduled on a busy machine is not counted). On a GPU: wall time with
@@ -167,16 +167,21 @@ def host_times(K, N, M, base_kind, r, p, device, rounds, calls):
         fns = {k: _host_step(m, x, gy, bwd) for k, m in mods.items()}
         per = {k: [] for k in fns}
         for f in fns.values():
-            for _ in range(max(calls // 10, 3)):
+            for _ in range(3):
                 f()
+        _sync(device)
+        t = clock()
+        fns["lorart"]()
+        _sync(device)
+        n = max(3, min(calls, int(round_s / max(clock() - t, 1e-7))))  # at most ~round_s per variant and round
         for _ in range(rounds):
             for k, f in fns.items():
                 _sync(device)
                 t = clock()
-                for _ in range(calls):
+                for _ in range(n):
                     f()
                 _sync(device)
-                per[k].append((clock() - t) / calls)
+                per[k].append((clock() - t) / n)
         out[tag] = {k: statistics.median(v) for k, v in per.items()}
         out[tag]["ratio_vs_peft"] = statistics.median(a / b for a, b in zip(per["lorart"], per["peft"]))
         out[tag]["ratio_vs_bare"] = statistics.median(a / b for a, b in zip(per["lorart"], per["bare"]))
@@ -244,22 +249,26 @@ def op_counts(K, N, M, base_kind, r, p, device):
 def main_host(args) -> int:
     dev = args.device
     torch.set_num_threads(args.threads)
-    rounds, calls = (5, 50) if args.quick else (15, 200)
+    rounds, calls = (5, 50) if args.quick else (args.rounds, 200)
     res = {"device": dev, "threads": args.threads, "torch": torch.__version__, "r": 16, "host": [], "ops": []}
     clock = "thread CPU time" if dev == "cpu" else "wall time"
-    print(f"per-call {clock}, us (median of {rounds} interleaved rounds of {calls} calls; ratios: median per round), "
+    print(f"per-call {clock}, us (median of {rounds} interleaved rounds of up to {calls} calls or ~30 ms; ratios: "
+          f"median per round), "
           f"r=16, {args.threads} thread(s), {dev}")
     print(f"{'K':>4} {'N':>5} {'M':>3} {'base':>4} {'p':>4} | fwd: lorart  peft  bare  x peft | "
           f"fwd+bwd: lorart  peft  bare  x peft")
+    rows = [int(m) for m in args.rows.split(",")]
     for K, N in HOST_SHAPES:
-        for base_kind in ("fp32", "bf16", "nf4"):
-            for p in (0.0, 0.05):
-                t = host_times(K, N, 1, base_kind, 16, p, dev, rounds, calls)
-                res["host"].append({"K": K, "N": N, "M": 1, "base": base_kind, "p": p, **t})
-                f, b = t["fwd"], t["fwdbwd"]
-                print(f"{K:>4} {N:>5} {1:>3} {base_kind:>4} {p:>4} | {f['lorart'] * 1e6:9.1f} {f['peft'] * 1e6:5.1f} "
-                      f"{f['bare'] * 1e6:5.1f} {f['ratio_vs_peft']:6.2f} | {b['lorart'] * 1e6:12.1f} "
-                      f"{b['peft'] * 1e6:5.1f} {b['bare'] * 1e6:5.1f} {b['ratio_vs_peft']:6.2f}", flush=True)
+        for M in (rows if (K, N) == HOST_SHAPES[-1] else [1]):
+            for base_kind in ("fp32", "bf16", "nf4"):
+                for p in (0.0, 0.05):
+                    t = host_times(K, N, M, base_kind, 16, p, dev, rounds, calls)
+                    res["host"].append({"K": K, "N": N, "M": M, "base": base_kind, "p": p, **t})
+                    f, b = t["fwd"], t["fwdbwd"]
+                    print(f"{K:>4} {N:>5} {M:>3} {base_kind:>4} {p:>4} | {f['lorart'] * 1e6:9.1f} "
+                          f"{f['peft'] * 1e6:5.1f} {f['bare'] * 1e6:5.1f} {f['ratio_vs_peft']:6.2f} | "
+                          f"{b['lorart'] * 1e6:12.1f} {b['peft'] * 1e6:5.1f} {b['bare'] * 1e6:5.1f} "
+                          f"{b['ratio_vs_peft']:6.2f}", flush=True)
     K, N = HOST_SHAPES[-1]
     M = 64 if args.quick else 512
     print(f"ops per fwd+bwd, {K}x{N}, M={M}, r=16: aten ops / lorart C++ kernel calls / new tensors of >= "
@@ -285,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--host", action="store_true", help="per-call host time at small shapes and op counts")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads in --host mode")
+    ap.add_argument("--rows", default="1", help="--host: comma-separated M values for the 576x1536 shape")
+    ap.add_argument("--rounds", type=int, default=15, help="--host: interleaved timing rounds")
     args = ap.parse_args(argv)
     if args.host:
         return main_host(args)
