@@ -371,7 +371,8 @@ _lora_linear_nf4.register_autograd(_backward_nf4, setup_context=_setup_nf4)
 # ---- eager fast path ----------------------------------------------------------------------------------------
 # The custom ops above are what torch.compile / export see. In eager mode the wrappers below run the same
 # implementations through a torch.autograd.Function, skipping the dispatcher's Python layers (about 4x less
-# host time per call, which decides the speed of small LoRA layers).
+# host time per call, which decides the speed of small LoRA layers), and call them directly when autograd would
+# record nothing (no_grad, inference_mode, or no input requiring grad): the same result without a Function.
 
 class _DenseFn(torch.autograd.Function):
     @staticmethod
