@@ -343,3 +343,26 @@ def test_nf4_base_weight_swap_and_foreign_nf4_base_are_seen():
     assert foreign.is_nf4 and torch.equal(foreign(x), y2)
     foreign.base_layer.qweight = lorart.nf4.quantize(lin.weight.detach())  # swapped: looked up per call
     torch.testing.assert_close(foreign(x), y1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_layer_under_torch_compile_matches_eager(kind):
+    """Under torch.compile the layer goes through the custom ops (fake kernels, registered autograd)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    base = NF4Linear.from_linear(lin) if kind == "nf4" else lin
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.2).train()
+    randomize(layer)
+    x = torch.randn(5, 32, requires_grad=True)
+    A = layer.lora_A["default"].weight
+    for p, fullgraph in ((0.0, True), (0.2, False)):  # a dropout seed is a Python int: a graph break
+        layer.lora_dropout["default"] = p
+        torch._dynamo.reset()
+        f = torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")
+        torch.manual_seed(3)
+        y = f(x)
+        torch.manual_seed(3)
+        ye = layer(x)
+        assert torch.equal(y, ye)
+        for a, b in zip(torch.autograd.grad(y.square().sum(), (A, x)), torch.autograd.grad(ye.square().sum(), (A, x))):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
