@@ -1,16 +1,19 @@
 """LoRA benchmarks: fwd and fwd+bwd of a LoRA linear against the bare base linear and a PEFT-style reference
 (plain torch: base(x) + B(A(dropout(x))) * s), dense bf16 and NF4 bases, r = 8, 16, 64, Llama-7B shapes,
 M = 1 and 4096; plus a mixed batch (32 rows, 32 adapters) against a single-adapter batch. One run, ratios,
-peak memory.
+peak memory. ``--host``: per-call host time at small shapes and op counts per fwd+bwd (host- vs kernel-bound).
 
     python bench/lora.py --device cuda [--json out.json]
     python bench/lora.py --device cpu --quick
+    python bench/lora.py --host [--device cuda] [--threads 1] [--rows 1,64,384]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 import torch
 from _timing import timeit
@@ -111,13 +114,191 @@ def bench_mixed(K, N, rows, n_adapters, r, device, iters):
             "mixed_ms": t_mixed * 1e3, "base_ms": t_base * 1e3, "mixed_ratio_vs_single": t_mixed / t_single}
 
 
+# ---- --host: per-call host time and op counts ----------------------------------------------------------------
+
+HOST_SHAPES = [(16, 16), (576, 1536)]  # tiny (pure host time); SmolLM2-135M's MLP up-projection
+
+
+def _layers(K, N, base_kind, r, p, device):
+    """(lorart LoRALinear, PEFT-style module, bare base, parameter lists) sharing one base and one A/B."""
+    dt = torch.float32 if base_kind == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N, bias=False, device=device, dtype=dt)
+    lin.weight.requires_grad_(False)
+    base = NF4Linear.from_linear(lin) if base_kind == "nf4" else lin
+    layer = LoRALinear(base, r=r, alpha=2 * r, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.01)
+    peft = PeftStyle(base, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"], p).train()
+    return {"lorart": layer, "peft": peft, "bare": base}, dt
+
+
+def _host_step(mod, x, gy, bwd):
+    params = [q for q in mod.parameters() if q.requires_grad] + [x]
+    if not bwd:
+        def fwd():
+            with torch.no_grad():
+                mod(x)
+        return fwd
+
+    def fwdbwd():
+        mod(x).backward(gy)
+        for q in params:
+            q.grad = None
+    return fwdbwd
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_times(K, N, M, base_kind, r, p, device, rounds, calls, round_s=0.03):
+    """Median per-call seconds of each variant and median per-round ratio lorart/peft, the variants interleaved
+    round by round (a shared machine drifts). On the CPU: the calling thread's CPU time (one torch thread runs
+    everything on it, and time spent descheduled on a busy machine is not counted). On a GPU: wall time with
+    calls queued without a sync between them, so host time only while the GPU keeps up."""
+    clock = time.thread_time if device == "cpu" else time.perf_counter
+    mods, dt = _layers(K, N, base_kind, r, p, device)
+    x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+    gy = torch.randn(M, N, device=device, dtype=dt)
+    out = {}
+    for tag, bwd in (("fwd", False), ("fwdbwd", True)):
+        fns = {k: _host_step(m, x, gy, bwd) for k, m in mods.items()}
+        per = {k: [] for k in fns}
+        for f in fns.values():
+            for _ in range(3):
+                f()
+        _sync(device)
+        t = clock()
+        fns["lorart"]()
+        _sync(device)
+        n = max(3, min(calls, int(round_s / max(clock() - t, 1e-7))))  # at most ~round_s per variant and round
+        for _ in range(rounds):
+            for k, f in fns.items():
+                _sync(device)
+                t = clock()
+                for _ in range(n):
+                    f()
+                _sync(device)
+                per[k].append((clock() - t) / n)
+        out[tag] = {k: statistics.median(v) for k, v in per.items()}
+        out[tag]["ratio_vs_peft"] = statistics.median(a / b for a, b in zip(per["lorart"], per["peft"]))
+        out[tag]["ratio_vs_bare"] = statistics.median(a / b for a, b in zip(per["lorart"], per["bare"]))
+    return out
+
+
+class _CountC:
+    """Stands in for lorart._C while counting: calls into lorart's C++ kernels are not aten ops."""
+
+    def __init__(self, real, counts):
+        self._real, self._counts = real, counts
+
+    def __getattr__(self, name):
+        f = getattr(self._real, name)
+
+        def call(*a, **k):
+            self._counts["lorart_C"] += 1
+            return f(*a, **k)
+        return call
+
+
+def op_counts(K, N, M, base_kind, r, p, device):
+    """Per fwd+bwd: aten ops, calls into lorart's C++ kernels, and new allocations of at least M * min(K, N)
+    elements (activation-sized: x-, y-, dx-shaped), for lorart and the PEFT-style module."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lorart.ops import lora as lops
+    from lorart.ops import nf4 as nops
+
+    class Count(TorchDispatchMode):
+        def __init__(self, counts):
+            super().__init__()
+            self.c = counts
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.c["aten"] += 1
+            ins = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if (isinstance(t, torch.Tensor) and t.numel() >= M * min(K, N)
+                        and t.untyped_storage().data_ptr() not in ins):
+                    self.c["big_allocs"] += 1
+            return out
+
+    mods, dt = _layers(K, N, base_kind, r, p, device)
+    x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+    gy = torch.randn(M, N, device=device, dtype=dt)
+    res = {}
+    for k in ("lorart", "peft"):
+        step = _host_step(mods[k], x, gy, True)
+        step()
+        c = {"aten": 0, "lorart_C": 0, "big_allocs": 0}
+        saved = lops._C, nops._C
+        lops._C = nops._C = _CountC(saved[0], c)
+        try:
+            with Count(c):
+                step()
+        finally:
+            lops._C, nops._C = saved
+        res[k] = c
+    return res
+
+
+def main_host(args) -> int:
+    dev = args.device
+    torch.set_num_threads(args.threads)
+    rounds, calls = (5, 50) if args.quick else (args.rounds, 200)
+    res = {"device": dev, "threads": args.threads, "torch": torch.__version__, "r": 16, "host": [], "ops": []}
+    clock = "thread CPU time" if dev == "cpu" else "wall time"
+    print(f"per-call {clock}, us (median of {rounds} interleaved rounds of up to {calls} calls or ~30 ms; ratios: "
+          f"median per round), "
+          f"r=16, {args.threads} thread(s), {dev}")
+    print(f"{'K':>4} {'N':>5} {'M':>3} {'base':>4} {'p':>4} | fwd: lorart  peft  bare  x peft | "
+          f"fwd+bwd: lorart  peft  bare  x peft")
+    rows = [int(m) for m in args.rows.split(",")]
+    for K, N in HOST_SHAPES:
+        for M in (rows if (K, N) == HOST_SHAPES[-1] else [1]):
+            for base_kind in ("fp32", "bf16", "nf4"):
+                for p in (0.0, 0.05):
+                    t = host_times(K, N, M, base_kind, 16, p, dev, rounds, calls)
+                    res["host"].append({"K": K, "N": N, "M": M, "base": base_kind, "p": p, **t})
+                    f, b = t["fwd"], t["fwdbwd"]
+                    print(f"{K:>4} {N:>5} {M:>3} {base_kind:>4} {p:>4} | {f['lorart'] * 1e6:9.1f} "
+                          f"{f['peft'] * 1e6:5.1f} {f['bare'] * 1e6:5.1f} {f['ratio_vs_peft']:6.2f} | "
+                          f"{b['lorart'] * 1e6:12.1f} {b['peft'] * 1e6:5.1f} {b['bare'] * 1e6:5.1f} "
+                          f"{b['ratio_vs_peft']:6.2f}", flush=True)
+    K, N = HOST_SHAPES[-1]
+    M = 64 if args.quick else 512
+    print(f"ops per fwd+bwd, {K}x{N}, M={M}, r=16: aten ops / lorart C++ kernel calls / new tensors of >= "
+          f"M*min(K,N) = {M * min(K, N)} elements")
+    for base_kind in ("bf16", "nf4"):
+        for p in (0.0, 0.05):
+            c = op_counts(K, N, M, base_kind, 16, p, dev)
+            res["ops"].append({"K": K, "N": N, "M": M, "base": base_kind, "p": p, **c})
+            lo, pe = c["lorart"], c["peft"]
+            print(f"  {base_kind:>4} p={p:<4}: lorart {lo['aten']:3d} / {lo['lorart_C']} / {lo['big_allocs']}   "
+                  f"peft-style {pe['aten']:3d} / {pe['lorart_C']} / {pe['big_allocs']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (CPU smoke run)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--host", action="store_true", help="per-call host time at small shapes and op counts")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads in --host mode")
+    ap.add_argument("--rows", default="1", help="--host: comma-separated M values for the 576x1536 shape")
+    ap.add_argument("--rounds", type=int, default=15, help="--host: interleaved timing rounds")
     args = ap.parse_args(argv)
+    if args.host:
+        return main_host(args)
     dev = args.device
     shapes = QUICK if args.quick else LLAMA
     Ms = [1, 256] if args.quick else [1, 4096]

@@ -248,3 +248,121 @@ def test_mixed_batch_ids_change_between_forwards():
     layer(x)
     ids[0] = 1  # in-place change: the cached indices follow the tensor's version
     torch.testing.assert_close(layer(x)[0], exp["b"][0].detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---- the per-call path: no-grad == grad, dropout seeds, base lookups -----------------------------------------------
+
+def _bases():
+    torch.manual_seed(4)
+    lin32 = nn.Linear(32, 24)
+    lin16 = nn.Linear(32, 24, dtype=torch.bfloat16)
+    return {"fp32": (lin32, torch.float32), "bf16": (lin16, torch.bfloat16),
+            "nf4": (NF4Linear.from_linear(lin16), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "nf4"])
+@pytest.mark.parametrize("M", [1, 6, 40])
+def test_layer_no_grad_equals_grad_bitwise_and_seeds_follow_torch(kind, M):
+    base, dt = _bases()[kind]
+    layer = LoRALinear(base, r=4, alpha=12, dropout=0.3).train()
+    randomize(layer)
+    x = torch.randn(2, M, 32).to(dt)
+    torch.manual_seed(11)
+    y_grad = layer(x)
+    assert y_grad.grad_fn is not None
+    torch.manual_seed(11)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(y_grad.detach(), y)
+    # the mask seed is torch's draw of randint(0, 2**62): same torch.manual_seed -> same masks
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    if kind == "nf4":
+        ref = L.lora_linear_nf4(x, *base.weight.op_args(), base.bias, A, B, 3.0, 0.3, seed)
+    else:
+        ref = L.lora_linear(x, base.weight, base.bias, A, B, 3.0, 0.3, seed)
+    assert torch.equal(y, ref)
+    # one draw per call: consecutive calls and a second layer get other masks
+    twin = LoRALinear(base, r=4, alpha=12, dropout=0.3).train()
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.manual_seed(11)
+        y1, y2, y3 = layer(x), layer(x), twin(x)
+    assert torch.equal(y1, y) and not torch.equal(y1, y2) and not torch.equal(y2, y3)
+    layer.eval()  # no dropout and no draw from torch's generator: the p = 0 result
+    with torch.no_grad():
+        torch.manual_seed(0)
+        y_eval = layer(x)
+        after = torch.randint(0, 2 ** 62, (1,))
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.randint(0, 2 ** 62, (1,)))
+    torch.testing.assert_close(y_eval, peft_ref(layer, x), rtol=2e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
+
+
+def test_seed_draw_first_made_under_inference_mode():
+    import threading
+    layer = LoRALinear(nn.Linear(16, 8), r=2, alpha=2, dropout=0.5).train()
+    randomize(layer)
+    errors = []
+
+    def run():  # a fresh thread: its reused seed scalar is created under inference_mode, then used outside it
+        try:
+            with torch.inference_mode():
+                layer(torch.ones(2, 16))
+            layer(torch.ones(2, 16)).sum().backward()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
+
+
+def test_nf4_base_weight_swap_and_foreign_nf4_base_are_seen():
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 32, dtype=torch.bfloat16)
+    base = NF4Linear.from_linear(lin)
+    layer = LoRALinear(base, r=4, alpha=8)
+    randomize(layer)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y1 = layer(x)
+    base._set_weight(lorart.nf4.quantize(torch.randn(32, 64, dtype=torch.bfloat16)))  # as merge(requantize=True)
+    y2 = layer(x)
+    torch.testing.assert_close(y2, peft_ref(layer, x), rtol=2e-2, atol=2e-2)
+    assert (y2 - y1).abs().max() > 0.1
+
+    class ForeignNF4(nn.Module):  # any module holding an NF4 weight under the contract's attribute names
+        def __init__(self, w, bias):
+            super().__init__()
+            self.qweight, self.bias = w, bias
+            self.out_features, self.in_features = w.shape
+
+    foreign = LoRALinear(ForeignNF4(base.weight, base.bias), r=4, alpha=8)
+    foreign.load_state_dict(layer.state_dict(), strict=False)
+    assert foreign.is_nf4 and torch.equal(foreign(x), y2)
+    foreign.base_layer.qweight = lorart.nf4.quantize(lin.weight.detach())  # swapped: looked up per call
+    torch.testing.assert_close(foreign(x), y1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_layer_under_torch_compile_matches_eager(kind):
+    """Under torch.compile the layer goes through the custom ops (fake kernels, registered autograd)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    base = NF4Linear.from_linear(lin) if kind == "nf4" else lin
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.2).train()
+    randomize(layer)
+    x = torch.randn(5, 32, requires_grad=True)
+    A = layer.lora_A["default"].weight
+    for p, fullgraph in ((0.0, True), (0.2, False)):  # a dropout seed is a Python int: a graph break
+        layer.lora_dropout["default"] = p
+        torch._dynamo.reset()
+        f = torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")
+        torch.manual_seed(3)
+        y = f(x)
+        torch.manual_seed(3)
+        ye = layer(x)
+        assert torch.equal(y, ye)
+        for a, b in zip(torch.autograd.grad(y.square().sum(), (A, x)), torch.autograd.grad(ye.square().sum(), (A, x))):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

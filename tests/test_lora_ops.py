@@ -270,3 +270,90 @@ def test_torch_compile_fullgraph_matches_eager():
     ge = torch.autograd.grad(ye.square().sum(), (A, B))
     for a, c in zip(g, ge):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+# ---- eager paths: no-grad impl, argument checks, double backward -------------------------------------------------
+
+def nf4_args(N, K, device="cpu"):
+    q = nf4_quantize_ref(torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)), 64, True)
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in q]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_no_grad_path_equals_autograd_path_bitwise(device, policy, base, M, p, dtype):
+    x, W, b, A, B = make(M, 64, 48, 8, dtype, device)
+    wargs = (W,) if base == "dense" else nf4_args(48, 64, device)
+    fn = L.lora_linear if base == "dense" else L.lora_linear_nf4
+    op = torch.ops.lorart.lora_linear if base == "dense" else torch.ops.lorart.lora_linear_nf4
+    with torch.no_grad():
+        y0 = fn(x, *wargs, b, A, B, 1.5, p, 17)
+    assert y0.grad_fn is None
+    y1 = fn(x, *wargs, b, A.clone().requires_grad_(True), B, 1.5, p, 17)  # through the autograd.Function
+    assert y1.grad_fn is not None and torch.equal(y1.detach(), y0)
+    y2 = fn(x, *wargs, b, A, B, 1.5, p, 17)  # grad mode, nothing requires grad: the impl, no graph
+    assert y2.grad_fn is None and torch.equal(y2, y0)
+    assert torch.equal(op(x, *wargs, b, A, B, 1.5, p, 17)[0], y0)  # the dispatcher op (torch.compile's path)
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return type(e), str(e)
+    return None
+
+
+def _bad_cases(x, W, b, A, B):
+    meta = lambda t: t.to("meta")  # noqa: E731
+    return {"weight 1-d": dict(W=W[0]), "weight dtype": dict(W=W.double()), "weight device": dict(W=meta(W)),
+            "x int": dict(x=x.int()), "x 0-d": dict(x=x[0, 0]), "x columns": dict(x=x[:, :8]),
+            "x float64": dict(x=x.double()), "A dtype": dict(A=A.half()), "B dtype": dict(B=B.half()),
+            "bias dtype": dict(b=b.half()), "A 1-d": dict(A=A[0]), "A columns": dict(A=A[:, :8]),
+            "B transposed": dict(B=B.t()), "B rank": dict(B=B[:, :1]), "bias shape": dict(b=b[:3]),
+            "A device": dict(A=meta(A)), "B device": dict(B=meta(B)), "bias device": dict(b=meta(b)),
+            "p 1.5": dict(p=1.5), "p -0.1": dict(p=-0.1), "p nan": dict(p=float("nan"))}
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(*make(4, 16, 8, 2)[:5])))
+def test_fast_checks_raise_the_full_checks_errors(case):
+    """The eager wrappers check with one chain of comparisons and fall back to the full checks (the error
+    messages' one source) when it fails: every bad argument still raises, with the same message."""
+    x, W, b, A, B = make(4, 64, 48, 2)
+    kw = dict(x=x, W=W, b=b, A=A, B=B, p=0.1)
+    kw.update(_bad_cases(x, W, b, A, B)[case])
+    exp = _raised(L._check_dense_full, kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], kw["p"])
+    assert exp is not None
+    assert _raised(L.lora_linear, kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], 1.0, kw["p"]) == exp
+    if case.startswith("weight"):
+        return
+    q = nf4_args(48, 64)
+    exp = _raised(L._check_nf4_all_full, kw["x"], q[0], q[1], 48, 64, kw["b"], kw["A"], kw["B"], kw["p"])
+    assert exp is not None
+    assert _raised(L.lora_linear_nf4, kw["x"], *q, kw["b"], kw["A"], kw["B"], 1.0, kw["p"]) == exp
+
+
+@pytest.mark.parametrize("case", ["packed dtype", "absmax dtype", "packed bytes", "packed device"])
+def test_fast_checks_nf4_weight_errors(case):
+    x, _, b, A, B = make(4, 64, 48, 2)
+    q = nf4_args(48, 64)
+    q[{"packed dtype": 0, "absmax dtype": 1, "packed bytes": 0, "packed device": 0}[case]] = {
+        "packed dtype": q[0].int(), "absmax dtype": q[1].double(), "packed bytes": q[0][:-1],
+        "packed device": q[0].to("meta")}[case]
+    exp = _raised(L._check_nf4_all_full, x, q[0], q[1], 48, 64, b, A, B, 0.1)
+    assert exp is not None and exp[1].startswith("lorart: argument")
+    assert _raised(L.lora_linear_nf4, x, *q, b, A, B, 1.0, 0.1) == exp
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_create_graph_keeps_once_differentiable(p):
+    x, W, b, A, B = make(5, 16, 8, 2, torch.float64)
+    A.requires_grad_(True)
+    x.requires_grad_(True)
+    gA, = torch.autograd.grad(L.lora_linear(x, W, b, A, B, 2.0, p, 3).square().sum(), A)
+    gA2, = torch.autograd.grad(L.lora_linear(x, W, b, A, B, 2.0, p, 3).square().sum(), A, create_graph=True)
+    torch.testing.assert_close(gA2.detach(), gA, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gA2.sum().backward()

@@ -15,14 +15,29 @@ unmerging drops it; ``merge_to_nf4`` re-quantizes for export and reports the err
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import lora as lops
 from ..ops.lora_extra import lora_grouped_add
+from .nf4_linear import NF4Linear
 
 _SEED_BOUND = 1 << 62
+_tls = threading.local()
+
+
+def _draw_seed() -> int:
+    """A dropout-mask seed from torch's default generator (so torch.manual_seed reproduces the masks): the
+    draw of ``torch.randint(0, 2**62, (1,))`` (same values), into a reused per-thread scalar."""
+    if torch.compiler.is_compiling():
+        return int(torch.randint(0, _SEED_BOUND, (1,)).item())
+    buf = getattr(_tls, "seed", None)
+    if buf is None:
+        with torch.inference_mode(False):  # a normal tensor even when first drawn under inference_mode
+            buf = _tls.seed = torch.empty((), dtype=torch.int64)
+    return buf.random_(0, _SEED_BOUND).item()
 
 
 def nf4_weight_of(base: nn.Module):
@@ -145,6 +160,45 @@ class LoRALinear(nn.Module):
         return self.base_layer(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        name = self.active_adapter
+        if self.disabled or self.adapter_ids is not None or self.merged_adapters or name is None:
+            return self._forward_special(x)
+        # the per-call path: plain dict lookups, no casts of tensors already in the right dtype
+        p = self.lora_dropout[name] if self.training else 0.0
+        seed = _draw_seed() if p > 0 else 0
+        mods = self._modules
+        base = mods["base_layer"]
+        A, B = mods["lora_A"][name].weight, mods["lora_B"][name].weight
+        kind = type(base)
+        if kind is nn.Linear:
+            nf4 = None
+        elif kind is NF4Linear:  # its buffers are read per call: a swapped weight (`_set_weight`) is seen
+            nf4 = base.weight_op_args()
+        else:  # any other base: the NF4 contract's weight, looked up per call
+            nf4 = nf4_weight_of(base)
+            nf4 = None if nf4 is None else nf4.op_args()
+        bias = base.bias
+        if nf4 is not None:
+            dt = x.dtype if x.dtype != torch.float64 else torch.float32
+            if x.dtype != dt:
+                x = x.to(dt)
+            if bias is not None and bias.dtype != dt:
+                bias = bias.to(dt)
+        else:
+            W = base.weight
+            dt = W.dtype
+            if x.dtype != dt:
+                x = x.to(dt)
+        if A.dtype != dt:
+            A = A.to(dt)
+        if B.dtype != dt:
+            B = B.to(dt)
+        if nf4 is not None:
+            return lops.lora_linear_nf4(x, *nf4, bias, A, B, self.scaling[name], p, seed)
+        return lops.lora_linear(x, W, bias, A, B, self.scaling[name], p, seed)
+
+    def _forward_special(self, x: Tensor) -> Tensor:
+        """Disabled, mixed-batch, merged or no active adapter."""
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
@@ -154,23 +208,8 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return self._base_forward(x)
-        if self.merged_adapters:
-            raise RuntimeError(f"lorart: adapters {self.merged_adapters} are merged while {name!r} is active: "
-                               "unmerge first")
-        p = self.lora_dropout[name] if self.training else 0.0
-        seed = int(torch.randint(0, _SEED_BOUND, (1,)).item()) if p > 0 else 0
-        bias = self.base_layer.bias
-        nf4 = nf4_weight_of(self.base_layer)
-        if nf4 is not None:
-            dt = x.dtype if x.dtype != torch.float64 else torch.float32
-            x = x.to(dt)
-            A, B = self._ab(name, dt)
-            return lops.lora_linear_nf4(x, *nf4.op_args(), None if bias is None else bias.to(dt), A, B,
-                                        self.scaling[name], p, seed)
-        W = self.base_layer.weight
-        x = x.to(W.dtype)
-        A, B = self._ab(name, W.dtype)
-        return lops.lora_linear(x, W, bias, A, B, self.scaling[name], p, seed)
+        raise RuntimeError(f"lorart: adapters {self.merged_adapters} are merged while {name!r} is active: "
+                           "unmerge first")
 
     def _stacks(self, dtype, device):
         names = self.adapter_names

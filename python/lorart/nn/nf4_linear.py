@@ -55,6 +55,7 @@ class NF4Linear(nn.Module):
         for name, t in zip(_BUFFERS, (w.packed, w.absmax, w.nested_absmax, w.nested_code)):
             self.register_buffer(name, t, persistent=False)
         self._meta = (w.offset, w.blocksize, torch.Size(w.shape), w.dtype)
+        self._op_meta = (w.offset, w.blocksize, w.rows, w.cols)
 
     @property
     def weight(self) -> _nf4.NF4Weight:
@@ -62,14 +63,19 @@ class NF4Linear(nn.Module):
         return _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax, self._nf4_nested_code,
                               offset, blocksize, shape, dtype)
 
+    def weight_op_args(self) -> tuple:
+        """``self.weight.op_args()`` without building (and re-validating) an NF4Weight: the per-call path.
+        Read from the buffers on every call, so `.to(device)` and a swapped weight (`_set_weight`) are seen."""
+        b = self._buffers
+        return (b["_nf4_packed"], b["_nf4_absmax"], b["_nf4_nested_absmax"], b["_nf4_nested_code"]) + self._op_meta
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        cdt = self.compute_dtype or w.dtype
+        cdt = self.compute_dtype or self._meta[3]
         xc = x if x.dtype == cdt else x.to(cdt)
         bias = self.bias
         if bias is not None and bias.dtype != cdt:
             bias = bias.to(cdt)
-        y = nf4_linear_eager(xc, *w.op_args(), bias)
+        y = nf4_linear_eager(xc, *self.weight_op_args(), bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

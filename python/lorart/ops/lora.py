@@ -41,7 +41,7 @@ def set_fused_policy(mode: str) -> str:
 
 def _use_fused(x2: Tensor, nf4: bool) -> bool:
     mode = _policy["fused"]
-    if mode == "never" or x2.shape[0] > FUSED_MAX_ROWS or x2.shape[0] == 0:
+    if mode == "never" or (mode == "auto" and not x2.is_cuda) or x2.shape[0] > FUSED_MAX_ROWS or x2.shape[0] == 0:
         return False
     if x2.dtype == torch.float64 and (nf4 or x2.is_cuda):
         return False
@@ -49,8 +49,13 @@ def _use_fused(x2: Tensor, nf4: bool) -> bool:
 
 
 def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def _unrows(y2: Tensor, x: Tensor, N: int) -> Tensor:
+    """y2 [M, N] viewed with x's leading dimensions."""
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], N)
 
 
 def _check_p(p: float) -> None:
@@ -59,6 +64,19 @@ def _check_p(p: float) -> None:
 
 
 def _check_lora(x: Tensor, N: int, K: int, bias, A: Tensor, B: Tensor, p: float) -> None:
+    """The argument checks of the LoRA ops. The passing case is one chain of comparisons; when it fails,
+    _check_lora_full raises the error of the first argument that is wrong."""
+    dt, xs, As = x.dtype, x.shape, A.shape
+    if (dt in _DTYPES and xs and xs[-1] == K and A.dtype == dt and B.dtype == dt and len(As) == 2 and As[1] == K
+            and B.shape == (N, As[0]) and (bias is None or (bias.dtype == dt and bias.shape == (N,)))
+            and 0.0 <= p < 1.0):
+        dev = x.device
+        if A.device == dev and B.device == dev and (bias is None or bias.device == dev):
+            return
+    _check_lora_full(x, N, K, bias, A, B, p)
+
+
+def _check_lora_full(x: Tensor, N: int, K: int, bias, A: Tensor, B: Tensor, p: float) -> None:
     check_dtype(x, "x", _DTYPES)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"lorart: argument `x`: expected [..., {K}] (in_features), got {list(x.shape)}")
@@ -115,12 +133,23 @@ def _drop_raw(x2: Tensor, p: float, seed: int) -> Tensor:
     """dropout for use inside an op's real implementation (no second trip through the dispatcher)."""
     if p == 0.0:
         return x2
-    out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    out = torch.empty_like(x2)  # x2's strides when dense, else contiguous: unit stride along K either way
     _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
     return out
 
 
+def _drop_raw_(t: Tensor, p: float, seed: int) -> Tensor:
+    """_drop_raw in place on a fresh [M, K] tensor (the kernels are elementwise: out may alias x)."""
+    if p != 0.0:
+        v = view(t)
+        _C.lora_dropout(v, v, p, seed & 0xFFFFFFFFFFFFFFFF, stream(t))
+    return t
+
+
 # ---- the LoRA linear -----------------------------------------------------------------------------------------
+
+_linear = torch.nn.functional.linear  # for 2-d x: addmm(bias, x, W.t()) / mm(x, W.t()), one call from Python
+
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -128,12 +157,24 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def _lora_tail(x2: Tensor, y: Tensor, A: Tensor, B: Tensor, scale: float, p: float, seed: int) -> Tensor:
     """The unfused LoRA path on a base output y [M, N]: y += scale * (dropout(x) @ A.T) @ B.T, in place."""
-    xa = _drop_raw(x2, p, seed) @ A.t()
+    xa = _linear(_drop_raw(x2, p, seed), A)
     y.addmm_(xa, B.t(), alpha=scale)
     return xa
 
 
 def _check_dense(x, weight, bias, A, B, dropout) -> None:
+    ws = weight.shape
+    if len(ws) == 2:
+        _check_lora(x, ws[0], ws[1], bias, A, B, dropout)
+        dev = x.device
+        if weight.dtype == x.dtype and weight.device == dev:
+            if dev.type != "cpu":
+                check_device(x, "x")
+            return
+    _check_dense_full(x, weight, bias, A, B, dropout)
+
+
+def _check_dense_full(x, weight, bias, A, B, dropout) -> None:
     if weight.dim() != 2:
         raise ValueError(f"lorart: argument `weight`: expected [out_features, in_features], got {list(weight.shape)}")
     N, K = weight.shape
@@ -163,9 +204,9 @@ def _dense_impl(x, weight, bias, A, B, scale, dropout, seed):
                              view(xa), view(B.contiguous()), scale, view(y), stream(x))
         xa = xa.to(x.dtype)
     else:
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y = _linear(x2, weight, bias)
         xa = _lora_tail(x2, y, A, B, scale, dropout, seed)
-    return y.view(*x.shape[:-1], N), xa
+    return _unrows(y, x, N), xa
 
 
 @_lora_linear.register_fake
@@ -176,6 +217,9 @@ def _(x, weight, bias, A, B, scale, dropout, seed):
     return x.new_empty(*x.shape[:-1], N), x.new_empty(M, A.shape[0])
 
 
+
+
+_ABSMAX_DTYPES = (torch.float32, torch.uint8)
 
 
 def _check_nf4(x, packed, absmax, rows, cols):
@@ -200,6 +244,17 @@ def _lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: T
 
 def _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout):
     _check_lora(x, rows, cols, bias, A, B, dropout)
+    dev = x.device
+    if (x.dtype != torch.float64 and packed.dtype == torch.uint8 and absmax.dtype in _ABSMAX_DTYPES
+            and packed.numel() == (rows * cols + 1) // 2 and packed.device == dev and absmax.device == dev):
+        if dev.type != "cpu":
+            check_device(x, "x")
+        return
+    _check_nf4_all_full(x, packed, absmax, rows, cols, bias, A, B, dropout)
+
+
+def _check_nf4_all_full(x, packed, absmax, rows, cols, bias, A, B, dropout):
+    _check_lora_full(x, rows, cols, bias, A, B, dropout)
     _check_nf4(x, packed, absmax, rows, cols)
     check_same_device(("x", x), ("packed", packed), ("absmax", absmax))
     check_device(x, "x")
@@ -221,7 +276,7 @@ def _nf4_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
     else:  # lorart.ops.nf4's path: dequantised into a reused workspace, never saved for backward
         y = _nf4ops._linear_impl(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
         xa = _lora_tail(x2, y, A, B, scale, dropout, seed)
-    return y.view(*x.shape[:-1], rows), xa
+    return _unrows(y, x, rows), xa
 
 
 @_lora_linear_nf4.register_fake
@@ -232,29 +287,29 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, co
     return x.new_empty(*x.shape[:-1], rows), x.new_empty(M, A.shape[0])
 
 
-def _lora_backward(ctx, gy, gxa, W: Tensor | None, base_grad_input=None, drop=_drop):
-    x, A, B, xa = ctx.lora_saved
-    x2 = _rows(x)
-    gy2 = gy.reshape(-1, gy.shape[-1])
-    s, p, seed = ctx.scale, ctx.p, ctx.seed
-    need_x, need_bias, need_A, need_B = ctx.lora_needs
-    g_xa = torch.mm(gy2, B) if s == 1.0 else torch.mm(gy2, B).mul_(s)
-    if gxa is not None:
-        g_xa = g_xa + gxa
+def _lora_backward(gy, gxa, saved, needs, s: float, p: float, seed: int, W: Tensor | None, base_grad_input=None,
+                   drop=_drop, drop_=None):
+    """dx, dA, dB, dbias. The scale rides in the matmuls (alpha=s; beta=0 ignores the placeholder input, which
+    only gives the shape). `drop_` (eager path): dropout in place on a fresh tensor."""
+    x, A, B, xa = saved
+    gy2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
+    need_x, need_bias, need_A, need_B = needs
     dx = dA = dB = dbias = None
+    if need_A or need_x:
+        g_xa = torch.addmm(xa, gy2, B, beta=0, alpha=s) if gxa is None else torch.addmm(gxa, gy2, B, alpha=s)
     if need_B:
-        dB = torch.mm(gy2.t(), xa)
-        if s != 1.0:
-            dB.mul_(s)
+        dB = torch.addmm(B, gy2.t(), xa, beta=0, alpha=s)
     if need_A:
-        dA = torch.mm(g_xa.t(), drop(x2, p, seed))
+        dA = torch.mm(g_xa.t(), drop(_rows(x), p, seed))
     if need_x:
-        dx = torch.mm(gy2, W) if W is not None else base_grad_input(gy2)
         if p == 0.0:
+            dx = torch.mm(gy2, W) if W is not None else base_grad_input(gy2)
             dx.addmm_(g_xa, A)
         else:
-            dx.add_(drop(torch.mm(g_xa, A), p, seed))
-        dx = dx.view(x.shape)
+            t = torch.mm(g_xa, A)
+            t = drop(t, p, seed) if drop_ is None else drop_(t, p, seed)
+            dx = torch.addmm(t, gy2, W) if W is not None else base_grad_input(gy2).add_(t)
+        dx = dx if x.dim() == 2 else dx.view(x.shape)
     if need_bias:
         dbias = gy2.sum(0)
     return dx, dA, dB, dbias
@@ -263,6 +318,10 @@ def _lora_backward(ctx, gy, gxa, W: Tensor | None, base_grad_input=None, drop=_d
 def _setup_common(ctx, x, bias, A, B, scale, dropout, seed, xa):
     ctx.scale, ctx.p, ctx.seed = float(scale), float(dropout), int(seed)
     return (x, A, B, xa)
+
+
+def _run_backward(ctx, gy, gxa, saved, needs, W, base_grad_input=None, drop=_drop, drop_=None):
+    return _lora_backward(gy, gxa, saved, needs, ctx.scale, ctx.p, ctx.seed, W, base_grad_input, drop, drop_)
 
 
 def _setup_dense(ctx, inputs, output):
@@ -274,10 +333,8 @@ def _setup_dense(ctx, inputs, output):
 
 def _backward_dense(ctx, gy, gxa):
     x, A, B, xa, weight = ctx.saved_tensors
-    ctx.lora_saved = (x, A, B, xa)
     n = ctx.needs_input_grad
-    ctx.lora_needs = (n[0], ctx.has_bias and n[2], n[3], n[4])
-    dx, dA, dB, dbias = _lora_backward(ctx, gy, gxa, weight)
+    dx, dA, dB, dbias = _run_backward(ctx, gy, gxa, (x, A, B, xa), (n[0], ctx.has_bias and n[2], n[3], n[4]), weight)
     return dx, None, dbias, dA, dB, None, None, None
 
 
@@ -297,14 +354,14 @@ def _backward_nf4(ctx, gy, gxa):
     x, A, B, xa, packed, absmax, *extra = ctx.saved_tensors
     offset, blocksize, rows, cols, dq = ctx.nf4_meta
     nabs, ncode = extra if dq else (None, None)
-    ctx.lora_saved = (x, A, B, xa)
     n = ctx.needs_input_grad
-    ctx.lora_needs = (n[0], ctx.has_bias and n[9], n[10], n[11])
+
     def base_grad_input(gy2):  # dx = gy @ dequant(W4), W4 decoded into lorart.ops.nf4's reused workspace
         return torch.ops.lorart.nf4_linear_grad_input(gy2.contiguous(), packed, absmax, nabs, ncode, offset,
                                                       blocksize, rows, cols)
 
-    dx, dA, dB, dbias = _lora_backward(ctx, gy, gxa, None, base_grad_input)
+    dx, dA, dB, dbias = _run_backward(ctx, gy, gxa, (x, A, B, xa), (n[0], ctx.has_bias and n[9], n[10], n[11]), None,
+                                      base_grad_input)
     return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
 
 
@@ -314,7 +371,8 @@ _lora_linear_nf4.register_autograd(_backward_nf4, setup_context=_setup_nf4)
 # ---- eager fast path ----------------------------------------------------------------------------------------
 # The custom ops above are what torch.compile / export see. In eager mode the wrappers below run the same
 # implementations through a torch.autograd.Function, skipping the dispatcher's Python layers (about 4x less
-# host time per call, which decides the speed of small LoRA layers).
+# host time per call, which decides the speed of small LoRA layers), and call them directly when autograd would
+# record nothing (no_grad, inference_mode, or no input requiring grad): the same result without a Function.
 
 class _DenseFn(torch.autograd.Function):
     @staticmethod
@@ -325,14 +383,17 @@ class _DenseFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, A, B, xa, weight = ctx.saved_tensors
-        ctx.lora_saved = (x, A, B, xa)
-        n = ctx.needs_input_grad
-        ctx.lora_needs = (n[0], ctx.has_bias and n[2], n[3], n[4])
-        dx, dA, dB, dbias = _lora_backward(ctx, gy, None, weight, drop=_drop_raw)
-        return dx, None, dbias, dA, dB, None, None, None
+        # once_differentiable's wrapper (no_grad + checks) only matters for create_graph=True: skip it otherwise
+        return _dense_backward(ctx, gy) if not torch.is_grad_enabled() else _dense_backward_once(ctx, gy)
+
+
+def _dense_backward(ctx, gy):
+    x, A, B, xa, weight = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    dx, dA, dB, dbias = _run_backward(ctx, gy, None, (x, A, B, xa), (n[0], ctx.has_bias and n[2], n[3], n[4]),
+                                      weight, drop=_drop_raw, drop_=_drop_raw_)
+    return dx, None, dbias, dA, dB, None, None, None
 
 
 class _NF4Fn(torch.autograd.Function):
@@ -346,23 +407,41 @@ class _NF4Fn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        ctx.lora_saved = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        ctx.lora_needs = (n[0], ctx.has_bias and n[9], n[10], n[11])
-        packed, absmax, nabs, ncode, offset, blocksize, rows, cols = ctx.nf4
+        return _nf4_backward(ctx, gy) if not torch.is_grad_enabled() else _nf4_backward_once(ctx, gy)
 
-        def base_grad_input(gy2):
-            return _nf4ops.nf4_linear_grad_input(gy2.contiguous(), packed, absmax, nabs, ncode, offset, blocksize,
-                                                 rows, cols)
 
-        dx, dA, dB, dbias = _lora_backward(ctx, gy, None, None, base_grad_input, drop=_drop_raw)
-        return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
+def _nf4_backward(ctx, gy):
+    n = ctx.needs_input_grad
+    packed, absmax, nabs, ncode, offset, blocksize, rows, cols = ctx.nf4
+
+    def base_grad_input(gy2):  # the impl, not the op: no second trip through the dispatcher
+        return _nf4ops._grad_input_impl(gy2.contiguous(), packed, absmax, nabs, ncode, offset, blocksize, rows, cols)
+
+    dx, dA, dB, dbias = _run_backward(ctx, gy, None, ctx.saved_tensors, (n[0], ctx.has_bias and n[9], n[10], n[11]),
+                                      None, base_grad_input, drop=_drop_raw, drop_=_drop_raw_)
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
+
+
+_dense_backward_once = torch.autograd.function.once_differentiable(_dense_backward)
+_nf4_backward_once = torch.autograd.function.once_differentiable(_nf4_backward)
 
 
 def _eager() -> bool:
     return not torch.compiler.is_compiling()
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _records(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, weight: Tensor | None = None) -> bool:
+    """Whether autograd would record a call on these tensors (else the impl runs without an autograd.Function:
+    same result, no graph; functorch transforms keep the Function so they fail or work as before)."""
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or (bias is not None and bias.requires_grad)
+                                    or (weight is not None and weight.requires_grad)):
+        return True
+    return _functorch_active()
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
@@ -370,7 +449,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """y = x @ weight.T + bias + scale * dropout(x) @ A.T @ B.T (dense base; see the module docstring)."""
     if _eager():
         _check_dense(x, weight, bias, A, B, dropout)
-        return _DenseFn.apply(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
+        if _records(x, A, B, bias, weight):
+            return _DenseFn.apply(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
+        return _dense_impl(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
     return torch.ops.lorart.lora_linear(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
 
 
@@ -383,7 +464,9 @@ def lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Te
             A, B, float(scale), float(dropout), int(seed))
     if _eager():
         _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout)
-        return _NF4Fn.apply(*args)
+        if _records(x, A, B, bias):
+            return _NF4Fn.apply(*args)
+        return _nf4_impl(*args)[0]
     return torch.ops.lorart.lora_linear_nf4(*args)[0]
 
 

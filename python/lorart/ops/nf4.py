@@ -211,20 +211,21 @@ def _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows
 
 
 def _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias) -> Tensor:
+    flat = x.dim() == 2  # (the common case: no reshapes, which cost as much as a small GEMV's launch)
     lead = x.shape[:-1]
-    m = math.prod(lead)
-    x2 = x.reshape(m, cols).contiguous()
+    m = x.shape[0] if flat else math.prod(lead)
+    x2 = x if flat and x.is_contiguous() else x.reshape(m, cols).contiguous()
     if m == 0:
         return x.new_zeros((*lead, rows))
     if m <= GEMV_MAX_ROWS.get(x.device.type, 0):
-        out = torch.empty((m, rows), dtype=x.dtype, device=x.device)
+        out = x2.new_empty((m, rows))
         _C.nf4_gemv(view(x2), view(packed.contiguous()), view(absmax.contiguous()), _opt(_c(nested_absmax)),
                     _opt(_c(nested_code)), float(offset), blocksize, rows, cols, _opt(_c(bias)), view(out), stream(x))
-        return out.reshape(*lead, rows)
+        return out if flat else out.reshape(*lead, rows)
     w = _workspace(x.device, x.dtype, rows * cols).view(rows, cols)
     _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, w)
     out = torch.nn.functional.linear(x2, w, bias)
-    return out.reshape(*lead, rows)
+    return out if flat else out.reshape(*lead, rows)
 
 
 @torch.library.custom_op("lorart::nf4_linear", mutates_args=(),
@@ -263,6 +264,8 @@ def _grad_input_impl(dy, packed, absmax, nested_absmax, nested_code, offset, blo
         return dy.new_zeros((*lead, cols))
     w = _workspace(dy.device, dy.dtype, rows * cols).view(rows, cols)
     _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, w)
+    if dy.dim() == 2:
+        return torch.mm(dy, w)
     return torch.matmul(dy.reshape(m, rows), w).reshape(*lead, cols)
 
 
