@@ -10,3 +10,5 @@
 #include "lorart/nf4.h"
 #include "lorart/lora.h"
 #include "lorart/optim.h"
+#include "lorart/act.h"
+#include "lorart/norm.h"
