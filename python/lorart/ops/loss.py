@@ -31,6 +31,13 @@ def default_chunk_rows(vocab: int) -> int:
     return max(16, _CHUNK_BYTES // (4 * max(int(vocab), 1)))
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument (CUDA only)
+        return torch.is_autocast_enabled()
+
+
 def _check(h: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, reduction: str, chunk_rows) -> None:
     if not isinstance(h, Tensor) or h.dim() != 2 or not h.dtype.is_floating_point:
         raise ValueError(f"lorart: linear_cross_entropy: argument `h`: expected a float [rows, hidden] tensor, got "
@@ -38,7 +45,7 @@ def _check(h: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, reduc
     if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"lorart: linear_cross_entropy: argument `weight`: expected [vocab, {h.shape[1]}], got "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != h.dtype and not torch.is_autocast_enabled():
+    if weight.dtype != h.dtype and not _autocast_on(h.device.type):
         raise TypeError(f"lorart: linear_cross_entropy: argument `weight`: expected dtype {h.dtype} (as `h`), got "
                         f"{weight.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
