@@ -2,7 +2,7 @@
 #include <algorithm>
 
 #include "common/check.h"
-#include "common/half.h"
+#include "common/cpu_loop.h"
 #include "common/parallel.h"
 #include "lorart/act.h"
 #include "lorart/detail/act_math.h"
@@ -16,30 +16,18 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;  // elements per parallel work item
 
-// float / double stay; 16-bit storage widens to float (the compute type).
-template <class T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-inline double load(double x) { return x; }
-template <class T> inline float load(T x) { return detail::to_f32(x); }
-template <class T> inline T store(double x) { return x; }
-template <class T> inline T store(float x) { return detail::from_f32<T>(x); }
-
-// Loops written so that GCC vectorises them; the x86-64-v3/v4 clones (FMA, AVX2/AVX-512) are picked at
-// load time by CPU feature level (see cpp/src/optim/adamw.cpp on why not `arch=haswell`).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define LORART_ACT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORART_ACT_CLONES
-#endif
+using detail::Compute;
+using detail::load;
+using detail::store;
 
 template <class T>
-LORART_ACT_CLONES void forward_run(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out, int64_t n) {
+LORART_CPU_CLONES void forward_run(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out, int64_t n) {
   using F = typename Compute<T>::type;
   for (int64_t i = 0; i < n; ++i) out[i] = store<T>(detail::swiglu_forward<F>(load(g[i]), load(u[i])));
 }
 
 template <class T>
-LORART_ACT_CLONES void backward_run(const T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ dout,
+LORART_CPU_CLONES void backward_run(const T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ dout,
                                     T* __restrict__ dg, T* __restrict__ du, int64_t n) {
   using F = typename Compute<T>::type;
   for (int64_t i = 0; i < n; ++i) {
@@ -77,17 +65,6 @@ void cpu_backward(const TensorView& g, const TensorView& u, const TensorView& do
   cpu_split<T>(g.numel(), [&](int64_t b, int64_t n) { backward_run<T>(gp + b, up + b, dp + b, dgp + b, dup + b, n); });
 }
 
-template <class Fn>
-void dispatch_cpu(DType dt, Fn&& fn) {
-  switch (dt) {
-    case DType::F32: fn(float{}); break;
-    case DType::F64: fn(double{}); break;
-    case DType::BF16: fn(detail::bf16{}); break;
-    case DType::F16: fn(detail::f16{}); break;
-    default: break;  // rejected by the checks
-  }
-}
-
 void check_like(const TensorView& t, const char* name, const TensorView& ref) {
   LORART_CHECK_TYPE(t.dtype == ref.dtype, "argument `", name, "`: expected dtype ", dtype_name(ref.dtype),
                     " (as `gate`), got ", dtype_name(t.dtype));
@@ -123,7 +100,7 @@ void swiglu(const TensorView& gate, const TensorView& up, const TensorView& out,
     cuda::swiglu(gate.dtype, gate.data, up.data, out.data, gate.numel(), stream);
 #endif
   } else {
-    dispatch_cpu(gate.dtype, [&](auto t) { cpu_forward<decltype(t)>(gate, up, out); });
+    detail::dispatch_float(gate.dtype, [&](auto t) { cpu_forward<decltype(t)>(gate, up, out); });
   }
 }
 
@@ -141,7 +118,8 @@ void swiglu_backward(const TensorView& gate, const TensorView& up, const TensorV
                           stream);
 #endif
   } else {
-    dispatch_cpu(gate.dtype, [&](auto t) { cpu_backward<decltype(t)>(gate, up, grad_out, grad_gate, grad_up); });
+    detail::dispatch_float(gate.dtype,
+                           [&](auto t) { cpu_backward<decltype(t)>(gate, up, grad_out, grad_gate, grad_up); });
   }
 }
 

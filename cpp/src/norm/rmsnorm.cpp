@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "common/check.h"
-#include "common/half.h"
+#include "common/cpu_loop.h"
 #include "common/parallel.h"
 #include "lorart/detail/norm_math.h"
 #include "lorart/norm.h"
@@ -16,20 +16,11 @@
 namespace lorart {
 namespace {
 
-template <class T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-inline double load(double x) { return x; }
-template <class T> inline float load(T x) { return detail::to_f32(x); }
-template <class T> inline T store(double x) { return x; }
-template <class T> inline T store(float x) { return detail::from_f32<T>(x); }
+using detail::Compute;
+using detail::load;
+using detail::store;
 // a float value rounded to T's precision and widened back (identity for float and double)
 template <class T, class F> inline F round_to(F v) { return load(store<T>(v)); }
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define LORART_NORM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORART_NORM_CLONES
-#endif
 
 // sum of f(j) over j < n in 8 interleaved partial sums (a fixed order GCC can vectorise without -ffast-math)
 template <class Fn>
@@ -44,7 +35,7 @@ inline auto sum8(int64_t n, Fn f) -> decltype(f(0)) {
 }
 
 template <class T, class F = typename Compute<T>::type>
-LORART_NORM_CLONES void forward_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, F* rstd,
+LORART_CPU_CLONES void forward_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, F* rstd,
                                     int64_t h, F eps) {
   const F r = detail::rms_rstd<F>(sum8(h, [&](int64_t j) { const F v = load(x[j]); return v * v; }), h, eps);
   *rstd = r;
@@ -52,7 +43,7 @@ LORART_NORM_CLONES void forward_row(const T* __restrict__ x, const T* __restrict
 }
 
 template <class T, class F = typename Compute<T>::type>
-LORART_NORM_CLONES void backward_row(const T* __restrict__ x, const T* __restrict__ w, F r, const T* __restrict__ dy,
+LORART_CPU_CLONES void backward_row(const T* __restrict__ x, const T* __restrict__ w, F r, const T* __restrict__ dy,
                                      T* __restrict__ dx, F* __restrict__ dw, int64_t h) {
   const F c = sum8(h, [&](int64_t j) { return round_to<T>(load(dy[j]) * load(w[j])) * (load(x[j]) * r); }) / F(h);
   for (int64_t j = 0; j < h; ++j) {
@@ -97,17 +88,6 @@ void cpu_backward(const TensorView& x, const TensorView& w, const TensorView& rs
     for (int64_t j = 0; j < h; ++j) out[j] += part[c * h + j];
 }
 
-template <class Fn>
-void dispatch_cpu(DType dt, Fn&& fn) {
-  switch (dt) {
-    case DType::F32: fn(float{}); break;
-    case DType::F64: fn(double{}); break;
-    case DType::BF16: fn(detail::bf16{}); break;
-    case DType::F16: fn(detail::f16{}); break;
-    default: break;  // rejected by the checks
-  }
-}
-
 DType stat_dtype(const TensorView& x) { return x.dtype == DType::F64 ? DType::F64 : DType::F32; }
 
 void check_rows(const TensorView& t, const char* name, const TensorView& x) {
@@ -136,8 +116,9 @@ void check_x(const TensorView& x, const TensorView& w) {
   if (x.numel() > 0) detail::check_not_null(x, "x");
   detail::check_device_supported(x, "x");
   LORART_CHECK_TYPE(!(x.is_cuda() && x.dtype == DType::F64), "argument `x`: float64 runs on the CPU only");
-  LORART_CHECK(!x.is_cuda() || x.shape[1] <= rms_norm_max_hidden(), "argument `x`: the CUDA kernels take rows of at most ",
-               rms_norm_max_hidden(), " elements, got ", x.shape[1]);
+  LORART_CHECK(!x.is_cuda() || x.shape[1] <= rms_norm_max_hidden(),
+               "argument `x`: the CUDA kernels take rows of at most ", rms_norm_max_hidden(), " elements, got ",
+               x.shape[1]);
   check_vec(w, "weight", x, x.dtype, x.shape[1]);
 }
 
@@ -159,7 +140,7 @@ void rms_norm(const TensorView& x, const TensorView& weight, double eps, const T
                    x.shape[1], stream);
 #endif
   } else {
-    dispatch_cpu(x.dtype, [&](auto t) { cpu_forward<decltype(t)>(x, weight, eps, out, rstd); });
+    detail::dispatch_float(x.dtype, [&](auto t) { cpu_forward<decltype(t)>(x, weight, eps, out, rstd); });
   }
 }
 
@@ -180,7 +161,8 @@ void rms_norm_backward(const TensorView& x, const TensorView& weight, const Tens
                             want_dw ? grad_weight.ptr<float>() : nullptr, x.shape[0], x.shape[1], stream);
 #endif
   } else {
-    dispatch_cpu(x.dtype, [&](auto t) { cpu_backward<decltype(t)>(x, weight, rstd, grad_out, grad_x, grad_weight); });
+    detail::dispatch_float(x.dtype,
+                           [&](auto t) { cpu_backward<decltype(t)>(x, weight, rstd, grad_out, grad_x, grad_weight); });
   }
 }
 

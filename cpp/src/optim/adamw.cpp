@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_loop.h"
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/detail/optim_math.h"
@@ -20,16 +21,9 @@ constexpr int64_t kCpuTile = 1 << 15;  // elements per parallel work item
 
 // The inner loop over one contiguous run, written so that the compiler vectorises it
 // (no aliasing; this file is built with -fno-math-errno, see CMakeLists.txt). On x86-64
-// with GCC an AVX-512 or AVX2+FMA clone is picked at load time when the CPU has it. The clones
-// name x86-64 feature levels, not CPU models: "arch=haswell" is dispatched with
-// __builtin_cpu_is("haswell"), which is false on every AMD CPU, so AMD EPYC ran the SSE2 loop
-// (measured here: 1.26 ms -> 0.55 ms per 1M-element step at one thread).
+// with GCC an AVX-512 or AVX2+FMA clone is picked at load time by CPU feature level (common/cpu_loop.h).
 template <class T>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+LORART_CPU_CLONES
 void cpu_adamw_run(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                    int64_t n, detail::AdamWScalars s) {
   for (int64_t i = 0; i < n; ++i) {

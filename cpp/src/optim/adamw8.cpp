@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_loop.h"
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/detail/optim8_math.h"
@@ -69,13 +70,9 @@ LORART_OPTIM_HD float block_absmax(const float* __restrict__ x) {
 
 // One run of whole 256-element blocks of one tensor (the last one may be partial). The first
 // and last loops vectorise (gathers of the code table, the AdamW math); the clones are picked
-// at load time by x86-64 feature level (see adamw.cpp).
+// at load time by x86-64 feature level (common/cpu_loop.h).
 template <class T>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+LORART_CPU_CLONES
 void cpu_adamw8_run(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ q1, uint8_t* __restrict__ q2,
                     float* __restrict__ a1, float* __restrict__ a2, int64_t n, detail::AdamWScalars s,
                     const detail::DynamicTables* __restrict__ tab) {
