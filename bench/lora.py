@@ -61,15 +61,8 @@ def step(mod, x, backward: bool):
 
 
 def bench_linear(K, N, M, r, base_kind, device, iters, p):
-    dt = torch.bfloat16
-    lin = nn.Linear(K, N, bias=False, device=device, dtype=dt)
-    lin.weight.requires_grad_(False)
-    base = NF4Linear.from_linear(lin) if base_kind == "nf4" else lin
-    layer = LoRALinear(base, r=r, alpha=2 * r, dropout=p).train()
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, 0.01)
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
-    peft = PeftStyle(base, A, B, layer.scaling["default"], p).train()
+    mods, dt = _layers(K, N, base_kind, r, p, device)  # base_kind "bf16" or "nf4": a bf16 computation
+    layer, peft, base, lin = mods["lorart"], mods["peft"], mods["bare"], mods["dense"]
     x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
     row = {"K": K, "N": N, "M": M, "r": r, "base": base_kind}
     for tag, bwd in (("fwd", False), ("fwdbwd", True)):
@@ -120,7 +113,8 @@ HOST_SHAPES = [(16, 16), (576, 1536)]  # tiny (pure host time); SmolLM2-135M's M
 
 
 def _layers(K, N, base_kind, r, p, device):
-    """(lorart LoRALinear, PEFT-style module, bare base, parameter lists) sharing one base and one A/B."""
+    """({lorart LoRALinear, PEFT-style module, bare base, the dense linear the base was made from}, dtype),
+    all sharing one base and one A/B. base_kind: "fp32", "bf16" or "nf4" (bf16 compute)."""
     dt = torch.float32 if base_kind == "fp32" else torch.bfloat16
     torch.manual_seed(0)
     lin = nn.Linear(K, N, bias=False, device=device, dtype=dt)
@@ -130,7 +124,7 @@ def _layers(K, N, base_kind, r, p, device):
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.01)
     peft = PeftStyle(base, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"], p).train()
-    return {"lorart": layer, "peft": peft, "bare": base}, dt
+    return {"lorart": layer, "peft": peft, "bare": base, "dense": lin}, dt
 
 
 def _host_step(mod, x, gy, bwd):
@@ -164,7 +158,7 @@ def host_times(K, N, M, base_kind, r, p, device, rounds, calls, round_s=0.03):
     gy = torch.randn(M, N, device=device, dtype=dt)
     out = {}
     for tag, bwd in (("fwd", False), ("fwdbwd", True)):
-        fns = {k: _host_step(m, x, gy, bwd) for k, m in mods.items()}
+        fns = {k: _host_step(mods[k], x, gy, bwd) for k in ("lorart", "peft", "bare")}
         per = {k: [] for k in fns}
         for f in fns.values():
             for _ in range(3):
