@@ -107,10 +107,7 @@ void adamw_step(const std::vector<AdamWTensor>& tensors, DType dtype, Stream str
   const size_t esize = dtype_size(dtype);
   int64_t total = 0;
   for (const AdamWTensor& t : tensors) total += t.numel;
-  // Elements per chunk (one block each): ~8 chunks per SM over the whole call, at least 16K elements,
-  // at most 1M; a multiple of 4096, so every chunk of an aligned tensor stays 16-byte aligned.
-  const int64_t per_sm = total / (static_cast<int64_t>(sm_count()) * 8);
-  const int64_t chunk = std::min<int64_t>(int64_t(1) << 20, std::max<int64_t>(int64_t(1) << 14, (per_sm + 4095) / 4096 * 4096));
+  const int64_t chunk = optim_chunk_elems(total, sm_count());
   cudaStream_t s = as_stream(stream);
   ChunkBatch batch;
   int n = 0;

@@ -121,11 +121,7 @@ void adamw8_step(const std::vector<AdamW8Tensor>& tensors, DType dtype, Stream s
   const size_t esize = dtype_size(dtype);
   int64_t total = 0;
   for (const AdamW8Tensor& t : tensors) total += t.numel;
-  // Elements per chunk (one thread block each): ~8 chunks per SM over the call, in [16K, 1M],
-  // a multiple of 4096 (so every chunk starts on a 256-element state block).
-  const int64_t per_sm = total / (static_cast<int64_t>(sm_count()) * 8);
-  const int64_t chunk =
-      std::min<int64_t>(int64_t(1) << 20, std::max<int64_t>(int64_t(1) << 14, (per_sm + 4095) / 4096 * 4096));
+  const int64_t chunk = optim_chunk_elems(total, sm_count());
   cudaStream_t s = as_stream(stream);
   Chunk8Batch batch;
   int n = 0;

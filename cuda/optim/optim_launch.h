@@ -9,6 +9,15 @@
 
 namespace lorart::cuda {
 
+// Elements per chunk (one thread block each) of a multi-tensor step over `total` elements on `sms`
+// SMs: ~8 chunks per SM over the call, in [16K, 1M], a multiple of 4096, so every chunk of an
+// aligned tensor stays 16-byte aligned and starts on a 256-element 8-bit state block.
+inline int64_t optim_chunk_elems(int64_t total, int sms) {
+  const int64_t per_sm = total / (static_cast<int64_t>(sms) * 8);
+  const int64_t rounded = (per_sm + 4095) / 4096 * 4096, lo = int64_t(1) << 14, hi = int64_t(1) << 20;
+  return rounded < lo ? lo : (rounded > hi ? hi : rounded);
+}
+
 // One tensor (or flat slice) of an AdamW step. All pointers are device pointers.
 struct AdamWTensor {
   void* param;            // DType given to the launcher
