@@ -92,7 +92,8 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     return directory
 
 
-def _read_config(directory: str) -> dict:
+def read_adapter_config(directory: str) -> dict:
+    """adapter_config.json of a PEFT LoRA folder, checked (the keys lorart relies on)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise AdapterFileError(f"lorart: {path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -165,7 +166,7 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
     file that have no LoRA yet are wrapped in LoRALinear. All checks run before anything is changed. The
     loaded weights are frozen unless `trainable`.
     Returns the module paths that received the adapter."""
-    cfg = _read_config(directory)
+    cfg = read_adapter_config(directory)
     tensors = _read_tensors(directory)
     wpath = os.path.join(directory, WEIGHTS_NAME)
     pairs = _module_pairs(tensors, wpath)

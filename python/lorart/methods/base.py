@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_dir
+from ..nn.lora import nf4_weight_of
 
 METHOD_FILE = "lorart_method.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -28,8 +29,6 @@ class MethodError(ValueError):
 
 def base_param_count(model: nn.Module) -> int:
     """Parameters of the model as the literature counts them (tied weights once, NF4 weights by element)."""
-    from ..nn.lora import nf4_weight_of
-
     n = sum(p.numel() for p in model.parameters())
     return n + sum(int(torch.Size(w.shape).numel()) for m in model.modules()
                    if (w := nf4_weight_of(m)) is not None and not isinstance(w, nn.Parameter))
@@ -106,13 +105,21 @@ class Method:
     - `Method.load(model, dir)` (or `lorart.methods.load`): attaches the saved method to a base model.
     - `merge()`/`unmerge()`: fold the method into the base weights where it can (returns False if it cannot).
     - `remove()`: detach the method, restoring the base model's function.
+
+    What a training run asks of a method, each class answers (lorart.train and lorart.compare never compare
+    method names): `base_linear_factory` (is the base quantized while it loads?), `train_options` (which
+    lorart.train options configure it), `keeps_dtypes` (do its weights stay in their layer's dtype rather than
+    float32 masters?), `starts_as_base` (is the model unchanged before training?), `default_lr`.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     weights_file: ClassVar[str] = WEIGHTS_FILE
     optimizer: ClassVar[str] = "adamw"   # the optimizer the literature uses with it; "paged_adamw" for full
-    default_lr: ClassVar[float] = 1e-3
+    default_lr: ClassVar[float] = 1e-3   # a learning rate in the literature's range, for a few dozen steps
+    train_options: ClassVar[tuple] = ()  # TrainOptions fields that are options of this method (r, alpha, ...)
+    keeps_dtypes: ClassVar[bool] = False  # True: trainable tensors keep the dtype of the layer they live in
+    starts_as_base: ClassVar[bool] = True  # the model computes exactly the base model's function before training
     base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
 
     def __init__(self, model: nn.Module, config, init: bool = True):
@@ -155,8 +162,23 @@ class Method:
         return self.named_trainable_parameters()
 
     # -- shared -------------------------------------------------------------------------------------------
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """The `linear_factory` of lorart.models.load_model for this method's base model, or None (plain
+        nn.Linear). QLoRA quantizes each linear layer to NF4 as soon as its weight is read."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())
+
+    def use_float32_masters(self) -> None:
+        """Make the trainable tensors float32 master weights (the modules cast them to the compute dtype),
+        unless the method `keeps_dtypes` (BitFit's biases are added by their linear layer, in its dtype)."""
+        if self.keeps_dtypes:
+            return
+        for p in self.trainable_parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def report(self) -> dict:
         n = sum(p.numel() for p in self.trainable_parameters())

@@ -27,7 +27,7 @@ class FullMethod(Method):
     name = "full"
     Config = FullConfig
     optimizer = "paged_adamw"
-    default_lr = 5e-5
+    default_lr = 1e-4
     weights_file = MODEL_FILE
 
     def _attach(self) -> None:

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict
+from ..adapters import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict, load_adapter,
+                        read_adapter_config)
 from ..inject import inject, lora_layers, match_targets, merge, unmerge
-from .base import Method, MethodError, save_tensors, write_json
+from ..nn.nf4_linear import NF4Linear
+from .base import Method, MethodError, base_param_count, save_tensors, write_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -37,6 +39,7 @@ class LoRAMethod(Method):
     Config = LoRAConfig
     weights_file = WEIGHTS_NAME
     default_lr = 1e-3
+    train_options = ("targets", "r", "alpha", "dropout", "rslora")
     quantize = None
 
     def _attach(self) -> None:
@@ -78,12 +81,9 @@ class LoRAMethod(Method):
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "LoRAMethod":
         """Attach a PEFT LoRA folder written by any tool (no lorart_method.json)."""
-        from ..adapters import _read_config, load_adapter
-
-        cfg = _read_config(directory)
+        cfg = read_adapter_config(directory)
         self = cls.__new__(cls)
         self.model, self.init = model, False
-        from .base import base_param_count
         self.base_params = base_param_count(model)
         if cls.quantize:
             _quantize_targets(model, list(cfg.get("target_modules") or []))
@@ -95,8 +95,6 @@ class LoRAMethod(Method):
 
 
 def _quantize_targets(model: nn.Module, targets, blocksize: int = 64, double_quant: bool = True) -> None:
-    from ..nn.nf4_linear import NF4Linear
-
     for path in match_targets(model, targets):
         m = model.get_submodule(path)
         if isinstance(m, nn.Linear):
@@ -111,6 +109,16 @@ class QLoRAMethod(LoRAMethod):
     Config = QLoRAConfig
     quantize = "nf4"
     default_lr = 1e-3
+    starts_as_base = False   # the base is quantized: its outputs already differ before training
+
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """Every linear layer of the base becomes an NF4Linear as soon as its weight is read, so the
+        full-precision model is never held at once (the layers LoRA targets get wrapped afterwards)."""
+        def factory(name, linear):
+            return NF4Linear.from_linear(linear, blocksize=config.blocksize, double_quant=config.double_quant,
+                                         compute_dtype=dtype)
+        return factory
 
     def merge(self) -> bool:
         merge(self.model)   # builds dequant(W4) + s*B@A in the compute dtype (the packed base is kept)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ._hooks import bind_forward, default_positions, past_len, seq_info
 from .base import Method, MethodError, expect_tensor, read_safetensors, save_tensors, write_json
-from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, layers_to_prefix, prefix_to_layers, prompt_learning_config
+from .peft_io import (PEFT_CONFIG, PEFT_WEIGHTS, layers_to_prefix, prefix_to_layers, prompt_learning_config,
+                      read_prompt_learning_config)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class PrefixMethod(Method):
     name = "prefix"
     Config = PrefixConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 1e-2
 
     def _attach(self) -> None:
@@ -145,8 +147,6 @@ class PrefixMethod(Method):
 
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "PrefixMethod":
-        from .peft_io import read_prompt_learning_config
-
         cfg = read_prompt_learning_config(directory, "PREFIX_TUNING", model)
         if cfg.get("prefix_projection") and not cfg.get("inference_mode", True):
             raise MethodError(f"lorart: {os.path.join(directory, PEFT_CONFIG)}: key `prefix_projection`: a "

@@ -21,7 +21,7 @@ from torch import nn
 from ..data.formats import IGNORE_INDEX
 from ._hooks import bind_forward, extend_mask_front, extend_mask_square, past_len, seq_info
 from .base import Method, MethodError, expect_tensor, read_safetensors, save_tensors, write_json
-from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, prompt_learning_config
+from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, prompt_learning_config, read_prompt_learning_config
 
 
 @dataclass
@@ -45,6 +45,7 @@ class PromptMethod(Method):
     name = "prompt"
     Config = PromptConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 3e-2
 
     def _attach(self) -> None:
@@ -137,8 +138,6 @@ class PromptMethod(Method):
 
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "PromptMethod":
-        from .peft_io import read_prompt_learning_config
-
         cfg = read_prompt_learning_config(directory, "PROMPT_TUNING", model)
         self = cls(model, PromptConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"])), init=False)
         self._read(directory)
