@@ -1,15 +1,67 @@
-"""Atomic folder writes: build the whole folder beside the target, then one rename.
+"""How lorart writes files: atomically, with the permissions the umask gives, and JSON strictly.
 
-A crash never leaves a half-written adapter, method artifact or model folder: either the old folder or
-the new one is there.
+- `atomic_dir(folder)`: the whole folder is built beside the target, then one rename; `atomic_file(path)`: the
+  same for one file. A crash leaves either the old or the new one, never half of one.
+- Temporary files and folders (`.tmp-*`, `.lorart-tmp-*`, `.lorart-old-*`) are created 0600/0700 by
+  `tempfile`; what is renamed into place gets 0666/0777 minus the umask, as `open()`/`mkdir` would give.
+- `strict_json(obj)`: JSON that every parser accepts: never a bare NaN/Infinity (they become null).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
+import json
+import math
 import os
+import re
 import shutil
 import tempfile
-from typing import Iterator
+from typing import IO, Iterator, Optional
+
+import torch
+
+TMP_PREFIXES = (".tmp-", ".lorart-tmp-", ".lorart-old-")
+
+
+def umask() -> int:
+    """The process umask (read from /proc where it can be; else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def set_default_mode(path: str) -> None:
+    """Give a file 0666 (a folder 0777) minus the umask: what open()/mkdir would have created."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~umask())
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -21,17 +73,133 @@ def atomic_dir(directory: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=".lorart-tmp-", dir=parent)
     try:
         yield tmp
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
+        _fsync_tree(tmp)
+        set_default_mode(tmp)
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
             os.rmdir(old)
             os.rename(directory, old)
         os.rename(tmp, directory)
+        fsync_dir(parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+    """Yield a file opened beside `path` ("w" text UTF-8 or "wb"); on success it replaces `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        set_default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """json.dumps with every non-finite float written as null (strict JSON: no bare NaN / Infinity)."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
+
+
+def write_json_atomic(path: str, obj, lines: bool = False) -> None:
+    """`obj` as strict JSON (indented), or `lines=True`: one strict JSON record per line (JSONL)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as f:
+        if lines:
+            for rec in obj:
+                f.write(strict_json(rec) + "\n")
+        else:
+            f.write(strict_json(obj, indent=2) + "\n")
+
+
+def remove_stale_temps(folder: str) -> list:
+    """Delete the temporary files/folders a killed writer left in `folder` (names starting with one of
+    TMP_PREFIXES); returns their names."""
+    gone = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return gone
+    for n in names:
+        if n.startswith(TMP_PREFIXES):
+            p = os.path.join(folder, n)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            gone.append(n)
+    return gone
+
+
+class _Sink(io.RawIOBase):
+    """A file torch.save writes through, keeping the OSError (ENOSPC, EIO, ...) that torch turns into a
+    RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save_torch(obj, path: str) -> None:
+    """torch.save to `path` (fsynced); a failed write raises its OSError (errno ENOSPC for a full disk)."""
+    with open(path, "wb", buffering=0) as f:
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        os.fsync(f.fileno())
+
+
+def os_error_of(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: itself, or one a library reported as text ("... (os error 28)", safetensors)."""
+    if isinstance(exc, OSError):
+        return exc
+    m = re.search(r"os error (\d+)", str(exc))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    """strerror, naming a full disk and a read-only file system as such."""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", -1):
+        what += " (disk full)"
+    elif e.errno == errno.EROFS:
+        what += " (read-only file system)"
+    return what

@@ -60,7 +60,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="held-out JSONL (default: --eval-fraction of --data)")
     p.add_argument("--output-dir", default="lorart-output", help="where the adapter and reports go")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir")
     p.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("training options (lorart.train keywords; None = library default)")
@@ -86,6 +87,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr-ratio", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--max-grad-norm", type=float)
+    g.add_argument("--skip-nonfinite", type=int, metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is not finite (default 0: stop at the first)")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--early-stopping-patience", type=int)
@@ -112,7 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, v in QUICK_DEFAULTS.items():
             opts.setdefault(k, v)
     train(args.model, args.data, eval_data=args.eval_data, output_dir=args.output_dir, device=args.device,
-          resume=bool(args.resume), general_data=not args.no_general, progress=not args.quiet, **opts)
+          resume=bool(args.resume), overwrite=bool(args.overwrite), general_data=not args.no_general,
+          progress=not args.quiet, **opts)
     return 0
 
 
@@ -183,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .training.evaluate import eval_loss, format_accuracy, generate_samples
     from .training.options import DEFAULT_FORMAT_REGEX
-    from .training.setup import _load
+    from .training.setup import load_examples
     model, tok, dev, dtype = _load_for_inference(args)
     data = args.data
     regex = args.format_regex
@@ -191,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import default_dataset_paths
         data = default_dataset_paths()["heldout"]
         regex = regex or DEFAULT_FORMAT_REGEX
-    examples = _load(data, tok, args.max_seq_len, "data")
+    examples = load_examples(data, tok, args.max_seq_len, "data")
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     ev = eval_loss(model, examples, pad, dev, dtype, args.batch_size)
     res = {"data": data, "examples": len(examples), "tokens": ev["tokens"], "loss": ev["loss"], "ppl": ev["ppl"]}
@@ -209,7 +213,7 @@ def add_subcommands(sub) -> None:
                                      "model on the bundled data)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
-    from .methods.compare import add_subcommand as add_compare
+    from .training.compare import add_subcommand as add_compare
     add_compare(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
@@ -240,10 +244,11 @@ def run(func, args) -> int:
     """Call a subcommand; user mistakes become one line on stderr and exit code 2."""
     from .adapters import AdapterFileError
     from .data import DataError
+    from .training import TrainingError
     try:
         return int(func(args) or 0)
     except (UserError, DataError, AdapterFileError, FileNotFoundError, IsADirectoryError, PermissionError,
-            ValueError, TypeError, KeyError) as e:
+            ValueError, TypeError, KeyError, TrainingError) as e:
         if os.environ.get("LORART_DEBUG"):
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

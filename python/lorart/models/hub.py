@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loading import LinearFactory, _as_dtype, load_hf_folder, save_hf_folder
+from .loading import LinearFactory, as_dtype, load_hf_folder, save_hf_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +64,7 @@ def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
     if path is None or path == "default":
         path = default_model_path()
     path = os.fspath(path)
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if os.path.isdir(path):
         return load_hf_folder(path, dtype=dtype, device=device, linear_factory=linear_factory)
     if not os.path.exists(path):
