@@ -57,11 +57,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
+def _settle_tree(folder: str) -> None:
+    """fsync every file under `folder` and give everything the umask's default mode (some writers, e.g.
+    safetensors, create 0600 files)."""
+    for root, dirs, files in os.walk(folder):
         for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+            set_default_mode(p)
+        for d in dirs:
+            set_default_mode(os.path.join(root, d))
+    set_default_mode(folder)
 
 
 @contextlib.contextmanager
@@ -73,8 +80,7 @@ def atomic_dir(directory: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=".lorart-tmp-", dir=parent)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        set_default_mode(tmp)
+        _settle_tree(tmp)
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
@@ -200,6 +206,6 @@ def describe_os_error(e: OSError) -> str:
     what = e.strerror or str(e)
     if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", -1):
         what += " (disk full)"
-    elif e.errno == errno.EROFS:
+    elif e.errno == errno.EROFS and "read-only" not in what.lower():
         what += " (read-only file system)"
     return what

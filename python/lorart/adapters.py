@@ -84,11 +84,16 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     cfg = adapter_config(model, adapter_name, base_model_name_or_path, task_type)
     sd = adapter_state_dict(model, adapter_name)
+    bad = [k for k, t in sd.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(f"lorart: save_adapter: refusing to save {directory}: {len(bad)} tensors hold "
+                               f"non-finite values (first: `{bad[0]}`)")
+    text = json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False)
     directory = os.path.abspath(directory)
     with atomic_dir(directory) as tmp:
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write(text + "\n")
     return directory
 
 

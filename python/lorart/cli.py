@@ -183,8 +183,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    from ._atomic import strict_json
     from .training.evaluate import eval_loss, format_accuracy, generate_samples
     from .training.options import DEFAULT_FORMAT_REGEX
     from .training.setup import load_examples
@@ -204,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    args.batch_size)
         res["format_accuracy"] = format_accuracy(samples, regex)
         res["format_prompts"] = len(samples)
-    print(json.dumps(res, indent=2))
+    print(strict_json(res, indent=2))
     return 0
 
 

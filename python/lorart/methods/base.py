@@ -48,8 +48,10 @@ def dir_size(directory: str) -> int:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """Strict JSON (a NaN / Infinity in a config is refused with ValueError, never written bare)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write(text + "\n")
 
 
 def read_json(path: str) -> dict:
@@ -189,6 +191,11 @@ class Method:
         return dataclasses.asdict(self.config)
 
     def save(self, directory: str) -> str:
+        """Write the artifact atomically; refuses (MethodError) weights that are not all finite."""
+        bad = [k for k, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise MethodError(f"lorart: method {self.name!r}: refusing to save {directory}: {len(bad)} tensors hold "
+                              f"non-finite values (first: `{bad[0]}`)")
         meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
                 "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
         with atomic_dir(directory) as tmp:

@@ -58,6 +58,13 @@ class RunFolder:
         if resume and overwrite:
             raise ValueError("lorart.train: arguments `resume` and `overwrite` exclude each other: resume continues "
                              "the run in output_dir, overwrite replaces it")
+        parent = self.path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            st = os.statvfs(parent) if hasattr(os, "statvfs") else None
+            why = "read-only file system" if st is not None and st.f_flag & os.ST_RDONLY else "permission denied"
+            raise ValueError(f"lorart.train: argument `output_dir`: {self.path} cannot be written ({parent}: {why})")
         prev = self.previous_run()
         if prev and not resume and not overwrite:
             raise ValueError(f"lorart.train: argument `output_dir`: {self.path} holds a previous run "
