@@ -71,8 +71,9 @@ def compare(methods: Sequence[str] | str = tuple(METHODS), model: Optional[str] 
         if progress:
             r = rows[-1]
             loss = r["after"]["eval_loss"]
-            print(f"    held-out loss after {'-' if loss is None else format(loss, '.3f')}, {r['step_time_s']:.2f} s/step, "
-                  f"{r['wall_s']:.0f} s in all", file=sys.stderr, flush=True)
+            loss = "-" if loss is None else f"{loss:.3f}"
+            print(f"    held-out loss after {loss}, {r['step_time_s']:.2f} s/step, {r['wall_s']:.0f} s in all",
+                  file=sys.stderr, flush=True)
     settings = {"methods": methods, "model": model or "default (SmolLM2-135M-Instruct)", "data": data or "default",
                 "max_steps": max_steps, "batch_size": batch_size, "max_seq_len": max_seq_len, "seed": seed,
                 "num_samples": num_samples, "lr": {m: lrs[m] for m in methods}}

@@ -100,34 +100,56 @@ class Recipe:
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self, model=None, data=None, *, tokenizer=None, eval_data=None, general_data=True, resume=False,
               overwrite: bool = False) -> "Recipe":
-        """Load everything, then take the output folder: resume its run, replace it (`overwrite`) or start one."""
-        opts, t0 = self.opts, time.perf_counter()
-        self.folder.check_allowed(resume, overwrite)
+        """Load everything, then take the output folder: resume its run, replace it (`overwrite`) or start one;
+        evaluate before training."""
+        t0 = time.perf_counter()
+        self.folder.check_allowed(resume, overwrite)   # before any loading: a refused folder fails fast
+        self._setup_model(model, tokenizer)
+        self._setup_data(data, eval_data, general_data)
+        self._setup_optimizer()
+        self._take_folder(resume, overwrite)
+        o, d = self.opts, self.data
+        self.progress.message(
+            f"lorart train: {o.method} r={o.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
+            f"{str(self.dtype).replace('torch.', '')}); {len(d.train)} train / {len(d.eval)} eval examples; "
+            f"{self.total} steps of {o.batch_size}x{o.grad_accum}; setup {time.perf_counter() - t0:.1f} s")
+        self.evaluate_before()
+        return self
+
+    def _setup_model(self, model, tokenizer) -> None:
+        opts = self.opts
         cls = method_class(opts.method)
         config = make_config(cls, method_config(opts, cls))
         base = load_base(model, tokenizer, opts, self.device, self.dtype, cls.base_linear_factory(config, self.dtype))
         if opts.packing and not base.is_lorart:
             raise ValueError("lorart.train: argument `packing`: packing needs lorart's LlamaForCausalLM (its "
                              "block-diagonal masks); pass packing=False for other models")
-        model_fp = model_fingerprint(base.model, base.name)
+        self.fingerprint = {"model": model_fingerprint(base.model, base.name), "options": opts.fingerprint()}
         self.method = attach_method(base, cls, config, opts)
-        self.model, self.tokenizer, self.model_name, self.is_lorart = base.model, base.tokenizer, base.name, \
-            base.is_lorart
-        self.data = d = load_data(data, eval_data, base.tokenizer, opts, general_data)
+        self.model, self.tokenizer, self.model_name, self.is_lorart = (base.model, base.tokenizer, base.name,
+                                                                       base.is_lorart)
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
-        self.regex = format_regex_for(opts, d)
-        self.fingerprint = {"model": model_fp, "options": opts.fingerprint(), "data": {
-            "train": examples_fingerprint(d.train, d.train_path), "eval": examples_fingerprint(d.eval, d.eval_path),
-            "general": examples_fingerprint(d.general, d.general_path)}}
-        self.batches_per_epoch = math.ceil(len(d.train) / opts.batch_size)
-        self.total = opts.max_steps or opts.epochs * math.ceil(self.batches_per_epoch / opts.grad_accum)
-        warmup = min(opts.warmup_steps(self.total), self.total)
-        self.eval_every = opts.eval_every or max(1, self.total // 4)
-        self.save_every = opts.save_every or self.eval_every
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = PagedAdamW(list(self.params.values()), lr=opts.lr, weight_decay=opts.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(opts, self.total, warmup))
 
+    def _setup_data(self, data, eval_data, general_data) -> None:
+        o = self.opts
+        self.data = d = load_data(data, eval_data, self.tokenizer, o, general_data)
+        self.regex = format_regex_for(o, d)
+        self.fingerprint["data"] = {"train": examples_fingerprint(d.train, d.train_path),
+                                    "eval": examples_fingerprint(d.eval, d.eval_path),
+                                    "general": examples_fingerprint(d.general, d.general_path)}
+        self.batches_per_epoch = math.ceil(len(d.train) / o.batch_size)
+        self.total = o.max_steps or o.epochs * math.ceil(self.batches_per_epoch / o.grad_accum)
+        self.eval_every = o.eval_every or max(1, self.total // 4)
+        self.save_every = o.save_every or self.eval_every
+
+    def _setup_optimizer(self) -> None:
+        o = self.opts
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = PagedAdamW(list(self.params.values()), lr=o.lr, weight_decay=o.weight_decay)
+        warmup = min(o.warmup_steps(self.total), self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.total, warmup))
+
+    def _take_folder(self, resume, overwrite: bool) -> None:
         self.folder.claim()
         if overwrite and self.folder.previous_run():
             self.progress.message(f"overwrite: removed the previous run's {', '.join(self.folder.clear_previous())}")
@@ -135,12 +157,6 @@ class Recipe:
             self.progress.message(f"no checkpoint in {self.folder.path}: starting from the beginning")
             self.folder.clear_previous()
         self.folder.open_metrics(self.state.history)
-        self.progress.message(
-            f"lorart train: {opts.method} r={opts.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
-            f"{str(self.dtype).replace('torch.', '')}); {len(d.train)} train / {len(d.eval)} eval examples; "
-            f"{self.total} steps of {opts.batch_size}x{opts.grad_accum}; setup {time.perf_counter() - t0:.1f} s")
-        self.evaluate_before()
-        return self
 
     def resume(self, checkpoint=True) -> Optional[str]:
         """Restore the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones are skipped
@@ -217,7 +233,8 @@ class Recipe:
         ev = eval_loss(self.model, self.data.eval, self.pad, self.device, self.dtype, o.batch_size)
         if ev is None:
             return []
-        if st.best_loss is None or ev["loss"] < st.best_loss - o.early_stopping_min_delta:
+        improved = st.best_loss is None or ev["loss"] < st.best_loss - o.early_stopping_min_delta
+        if math.isfinite(ev["loss"]) and improved:
             st.best_loss, st.best_step, st.bad_evals = ev["loss"], st.step, 0
             if o.early_stopping_patience:
                 st.best_weights = {n: p.detach().cpu().clone() for n, p in self.params.items()}
