@@ -421,3 +421,22 @@ def test_cli_disk_full_and_read_only_folder_are_one_error_line(env, tmp_path):
             os.chmod(mnt, 0o755)
     else:
         pytest.skip("no unshare/tmpfs and running as root (chmod does not stop root)")
+
+
+def test_model_fingerprint_sees_any_weight_nf4_buffers_included():
+    from train_helpers import tiny_model, tiny_tokenizer
+
+    from lorart.nn import NF4Linear
+    from lorart.training.fingerprint import model_fingerprint
+    m = tiny_model(tiny_tokenizer())
+    m.model.layers[1].mlp.up_proj = NF4Linear.from_linear(m.model.layers[1].mlp.up_proj)
+    a = model_fingerprint(m)
+    assert model_fingerprint(m) == a
+    packed = m.model.layers[1].mlp.up_proj._nf4_packed
+    with torch.no_grad():
+        packed.view(-1)[packed.numel() // 3] ^= 1          # one 4-bit code of a frozen NF4 weight
+    b = model_fingerprint(m)
+    assert b["weights"] != a["weights"] and b["config"] == a["config"]
+    with torch.no_grad():
+        m.model.norm.weight[7] += 1e-6                      # one float, one ulp-ish change
+    assert model_fingerprint(m)["weights"] != b["weights"]

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -96,15 +96,16 @@ def atomic_dir(directory: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
-    """Yield a file opened beside `path` ("w" text UTF-8 or "wb"); on success it replaces `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+def atomic_file(path: str) -> Iterator[str]:
+    """Yield a temporary file path beside `path`; on success it replaces `path` in one rename (fsynced, with the
+    umask's mode)."""
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".lorart-tmp-", dir=os.path.dirname(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -131,7 +132,7 @@ def strict_json(obj, **kw) -> str:
 def write_json_atomic(path: str, obj, lines: bool = False) -> None:
     """`obj` as strict JSON (indented), or `lines=True`: one strict JSON record per line (JSONL)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path) as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         if lines:
             for rec in obj:
                 f.write(strict_json(rec) + "\n")

@@ -243,11 +243,10 @@ def run(func, args) -> int:
     """Call a subcommand; user mistakes become one line on stderr and exit code 2."""
     from .adapters import AdapterFileError
     from .data import DataError
-    from .training import TrainingError
     try:
         return int(func(args) or 0)
     except (UserError, DataError, AdapterFileError, FileNotFoundError, IsADirectoryError, PermissionError,
-            ValueError, TypeError, KeyError, TrainingError) as e:
+            ValueError, TypeError, KeyError) as e:
         if os.environ.get("LORART_DEBUG"):
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

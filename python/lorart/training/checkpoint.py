@@ -119,7 +119,7 @@ def save_checkpoint(output_dir: str, step: int, state: dict, *, run: Optional[di
         manifest = {"format_version": FORMAT_VERSION, "step": step, "run": run, "files": _files(tmp)}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             f.write(strict_json(manifest, indent=2) + "\n")
-    with atomic_file(os.path.join(root, LATEST)) as f:
+    with atomic_file(os.path.join(root, LATEST)) as tmp, open(tmp, "w") as f:
         f.write(name + "\n")
     if keep > 0:
         for old in list_checkpoints(output_dir)[keep:]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from array import array
 
@@ -51,8 +52,8 @@ def model_fingerprint(model: nn.Module, name=None) -> dict:
     cfg = json.dumps(_config_dict(model), sort_keys=True, default=str)
     h = hashlib.sha256()
     n = 0
-    with torch.no_grad():
-        for k, t in model.state_dict(keep_vars=False).items():
+    with torch.no_grad():   # buffers too, persistent or not: NF4Linear's packed weights are buffers
+        for k, t in itertools.chain(model.named_parameters(), model.named_buffers()):
             _tensor_digest(h, k, t)
             n += 1
     return {"name": name, "config": hashlib.sha256(cfg.encode()).hexdigest(), "weights": h.hexdigest(),

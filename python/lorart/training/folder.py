@@ -30,9 +30,10 @@ LOCK = ".lorart.lock"
 METRICS = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """A run that cannot go on: a non-finite loss, a failed write, a busy output folder. The message says
-    what happened, at which step, and what was kept."""
+    what happened, at which step, and what was kept. (A ValueError, like lorart's other errors about the
+    inputs and the environment: the CLI prints it as one line and exits 2.)"""
 
 
 class RunFolder:

@@ -39,8 +39,8 @@ def write_plot(path: str, history: list) -> Optional[str]:
     ax.legend()
     fig.tight_layout()
     try:
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format="png")
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
     return None
@@ -66,8 +66,9 @@ def samples_markdown(before: list, after: list, acc_before=None, acc_after=None)
 
 
 def write_samples(path: str, before: list, after: list, acc_before=None, acc_after=None) -> None:
-    with atomic_file(path) as f:
-        f.write(samples_markdown(before, after, acc_before, acc_after))
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(samples_markdown(before, after, acc_before, acc_after))
 
 
 def comparison_table(before: dict, after: dict) -> str:
