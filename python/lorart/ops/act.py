@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -29,7 +29,7 @@ def _check(gate: Tensor, up: Tensor) -> None:
 def _impl(gate: Tensor, up: Tensor) -> Tensor:
     g, u = gate.contiguous(), up.contiguous()
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    _C.swiglu(view(g), view(u), view(out), stream(out))
+    _C.swiglu(g, u, out, stream(out))
     return out
 
 
@@ -37,7 +37,7 @@ def _backward_impl(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, 
     g, u, go = gate.contiguous(), up.contiguous(), grad_out.contiguous().to(gate.dtype)
     dg = torch.empty_like(g, memory_format=torch.contiguous_format)
     du = torch.empty_like(g, memory_format=torch.contiguous_format)
-    _C.swiglu_backward(view(g), view(u), view(go), view(dg), view(du), stream(g))
+    _C.swiglu_backward(g, u, go, dg, du, stream(g))
     return dg, du
 
 

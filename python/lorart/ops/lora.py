@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import nf4 as _nf4ops
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 FUSED_MAX_ROWS = int(_C.lora_fused_max_rows())
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -103,7 +103,7 @@ def lora_dropout(x: Tensor, p: float, seed: int) -> Tensor:
     check_device(x, "x")
     x2 = _rows(x)
     out = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
+    _C.lora_dropout(x2, out, p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
     return out.view(x.shape)
 
 
@@ -134,15 +134,14 @@ def _drop_raw(x2: Tensor, p: float, seed: int) -> Tensor:
     if p == 0.0:
         return x2
     out = torch.empty_like(x2)  # x2's strides when dense, else contiguous: unit stride along K either way
-    _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
+    _C.lora_dropout(x2, out, p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
     return out
 
 
 def _drop_raw_(t: Tensor, p: float, seed: int) -> Tensor:
     """_drop_raw in place on a fresh [M, K] tensor (the kernels are elementwise: out may alias x)."""
     if p != 0.0:
-        v = view(t)
-        _C.lora_dropout(v, v, p, seed & 0xFFFFFFFFFFFFFFFF, stream(t))
+        _C.lora_dropout(t, t, p, seed & 0xFFFFFFFFFFFFFFFF, stream(t))
     return t
 
 
@@ -198,10 +197,10 @@ def _dense_impl(x, weight, bias, A, B, scale, dropout, seed):
     seed &= 0xFFFFFFFFFFFFFFFF
     if _use_fused(x2, nf4=False):
         xa = torch.empty(x2.shape[0], A.shape[0], dtype=_acc_dtype(x), device=x.device)
-        _C.lora_shrink(view(x2), view(A.contiguous()), dropout, seed, view(xa), stream(x))
+        _C.lora_shrink(x2, A.contiguous(), dropout, seed, xa, stream(x))
         y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-        _C.lora_fused_linear(view(x2), view(weight.contiguous()), None if bias is None else view(bias.contiguous()),
-                             view(xa), view(B.contiguous()), scale, view(y), stream(x))
+        _C.lora_fused_linear(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
+                             xa, B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
     else:
         y = _linear(x2, weight, bias)
@@ -266,12 +265,12 @@ def _nf4_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
     seed &= 0xFFFFFFFFFFFFFFFF
     if _use_fused(x2, nf4=True):
         xa = torch.empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x.device)
-        _C.lora_shrink(view(x2), view(A.contiguous()), dropout, seed, view(xa), stream(x))
+        _C.lora_shrink(x2, A.contiguous(), dropout, seed, xa, stream(x))
         y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
-        opt = lambda t: None if t is None else view(t.contiguous())  # noqa: E731
-        _C.lora_fused_linear_nf4(view(x2), view(packed.contiguous()), view(absmax.contiguous()), opt(nested_absmax),
-                                 opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), view(xa),
-                                 view(B.contiguous()), scale, view(y), stream(x))
+        opt = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        _C.lora_fused_linear_nf4(x2, packed.contiguous(), absmax.contiguous(), opt(nested_absmax),
+                                 opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), xa,
+                                 B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
     else:  # lorart.ops.nf4's path: dequantised into a reused workspace, never saved for backward
         y = _nf4ops._linear_impl(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -63,8 +63,8 @@ def _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx):
     x = x if x.stride(-1) == 1 else x.contiguous()
     ws = torch.empty(x.shape[0], A_stack.shape[1], device=x.device,
                      dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _C.lora_grouped_add(view(y), view(x), view(A_stack.contiguous()), view(B_stack.contiguous()),
-                        view(ranks.contiguous()), view(scales.contiguous()), view(adapter_idx), view(ws), stream(x))
+    _C.lora_grouped_add(y, x, A_stack.contiguous(), B_stack.contiguous(),
+                        ranks.contiguous(), scales.contiguous(), adapter_idx, ws, stream(x))
 
 
 @lora_grouped_add_.register_fake
@@ -93,7 +93,7 @@ def lora_merge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     """W += scale * B @ A in place, each element computed in float32 and rounded once (B @ A is never formed)."""
     _check_merge(W, A, B)
     check_device(W, "W")
-    _C.lora_merge(view(W), view(A.contiguous()), view(B.contiguous()), scale, stream(W))
+    _C.lora_merge(W, A.contiguous(), B.contiguous(), scale, stream(W))
 
 
 @lora_merge_.register_fake
@@ -107,7 +107,7 @@ def lora_unmerge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     saved original instead (docs/lora.md)."""
     _check_merge(W, A, B)
     check_device(W, "W")
-    _C.lora_merge(view(W), view(A.contiguous()), view(B.contiguous()), -scale, stream(W))
+    _C.lora_merge(W, A.contiguous(), B.contiguous(), -scale, stream(W))
 
 
 @lora_unmerge_.register_fake
@@ -122,7 +122,7 @@ def lora_merge_nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
     _check_merge(W, A, B)
     check_device(W, "W")
     count = torch.zeros(1, dtype=torch.int32, device=W.device)
-    _C.lora_merge_count_nonfinite(view(W), view(A.contiguous()), view(B.contiguous()), scale, view(count), stream(W))
+    _C.lora_merge_count_nonfinite(W, A.contiguous(), B.contiguous(), scale, count, stream(W))
     return count
 
 

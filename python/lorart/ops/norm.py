@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 MAX_HIDDEN_CUDA = int(_C.rms_norm_max_hidden())
@@ -43,7 +43,7 @@ def _impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     x2 = _rows(x)
     out = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=_stat_dtype(x), device=x.device)
-    _C.rms_norm(view(x2), view(weight.contiguous()), float(eps), view(out), view(rstd), stream(x2))
+    _C.rms_norm(x2, weight.contiguous(), float(eps), out, rstd, stream(x2))
     return out.view(x.shape), rstd
 
 
@@ -52,8 +52,8 @@ def _backward_impl(x: Tensor, weight: Tensor, rstd: Tensor, grad_out: Tensor, wa
     go = _rows(grad_out.to(x.dtype))
     dx = torch.empty_like(x2)
     dw = torch.empty(x2.shape[1], dtype=_stat_dtype(x), device=x.device) if want_w else None
-    _C.rms_norm_backward(view(x2), view(weight.contiguous()), view(rstd), view(go), view(dx),
-                         None if dw is None else view(dw), stream(x2))
+    _C.rms_norm_backward(x2, weight.contiguous(), rstd, go, dx,
+                         None if dw is None else dw, stream(x2))
     return dx.view(x.shape), (None if dw is None else dw.to(weight.dtype))
 
 
