@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -78,6 +79,9 @@ def _backward(ctx, grad_out):
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
+_AUTOCAST = _ac.Promote(0, 1)  # gate, up: `F.silu(gate) * up` promotes
+_ac.register("swiglu", _AUTOCAST)
+_ac.register("swiglu_backward", _ac.Keep())
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -101,6 +105,9 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up in one pass; gradients to both (see the module docstring)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.swiglu(gate, up)
+    dev = _ac.device_on(gate)
+    if dev is not None:
+        gate, up = _AUTOCAST.cast((gate, up), dev)
     _check(gate, up)
     check_device(gate, "gate")
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):

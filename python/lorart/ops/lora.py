@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from . import nf4 as _nf4ops
 from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
@@ -123,6 +124,7 @@ def _dropout_backward(ctx, grad):
 
 
 lora_dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+_ac.register("lora_dropout", _ac.Keep())
 
 
 def _drop(x2: Tensor, p: float, seed: int) -> Tensor:
@@ -338,6 +340,8 @@ def _backward_dense(ctx, gy, gxa):
 
 
 _lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
+_DENSE_AUTOCAST = _ac.Lower(0, 1, 2, 3, 4)  # x, weight, bias, A, B: as F.linear under autocast
+_ac.register("lora_linear", _DENSE_AUTOCAST)
 
 
 def _setup_nf4(ctx, inputs, output):
@@ -365,6 +369,8 @@ def _backward_nf4(ctx, gy, gxa):
 
 
 _lora_linear_nf4.register_autograd(_backward_nf4, setup_context=_setup_nf4)
+_NF4_AUTOCAST = _ac.Lower(0, 9, 10, 11)  # x, bias, A, B (the NF4 weight computes in x's dtype)
+_ac.register("lora_linear_nf4", _NF4_AUTOCAST)
 
 
 # ---- eager fast path ----------------------------------------------------------------------------------------
@@ -446,12 +452,21 @@ def _records(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, weight: Tenso
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 dropout: float = 0.0, seed: int = 0) -> Tensor:
     """y = x @ weight.T + bias + scale * dropout(x) @ A.T @ B.T (dense base; see the module docstring)."""
+    args = (x, weight, bias, A, B, float(scale), float(dropout), int(seed))
     if _eager():
-        _check_dense(x, weight, bias, A, B, dropout)
-        if _records(x, A, B, bias, weight):
-            return _DenseFn.apply(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
-        return _dense_impl(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
-    return torch.ops.lorart.lora_linear(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
+        dev = _ac.device_on(x)
+        if dev is None:
+            return _dense_eager(*args)
+        with _ac.excluded(dev):
+            return _dense_eager(*_DENSE_AUTOCAST.cast(args, dev))
+    return torch.ops.lorart.lora_linear(*args)[0]
+
+
+def _dense_eager(x, weight, bias, A, B, scale, dropout, seed):
+    _check_dense(x, weight, bias, A, B, dropout)
+    if _records(x, A, B, bias, weight):
+        return _DenseFn.apply(x, weight, bias, A, B, scale, dropout, seed)
+    return _dense_impl(x, weight, bias, A, B, scale, dropout, seed)[0]
 
 
 def lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
@@ -462,11 +477,20 @@ def lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Te
     args = (x, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(rows), int(cols), bias,
             A, B, float(scale), float(dropout), int(seed))
     if _eager():
-        _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout)
-        if _records(x, A, B, bias):
-            return _NF4Fn.apply(*args)
-        return _nf4_impl(*args)[0]
+        dev = _ac.device_on(x)
+        if dev is None:
+            return _nf4_eager(*args)
+        with _ac.excluded(dev):
+            return _nf4_eager(*_NF4_AUTOCAST.cast(args, dev))
     return torch.ops.lorart.lora_linear_nf4(*args)[0]
+
+
+def _nf4_eager(*args):
+    x, packed, absmax, _, _, _, _, rows, cols, bias, A, B, _, dropout, _ = args
+    _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout)
+    if _records(x, A, B, bias):
+        return _NF4Fn.apply(*args)
+    return _nf4_impl(*args)[0]
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -52,6 +53,10 @@ def lora_grouped_add(y: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, ran
     """lora_grouped_add_ without the dispatcher in eager mode (the op under torch.compile)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.lora_grouped_add_(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
+    dev = _ac.device_on(x)
+    if dev is not None:
+        y, x, A_stack, B_stack, ranks, scales, adapter_idx = _GROUPED_AUTOCAST.cast(
+            (y, x, A_stack, B_stack, ranks, scales, adapter_idx), dev)
     _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
     _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
 
@@ -130,3 +135,10 @@ def lora_merge_nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
 def _(W, A, B, scale):
     _check_merge(W, A, B)
     return W.new_empty(1, dtype=torch.int32)
+
+
+# autocast: the in-place ops compute in the dtype of what they write (y, W); nothing else changes
+_GROUPED_AUTOCAST = _ac.Like(0, 1, 2, 3)
+_ac.register("lora_grouped_add_", _GROUPED_AUTOCAST)
+for _name in ("lora_merge_", "lora_unmerge_", "lora_merge_nonfinite"):
+    _ac.register(_name, _ac.Like(0, 1, 2))

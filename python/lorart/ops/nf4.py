@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from ._common import FLOAT_DTYPES, _C, check_device, check_dtype, check_same_device, stream
 
 NESTED_BLOCKSIZE = 256
@@ -290,6 +291,10 @@ def _backward(ctx, dy):
 
 
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
+_LINEAR_AUTOCAST = _ac.Lower(0, 9)  # x, bias: as F.linear under autocast (the weight decodes to x's dtype)
+_ac.register("nf4_linear", _LINEAR_AUTOCAST)
+for _name in ("nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear_grad_input"):
+    _ac.register(_name, _ac.Keep())
 
 
 # ---- eager fast path ----------------------------------------------------------------------------------------
@@ -323,6 +328,11 @@ def nf4_linear_eager(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: O
     if torch.compiler.is_compiling():
         return torch.ops.lorart.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
                                            cols, bias)
+    dev = _ac.device_on(x)
+    if dev is not None:
+        args = (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
+        with _ac.excluded(dev):
+            return nf4_linear_eager(*_LINEAR_AUTOCAST.cast(args, dev))
     _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
     check_device(x, "x")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

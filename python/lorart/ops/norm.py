@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -96,6 +97,9 @@ def _backward(ctx, grad_out, _grad_rstd):
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup)
+_AUTOCAST = _ac.Promote(0, 1)  # x, weight: LlamaRMSNorm's `weight * h.to(x.dtype)` promotes
+_ac.register("rms_norm", _AUTOCAST)
+_ac.register("rms_norm_backward", _ac.Keep())
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -119,6 +123,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)) in LlamaRMSNorm's arithmetic (see the module docstring)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.rms_norm(x, weight, float(eps))[0]
+    dev = _ac.device_on(x)
+    if dev is not None:
+        x, weight, eps = _AUTOCAST.cast((x, weight, eps), dev)
     _check(x, weight, eps)
     check_device(x, "x")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

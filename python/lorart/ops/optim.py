@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from ._common import _C, check_device, stream
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,6 +190,10 @@ def _(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_
     _check("adamw8_step_", params, grads, _states8(q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs),
            steps, lr, beta1, beta2, eps, weight_decay)
     return None
+
+
+for _name in ("adamw_step_", "adamw8_step_"):
+    _ac.register(_name, _ac.Keep())
 
 
 # ---- the 8-bit states' maps and conversions (host side) ---------------------------------
