@@ -224,3 +224,18 @@ def test_cut_falls_back_when_a_template_strips_the_text(tok):
                         {"role": "assistant", "content": "ok"}]}
     whole = encode_record(rec, ctok)
     assert encode_record(rec, ctok, max_seq_len=40).input_ids[:40] == whole.input_ids[:40]
+
+
+def test_parquet_column_mixing_turn_layouts(tok, tmp_path):
+    v = _chat_variants(TURNS[:2])
+    recs = [v["messages"], v["messages_from_value"]]
+    got = load_examples(_write(tmp_path / "mixed.parquet", "parquet", recs), tok)  # turns get all four keys
+    ref = encode_record(v["messages"], tok)
+    _same(got.examples, [ref, ref])
+
+
+def test_dataframe_hint(tok):
+    class FakeFrame(list):  # iterates its column names, like pandas
+        columns = ["text"]
+    with pytest.raises(DataError, match=r"pandas DataFrame: pass df\.to_dict\('records'\)"):
+        load_examples(FakeFrame(["text"]), tok)

@@ -97,7 +97,8 @@ def load_examples(src, tokenizer, max_seq_len: Optional[int] = None, what: str =
     records = []
     for i, rec in enumerate(src):
         if not isinstance(rec, Mapping):
-            raise DataError(f"argument `{what}`: record {i} must be a dict, got {type(rec).__name__}")
+            hint = " (a pandas DataFrame: pass df.to_dict('records'))" if hasattr(src, "columns") else ""
+            raise DataError(f"argument `{what}`: record {i} must be a dict, got {type(rec).__name__}{hint}")
         records.append((i, dict(rec)))
     if not records:
         raise DataError(f"argument `{what}`: the list of records is empty")

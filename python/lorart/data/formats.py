@@ -104,7 +104,8 @@ def _turns(turns, field: str, where: str) -> list:
     for i, m in enumerate(turns):
         if not isinstance(m, dict):
             raise DataError(f"{where}: {field}[{i}] must be an object, got {type(m).__name__}")
-        rk, ck = ("from", "value") if "from" in m and "role" not in m else ("role", "content")
+        # (a Parquet column of both layouts gives every turn all four keys, the unused ones None)
+        rk, ck = ("from", "value") if m.get("role") is None and m.get("from") is not None else ("role", "content")
         role, content = m.get(rk), m.get(ck)
         if not isinstance(role, str) or role not in ROLE_ALIASES:
             raise DataError(f"{where}: {field}[{i}].{rk} must be one of {tuple(ROLE_ALIASES)}, got {role!r}")

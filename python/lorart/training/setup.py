@@ -180,11 +180,11 @@ def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True)
     else:
         ev, eval_path = [], None
     if general_data is True:
-        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data")
+        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data", files)
     elif general_data in (False, None):
         general = []
     else:
-        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data")
+        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data", files)
     if opts.packing:
         from ..data import pack_examples
         train = pack_examples(train, opts.max_seq_len)
