@@ -55,9 +55,12 @@ def _key_value(s):
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainOptions()
-    p.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="training JSONL (instruction / chat / text records; default: the bundled set)")
-    p.add_argument("--eval-data", help="held-out JSONL (default: --eval-fraction of --data)")
+    p.add_argument("--model", help="HF model folder (dense or bitsandbytes 4-bit NF4) or .gguf file (default: the "
+                                   "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training data: a .jsonl/.json/.parquet/.csv file, a folder or a glob of them "
+                                  "(instruction, prompt/completion, chat, ShareGPT or text records; default: the "
+                                  "bundled set)")
+    p.add_argument("--eval-data", help="held-out data, as --data (default: --eval-fraction of --data)")
     p.add_argument("--output-dir", default="lorart-output", help="where the adapter and reports go")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -183,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .training.evaluate import eval_loss, format_accuracy, generate_samples
     from .training.options import DEFAULT_FORMAT_REGEX
-    from .training.setup import _load
+    from .data import load_examples
     model, tok, dev, dtype = _load_for_inference(args)
     data = args.data
     regex = args.format_regex
@@ -191,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import default_dataset_paths
         data = default_dataset_paths()["heldout"]
         regex = regex or DEFAULT_FORMAT_REGEX
-    examples = _load(data, tok, args.max_seq_len, "data")
+    examples = load_examples(data, tok, args.max_seq_len).examples
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     ev = eval_loss(model, examples, pad, dev, dtype, args.batch_size)
     res = {"data": data, "examples": len(examples), "tokens": ev["tokens"], "loss": ev["loss"], "ppl": ev["ppl"]}
@@ -221,7 +224,7 @@ def add_subcommands(sub) -> None:
         c.add_argument("--device", default="auto")
         c.add_argument("--max-new-tokens", type=int, default=128 if name != "eval" else 32)
         if name == "eval":
-            c.add_argument("--data", help="JSONL to evaluate on (default: the bundled held-out set)")
+            c.add_argument("--data", help="data to evaluate on, as train's --data (default: the bundled held-out set)")
             c.add_argument("--max-seq-len", type=int, default=512)
             c.add_argument("--batch-size", type=int, default=8)
             c.add_argument("--num-samples", type=int, default=8,

@@ -119,7 +119,8 @@ class LlamaConfig:
             kwargs[k] = d.get(k)
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known and k not in (
             "rope_parameters", "layer_types", "use_sliding_window", "max_window_layers",
-            "transformers_version", "torch_dtype", "dtype", "architectures")}
+            "transformers_version", "torch_dtype", "dtype", "architectures",
+            "quantization_config")}  # the weights' storage form: read and written by models/bnb4.py
         return cls(**kwargs)
 
     @classmethod
@@ -192,6 +193,10 @@ class LlamaConfig:
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         return torch.where(medium, smoothed, scaled)
 
-    def save(self, folder: str, dtype: Optional[torch.dtype] = None) -> None:
+    def save(self, folder: str, dtype: Optional[torch.dtype] = None,
+             quantization_config: Optional[dict] = None) -> None:
+        d = self.to_hf_dict(dtype)
+        if quantization_config is not None:
+            d["quantization_config"] = quantization_config
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(dtype), f, indent=2, sort_keys=True)
+            json.dump(d, f, indent=2, sort_keys=True)

@@ -56,11 +56,31 @@ def _apply_linear_factory(model: nn.Module, factory: LinearFactory) -> None:
             setattr(model.get_submodule(parent), child, factory(name, mod))
 
 
+def nf4_factory(compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> LinearFactory:
+    """A `linear_factory` quantizing each decoder linear to NF4 (bitsandbytes-exact) as soon as it is read."""
+    from ..nn.nf4_linear import NF4Linear
+
+    def factory(name, linear):
+        return NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                     compute_dtype=compute_dtype)
+    return factory
+
+
 def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
-               linear_factory: Optional[LinearFactory] = None, cache: bool = True):
+               linear_factory: Optional[LinearFactory] = None, cache: bool = True, quantize: Optional[str] = None):
     """Load `(model, tokenizer)` from an HF folder, a `.gguf` file, or the default (`path=None`
     or "default"). The GGUF is dequantized; its conversion is cached unless `cache=False`
-    (cached in the requested dtype: fp32 keeps the dequantized values exactly)."""
+    (cached in the requested dtype: fp32 keeps the dequantized values exactly).
+
+    A bitsandbytes 4-bit folder (NF4) loads with its 4-bit layers as NF4Linear, as stored. `quantize="nf4"`
+    quantizes every other decoder linear while loading (NF4, blocksize 64, double quantization; a shortcut
+    for `linear_factory=nf4_factory(dtype)`); `save_hf_folder` then writes a bitsandbytes 4-bit folder."""
+    if quantize is not None:
+        if quantize != "nf4":
+            raise ValueError(f"load_model: argument `quantize`: expected None or 'nf4', got {quantize!r}")
+        if linear_factory is not None:
+            raise ValueError("load_model: pass either `quantize` or `linear_factory`, not both")
+        linear_factory = nf4_factory(_as_dtype(dtype))
     if path is None or path == "default":
         path = default_model_path()
     path = os.fspath(path)

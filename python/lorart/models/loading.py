@@ -5,6 +5,10 @@ copy of the model is ever built. `linear_factory(name, linear) -> nn.Module` is 
 each decoder-layer `nn.Linear` as soon as its weight (and bias) are loaded, in the target
 dtype and device; whatever it returns replaces the linear (e.g. `NF4Linear.from_linear`).
 `lm_head` is never passed to the factory (it is often tied to the embedding).
+
+bitsandbytes 4-bit folders (`quantization_config` with `load_in_4bit`, NF4; models/bnb4.py) load with
+their 4-bit layers as `NF4Linear` (the stored bytes as they are, computing in `dtype`); the factory is called
+for the dense linears only. A model holding `NF4Linear` layers is saved in that form.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import bnb4
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
@@ -55,6 +60,15 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     available = {k for k in keys if not k.endswith(_IGNORED_KEYS)}
+    quantized = bnb4.quantized_linears(available, source)
+    linears = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    outside = sorted(set(quantized) - {n for n, _ in linears})
+    if outside:
+        raise ValueError(f"{source}: {', '.join(outside[:4])} stored in 4-bit: lorart reads 4-bit weights for "
+                         "the decoder layers' linears only (transformers keeps lm_head and embeddings dense)")
+    for name, qkeys in quantized.items():
+        available = (available - qkeys) | {f"{name}.weight"}
     expected = set(model.state_dict().keys())
     tied = config.tie_word_embeddings
     if tied:
@@ -71,9 +85,14 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
     done = set()
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
     for name, lin in linears:
+        parent, _, child = name.rpartition(".")
+        if name in quantized:  # stored in 4-bit: an NF4Linear over the stored bytes, never dequantized
+            bias = fetch(f"{name}.bias") if lin.bias is not None else None
+            new = bnb4.nf4_linear_from_keys(name, quantized[name], get_tensor, lin, bias, dtype, device, source)
+            setattr(model.get_submodule(parent), child, new)
+            done.update(k for k in (f"{name}.weight", f"{name}.bias") if k in expected)
+            continue
         for pname in ("weight", "bias"):
             if getattr(lin, pname) is not None:
                 _set_param(model, f"{name}.{pname}", fetch(f"{name}.{pname}"), source)
@@ -82,7 +101,6 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
             new = linear_factory(name, model.get_submodule(name))
             if new is None:
                 raise ValueError(f"linear_factory returned None for {name!r}")
-            parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     for name in sorted(expected - done):
         _set_param(model, name, fetch(name), source)
@@ -128,6 +146,7 @@ def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: missing config.json")
     config = LlamaConfig.from_json_file(cfg_path)
+    bnb4.read_quantization_config(folder)  # refuses the quantized forms lorart cannot read, with the reason
     index = _weight_index(folder)
     from safetensors import safe_open
     handles = {}
@@ -146,7 +165,10 @@ def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
 
 def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tokenizer] = None,
                    dtype=None) -> None:
-    """Write config.json, model.safetensors (and tokenizer files) readable by transformers."""
+    """Write config.json, model.safetensors (and tokenizer files) readable by transformers.
+
+    `NF4Linear` layers are written as bitsandbytes 4-bit weights (their bytes as they are) with the
+    `quantization_config` transformers + bitsandbytes need to load the folder; `dtype` applies to the rest."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     sd = model.state_dict()
@@ -156,10 +178,11 @@ def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tok
         if not isinstance(v, torch.Tensor) or v.is_meta:
             raise ValueError(f"cannot save {k!r}: not a materialized tensor (was a linear replaced?)")
     dt = _as_dtype(dtype) if dtype is not None else model.dtype
-    sd = {k: v.detach().to("cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
+    keep = bnb4.quantized_keys(model)
+    sd = {k: v.detach().to("cpu", dtype=dt if v.is_floating_point() and k not in keep else v.dtype).contiguous()
           for k, v in sd.items()}
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    model.config.save(folder, dtype=dt)
+    model.config.save(folder, dtype=dt, quantization_config=bnb4.quantization_config(model, dt))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     if tokenizer is not None:
         tokenizer.save(folder)

@@ -36,6 +36,7 @@ class Tokenizer:
         self.pad_id = self._id(self.pad_token)
         self.eos_ids = sorted({i for i in [self.eos_id, *extra_eos_ids] if i is not None})
         self._template = None
+        self._max_token_chars = None
 
     def _id(self, token: Optional[str]) -> Optional[int]:
         if token is None:
@@ -51,6 +52,14 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @property
+    def max_token_chars(self) -> int:
+        """Length of the longest vocabulary entry (byte-level entries count bytes): no token covers more
+        characters of the input text, so `n` tokens never need more than `n * max_token_chars` of it."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_bos: Optional[bool] = None) -> list:
