@@ -59,8 +59,12 @@ def write_error(path: str, exc: BaseException) -> OutputError | None:
         return exc
     code = getattr(exc, "errno", None)
     if isinstance(exc, OSError) and code in _WRITE_ERRNOS:
-        return OutputError(f"lorart: cannot write {path}: {_WRITE_ERRNOS[code]}"
-                           + (f" ({exc.filename})" if getattr(exc, "filename", None) else ""))
+        target = path or getattr(exc, "filename", None)
+        where = f"cannot write {target}" if target else "a write failed"
+        extra = f" ({exc.filename})" if exc.filename and exc.filename != target else ""
+        return OutputError(f"lorart: {where}: {_WRITE_ERRNOS[code]}{extra}")
+    if not path:
+        return None
     free = free_bytes(path)
     if free is not None and free < LOW_SPACE_BYTES and isinstance(exc, Exception):
         return OutputError(f"lorart: cannot write {path}: no space left on the device ({free} bytes free; "

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..errors import FileFormatError
+from ..fileformats import Fields, read_json
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
@@ -95,20 +97,33 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
 
 
 def _weight_index(folder: str) -> dict:
-    """Map tensor name -> safetensors file; refuse pickled weights."""
+    """Map tensor name -> safetensors file; refuse pickled weights and index entries outside `folder`."""
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                wmap = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        return {k: os.path.join(folder, v) for k, v in wmap.items()}
+        f = Fields(read_json(index), index)
+        wmap = f.obj.get("weight_map")
+        if not isinstance(wmap, dict) or not wmap:
+            f.fail("weight_map", "a non-empty object of tensor name -> shard file name", wmap)
+        root = os.path.abspath(folder)   # lexical: symlinked shards (the HF hub cache's blobs) stay allowed
+        out = {}
+        for k, v in wmap.items():
+            if not isinstance(v, str) or not v or os.path.isabs(v) or "\0" in v:
+                raise FileFormatError(f"lorart: {index}: key `weight_map.{k}`: expected the name of a shard file in "
+                                      f"the model folder, got {v!r}")
+            path = os.path.normpath(os.path.join(root, v))
+            if not path.startswith(root + os.sep):
+                raise FileFormatError(f"lorart: {index}: key `weight_map.{k}`: {v!r} points outside the model "
+                                      f"folder {folder}; refused")
+            out[k] = path
+        return out
     if os.path.exists(single):
         from safetensors import safe_open
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {k: single for k in f.keys()}
+        except Exception as e:
+            raise _unreadable(single, e) from None
     pickled = [os.path.basename(p) for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt")
                for p in glob.glob(os.path.join(folder, ext))]
     if pickled:
@@ -117,6 +132,12 @@ def _weight_index(folder: str) -> dict:
                          "Convert them to safetensors first (e.g. transformers' save_pretrained "
                          "with safe_serialization=True).")
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def _unreadable(path: str, e: Exception, key: str | None = None) -> FileFormatError:
+    at = f": key `{key}`" if key else ""
+    return FileFormatError(f"lorart: {path}{at}: not a readable safetensors file ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]})")
 
 
 def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
@@ -136,9 +157,19 @@ def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{folder}: shard {os.path.basename(path)} listed in the "
                                         "index is missing")
-            handles[path] = safe_open(path, framework="pt", device="cpu")
-        model = build_model(config, index.keys(), lambda k: handles[index[k]].get_tensor(k),
-                            dtype=dtype, device=device, linear_factory=linear_factory, source=folder)
+            try:
+                handles[path] = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:
+                raise _unreadable(path, e) from None
+
+        def get(k):
+            try:
+                return handles[index[k]].get_tensor(k)
+            except Exception as e:   # a key the index lists but the shard lacks, truncated data
+                raise _unreadable(index[k], e, k) from None
+
+        model = build_model(config, index.keys(), get, dtype=dtype, device=device, linear_factory=linear_factory,
+                            source=folder)
     finally:
         handles.clear()
     return model, Tokenizer.from_folder(folder)
