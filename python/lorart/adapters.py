@@ -174,19 +174,31 @@ def read_lora_config(directory: str) -> LoraFileConfig:
                           base_model_name_or_path=f.str("base_model_name_or_path", None))
 
 
+LORA_METHOD_KEYS = ("targets", "r", "alpha", "dropout", "rslora", "blocksize", "double_quant")
+
+
 def check_method_file(directory: str, cfg: LoraFileConfig) -> None:
-    """A lorart LoRA folder also holds lorart_method.json: it must be a known format and agree with the PEFT
-    config (a file that says one thing and a config that says another is refused, not guessed)."""
-    meta = read_method_file(directory)
+    """A lorart LoRA folder also holds lorart_method.json: it must be a known format, its config typed as
+    lorart's LoRAConfig / QLoRAConfig, and agree with the PEFT config (a file that says one thing and a config
+    that says another is refused, not guessed). The C++ store applies the same rules."""
+    meta = read_method_file(directory, AdapterFileError)
     if meta is None:
         return
     mpath, c = meta["path"], meta["config"]
     if meta["method"] not in ("lora", "qlora"):
         raise AdapterFileError(f"lorart: {mpath}: key `method`: a {meta['method']!r} artifact, not a LoRA adapter")
     f = Fields(c, mpath, "config.", AdapterFileError)
-    for key, want, get in (("r", cfg.r, lambda: f.int("r", min=1)), ("alpha", cfg.alpha, lambda: f.number("alpha")),
-                           ("rslora", cfg.rslora, lambda: f.bool("rslora"))):
-        if key in c and get() != want:
+    unknown = sorted(set(c) - set(LORA_METHOD_KEYS))
+    if unknown:
+        raise AdapterFileError(f"lorart: {mpath}: key `config.{unknown[0]}`: not an option of a LoRA method")
+    if c.get("targets") is not None and not isinstance(c["targets"], str):
+        f.str_list("targets")
+    got = {"r": f.int("r", None, min=1), "alpha": f.number("alpha", None), "rslora": f.bool("rslora", None)}
+    f.number("dropout", None, lo=0.0, hi=1.0)
+    f.int("blocksize", None, min=1)
+    f.bool("double_quant", None)
+    for key, want in (("r", cfg.r), ("alpha", cfg.alpha), ("rslora", cfg.rslora)):
+        if got[key] is not None and got[key] != want:
             raise AdapterFileError(f"lorart: {mpath}: key `config.{key}` is {c[key]!r} but {cfg.path} says "
                                    f"{want!r}: the two files disagree")
 

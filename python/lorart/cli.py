@@ -267,6 +267,8 @@ def add_subcommands(sub) -> None:
     t.set_defaults(func=cmd_train)
     from .methods.compare import add_subcommand as add_compare
     add_compare(sub)
+    from .export import add_subcommand as add_export
+    add_export(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):

@@ -54,22 +54,49 @@ void check_method_file(const std::string& name, const std::string& folder, const
                " is not a version this lorart reads (it reads 1)");
   const json::Value* m = v.find("method");
   LORART_CHECK(m && m->is_string(), w, ": field \"method\": expected a string");
+  if (const json::Value* b = v.find("base_model"); b && !b->is_null()) {
+    for (const auto& kv : b->as_object((w + ": field \"base_model\"").c_str())) {
+      std::string f = w + ": field \"base_model." + kv.first + "\"";
+      LORART_CHECK(kv.second.as_int(f.c_str()) >= 0, f, ": expected an integer >= 0");
+    }
+  }
+  if (const json::Value* b = v.find("base_model_name_or_path"); b && !b->is_null())
+    b->as_string((w + ": field \"base_model_name_or_path\"").c_str());
   LORART_CHECK(m->as_string() == "lora" || m->as_string() == "qlora", w, ": field \"method\": a '", m->as_string(),
                "' artifact, not a LoRA adapter");
   const json::Value* c = v.find("config");
   if (!c || c->is_null()) return;
   LORART_CHECK(c->is_object(), w, ": field \"config\": expected an object, got ", c->type_name());
-  if (const json::Value* r = c->find("r")) {
+  // typed as lorart's LoRAConfig / QLoRAConfig (null reads as absent)
+  static const char* kKeys[] = {"targets", "r", "alpha", "dropout", "rslora", "blocksize", "double_quant"};
+  for (const auto& kv : c->as_object()) {
+    bool known = false;
+    for (const char* k : kKeys) known = known || kv.first == k;
+    LORART_CHECK(known, w, ": field \"config.", kv.first, "\": not an option of a LoRA method");
+    if (kv.second.is_null()) continue;
+    std::string f = w + ": field \"config." + kv.first + "\"";
+    if (kv.first == "targets" && !kv.second.is_string()) {
+      for (const auto& t : kv.second.as_array(f.c_str())) t.as_string(f.c_str());
+    } else if (kv.first == "dropout") {
+      double d = kv.second.as_double(f.c_str());
+      LORART_CHECK(d >= 0.0 && d <= 1.0, f, ": expected a number in [0, 1], got ", d);
+    } else if (kv.first == "blocksize") {
+      LORART_CHECK(kv.second.as_int(f.c_str()) >= 1, f, ": expected an integer >= 1");
+    } else if (kv.first == "double_quant") {
+      kv.second.as_bool(f.c_str());
+    }
+  }
+  if (const json::Value* r = c->find("r"); r && !r->is_null()) {
     int64_t k = r->as_int((w + ": field \"config.r\"").c_str());
     LORART_CHECK(k == cfg.r, w, ": field \"config.r\" is ", k, " but adapter_config.json says ", cfg.r,
                  ": the two files disagree");
   }
-  if (const json::Value* a = c->find("alpha")) {
+  if (const json::Value* a = c->find("alpha"); a && !a->is_null()) {
     double x = a->as_double((w + ": field \"config.alpha\"").c_str());
     LORART_CHECK(x == cfg.lora_alpha, w, ": field \"config.alpha\" is ", x, " but adapter_config.json says ",
                  cfg.lora_alpha, ": the two files disagree");
   }
-  if (const json::Value* b = c->find("rslora")) {
+  if (const json::Value* b = c->find("rslora"); b && !b->is_null()) {
     bool x = b->as_bool((w + ": field \"config.rslora\"").c_str());
     LORART_CHECK(x == cfg.use_rslora, w, ": field \"config.rslora\" is ", x ? "true" : "false",
                  " but adapter_config.json says ", cfg.use_rslora ? "true" : "false", ": the two files disagree");

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 from ..fileformats import Fields, read_json
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM
@@ -175,11 +175,43 @@ def load_hf_folder(folder: str, dtype=torch.float32, device="cpu",
     return model, Tokenizer.from_folder(folder)
 
 
+def check_plain(model: nn.Module) -> None:
+    """Refuse a model whose weights are not exactly those of a plain LlamaForCausalLM of its config (LoRA or NF4
+    layers still wrapped, prompt encoders, adapters, added biases): transformers would load such a folder with
+    weights missing and silently random."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise InputError(f"lorart: save_hf_folder: expected a lorart LlamaForCausalLM, got {type(model).__name__}")
+    with torch.device("meta"):
+        ref_model = LlamaForCausalLM(model.config)
+    ref, have = ref_model.state_dict(), model.state_dict()
+    for sd in (ref, have):
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+    extra, missing = sorted(set(have) - set(ref)), sorted(set(ref) - set(have))
+    bad = [k for k in sorted(set(have) & set(ref)) if tuple(have[k].shape) != tuple(ref[k].shape)
+           or not have[k].is_floating_point()]
+    if extra or missing or bad:
+        key = (extra or missing or bad)[0]
+        mine, theirs = dict(model.named_modules()), dict(ref_model.named_modules())
+        parts = key.split(".")[:-1]
+        path = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                     if p in mine and (p not in theirs or type(mine[p]) is not type(theirs[p]))), "")
+        kind = type(mine[path]).__name__ if path else type(model).__name__
+        raise InputError(f"lorart: save_hf_folder: the model is not a plain {type(model).__name__}: "
+                         f"{len(extra)} unexpected, {len(missing)} missing and {len(bad)} mis-shaped weights, e.g. "
+                         f"`{key}` ({path or 'model'} is a {kind}); a folder written now would load with weights "
+                         "missing. Merge first: lorart.merge_and_unload(model)")
+
+
 def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tokenizer] = None,
                    dtype=None) -> None:
-    """Write config.json, model.safetensors (and tokenizer files) readable by transformers."""
+    """Write config.json, model.safetensors, generation_config.json (and the tokenizer's files) readable by
+    transformers. Each file is written atomically (temp + rename). A model with wrapped layers (LoRA, NF4) or
+    added modules is refused (merge it first: lorart.merge_and_unload)."""
     from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
+
+    from .._atomic import atomic_file
+    check_plain(model)
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -189,13 +221,17 @@ def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tok
     dt = _as_dtype(dtype) if dtype is not None else model.dtype
     sd = {k: v.detach().to("cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
           for k, v in sd.items()}
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    model.config.save(folder, dtype=dt)
+    with atomic_file(os.path.join(folder, "model.safetensors")) as tmp:
+        save_file(sd, tmp, metadata={"format": "pt"})
+    with atomic_file(os.path.join(folder, "config.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(model.config.to_hf_dict(dt), f, indent=2, sort_keys=True)
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     if tokenizer is not None:
         tokenizer.save(folder)
         gen = {"bos_token_id": tokenizer.bos_id,
                "eos_token_id": tokenizer.eos_ids[0] if len(tokenizer.eos_ids) == 1 else tokenizer.eos_ids,
                "pad_token_id": tokenizer.pad_id}
-    with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen, f, indent=2)
+    with atomic_file(os.path.join(folder, "generation_config.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)

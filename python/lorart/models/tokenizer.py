@@ -125,16 +125,24 @@ class Tokenizer:
                    chat_template=template, add_bos_token=bool(add_bos), extra_eos_ids=extra)
 
     def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        self.tk.save(os.path.join(folder, "tokenizer.json"))
+        """tokenizer.json, tokenizer_config.json (with the chat template) and, for transformers >= 5,
+        chat_template.jinja; each written atomically."""
+        from .._atomic import atomic_file
+
+        with atomic_file(os.path.join(folder, "tokenizer.json")) as tmp:
+            self.tk.save(tmp)
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
                "eos_token": self.eos_token, "pad_token": self.pad_token,
                "add_bos_token": self.add_bos_token, "add_eos_token": False,
                "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, ensure_ascii=False)
+            with atomic_file(os.path.join(folder, "chat_template.jinja")) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(self.chat_template)
+        with atomic_file(os.path.join(folder, "tokenizer_config.json")) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, ensure_ascii=False)
 
 
 def _read_json(path: str) -> dict:
