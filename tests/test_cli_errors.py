@@ -94,11 +94,20 @@ def _dotdot(d):
         return {k: f"../{os.path.basename(other)}/model.safetensors" for k in f.keys()}
 
 
+def _int_weights(d):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int32)
+    save_file(sd, os.path.join(d, "model.safetensors"))
+
+
 NESTED_LOOPS = ("{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"
                 "{% endfor %}{% endfor %}{% endfor %}")
 
 MODEL_CASES = {
     "corrupt model.safetensors": (_truncate("model.safetensors"), "model.safetensors: not a readable safetensors"),
+    "integer weights": (_int_weights, "tensor 'model.norm.weight': expected a floating-point dtype, got int32"),
     "corrupt tokenizer.json": (_write("tokenizer.json", '{"version": "1.0", "model": {'),
                                "tokenizer.json: not a readable tokenizer.json"),
     "100k-deep config.json": (_write("config.json", "[" * 100000 + "]" * 100000), "nesting deeper than 64"),

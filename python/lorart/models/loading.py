@@ -70,7 +70,10 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
 
     def fetch(name):
         t = get_tensor(name)
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if not t.is_floating_point():
+            raise FileFormatError(f"lorart: {source}: tensor {name!r}: expected a floating-point dtype, got "
+                                  f"{str(t.dtype).replace('torch.', '')}")
+        return t.to(device=device, dtype=dtype)
 
     done = set()
     linears = [(n, m) for n, m in model.named_modules()
