@@ -277,3 +277,25 @@ def test_service_never_prints_non_json(folders, service, tmp_path):
     assert "out of float32 range" in out[1]["error"]
     assert "not finite" in out[2]["error"]     # 64 * 3e38 overflows float32: an error, not "inf"
     assert out[3].get("y") == [0.0] * 32, out[3]
+
+
+def test_writers_never_write_what_the_loaders_refuse(folders, tmp_path):
+    """A NaN adapter is not written (by save_adapter or a method's save); nothing is left behind."""
+    model = _fresh(folders)
+    meth = M.prepare(model, "lora", r=2, dropout=0.0)
+    with torch.no_grad():
+        next(p for k, p in meth.named_trainable_parameters().items() if "lora_B" in k)[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        meth.save(str(tmp_path / "m"))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        lorart.save_adapter(model, str(tmp_path / "a"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("opts, message", [({"r": 16.5}, "option `r`: expected an integer"),
+                                           ({"r": "16"}, "option `r`: expected an integer"),
+                                           ({"rslora": "false"}, "option `rslora`: expected true or false"),
+                                           ({"alpha": float("nan")}, "option `alpha`: expected a finite number")])
+def test_method_options_are_typed_exactly(folders, opts, message):
+    with pytest.raises(InputError, match=message):
+        M.prepare(_fresh(folders), "lora", **opts)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_dir
-from .errors import FileFormatError
+from .errors import FileFormatError, InputError
 from .fileformats import Fields, read_json, read_method_file, read_safetensors
 from .inject import lora_layers
 from .nn.lora import LoRALinear, nf4_weight_of
@@ -88,11 +88,15 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     cfg = adapter_config(model, adapter_name, base_model_name_or_path, task_type)
     sd = adapter_state_dict(model, adapter_name)
+    for k, t in sd.items():   # never write a file the loader would refuse
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"lorart: save_adapter: refusing to write {directory}: `{k}` holds NaN or infinite "
+                             "values (did the training diverge?)")
     directory = os.path.abspath(directory)
     with atomic_dir(directory) as tmp:
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+            json.dump(cfg, f, indent=2, sort_keys=True, allow_nan=False)
     return directory
 
 

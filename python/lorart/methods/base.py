@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_dir
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 from ..fileformats import METHOD_FILE, Fields, read_method_file
 from ..fileformats import METHOD_FORMAT_VERSION as FORMAT_VERSION
 from ..fileformats import read_json as strict_read_json
@@ -70,6 +70,13 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         why = f"; found {pick[0]}, a pickle, which lorart never loads" if pick else ""
         raise MethodError(f"lorart: {path}: missing{why}")
     return strict_read_safetensors(path, MethodError)
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for k, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"lorart: refusing to write the {what}: `{k}` holds NaN or infinite values (did the "
+                             "training diverge?)")
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -158,6 +165,9 @@ class Method:
         return dataclasses.asdict(self.config)
 
     def save(self, directory: str) -> str:
+        """Write the artifact atomically; a non-finite trainable tensor is refused (nothing is written): lorart
+        never writes a file its own loaders would refuse."""
+        refuse_non_finite(self.state_dict(), f"{self.name} artifact {directory}")
         meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
                 "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
         with atomic_dir(directory) as tmp:
