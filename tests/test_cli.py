@@ -77,7 +77,7 @@ def test_chat_exits_on_eof(trained):
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/nonexistent/x.jsonl", "--model", "{model}"], "no such data file"),
     (["train", "--model", "/nonexistent/model"], "no such model folder or file"),
-    (["train", "--model", "{model}", "--lr", "-1"], "argument `lr`"),
+    (["train", "--model", "{model}", "--lr", "-1"], "argument --lr"),
     (["train", "--model", "{model}", "--data", "{bad}"], "bad.jsonl:1: invalid JSON"),
     (["train", "--model", "{model}", "--data", "{latin1}"], "latin1.csv:3: not UTF-8 text (byte 0xe9 at column 4)"),
     (["generate", "--model", "{model}", "--adapter", "/nonexistent/ad", "hi"], "adapter_config.json"),

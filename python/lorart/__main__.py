@@ -22,7 +22,9 @@ def cmake_dir() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorart", description="Parameter-efficient fine-tuning on a C++/CUDA core.")
+    from .cli import Parser
+
+    p = Parser(prog="lorart", description="Parameter-efficient fine-tuning on a C++/CUDA core.")
     p.add_argument("--cmake-dir", action="store_true",
                    help="print the folder of lorartConfig.cmake (cmake -Dlorart_DIR=...) and exit")
     sub = p.add_subparsers(dest="command")

@@ -57,6 +57,10 @@ class FullMethod(Method):
     def _read(self, folder: str) -> None:
         path = os.path.join(folder, MODEL_FILE)
         tensors = read_safetensors(path)
+        params = dict(self.model.named_parameters())
+        extra = sorted(set(tensors) - set(params))
+        if extra:
+            raise MethodError(f"lorart: {path}: key `{extra[0]}`: not a parameter of {type(self.model).__name__}")
         with torch.no_grad():
             for k, p in self.model.named_parameters():
                 if k == "lm_head.weight" and k not in tensors and self.model.config.tie_word_embeddings:

@@ -38,6 +38,20 @@ def default_model_path() -> str:
         "are not needed by lorart)")
 
 
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_id(path: Optional[str]) -> Optional[str]:
+    """What an adapter records as `base_model_name_or_path`: a name the user can resolve. The embedded default
+    becomes its Hugging Face Hub id (the GGUF lorart ships is a Q4_1 quantization of it, so PEFT's
+    AutoPeftModelForCausalLM finds the base, with weights a rounding away from the ones trained on; for the exact
+    weights merge with `lorart export`); a local path becomes absolute; anything else is kept as given."""
+    if path is None or path == "default":
+        return DEFAULT_HUB_ID
+    path = os.fspath(path)
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def cache_dir() -> str:
     return os.environ.get("LORART_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorart")
 

@@ -131,7 +131,8 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except TypeError:
                 enable()
-    method.base_model_name = name
+    from ..models import base_model_id
+    method.base_model_name = base_model_id(name) if name is not None else None   # resolvable, not "default"
     return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM), method)
 
 
