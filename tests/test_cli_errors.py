@@ -26,6 +26,7 @@ PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("clierr")
     model = tiny_folder(root / "model")
+    (root / "empty").mkdir()
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
@@ -168,7 +169,7 @@ BAD_OPTIONS = [
     (["eval", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
     (["eval", "--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2"),
     (["eval", "--num-samples", "-3"], "argument --num-samples"),
-    (["eval", "--data", "{root}"], "is a folder; expected a .jsonl file"),
+    (["eval", "--data", "{root}/empty"], "the folder holds no data files"),
     (["eval", "--data", "{root}/none.jsonl"], "no such data file"),
     (["train", "--lr", "nan"], "argument --lr: expected a finite number > 0"),
     (["train", "--dropout", "2"], "argument --dropout"),
