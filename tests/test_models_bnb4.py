@@ -126,7 +126,7 @@ def test_unsupported_quantized_folders_are_refused_clearly(folders, tmp_path):
         load_model(folders["fp4"])
     # the config says nf4 but the weights are fp4: the weights decide
     lying = _edit_config(folders["fp4"], str(tmp_path / "lying"), bnb_4bit_quant_type="nf4")
-    with pytest.raises(ValueError, match=r"self_attn\.\w_proj is stored as bitsandbytes FP4; lorart reads NF4"):
+    with pytest.raises(ValueError, match=r"(self_attn|mlp)\.\w+_proj is stored as bitsandbytes FP4; lorart reads NF4"):
         load_model(lying)
     eight = _edit_config(folders["nf4_dq"], str(tmp_path / "eight"), load_in_4bit=False, _load_in_4bit=False,
                          load_in_8bit=True)
