@@ -241,8 +241,8 @@ def test_disk_full_in_a_checkpoint_is_one_error_and_nothing_is_lost(env, tmp_pat
         return real(obj, path)
 
     monkeypatch.setattr(ckpt, "save_torch", full)
-    with pytest.raises(TrainingError, match=r"cannot write checkpoint step-0000002.*No space left on device \(disk "
-                                            r"full\); newest checkpoint kept: .*step-0000001"):
+    with pytest.raises(TrainingError, match=r"checkpoint step-0000002: cannot write .*step-0000002: no space left "
+                                            r"on the device.*; newest checkpoint kept: .*step-0000001"):
         _train(env, out)
     monkeypatch.undo()
     assert not _temps(out)
@@ -265,7 +265,7 @@ def test_a_failed_metrics_append_never_leaves_half_a_line(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(os, "write", full)
-        with pytest.raises(TrainingError, match="metrics.jsonl.*disk full"):
+        with pytest.raises(TrainingError, match="metrics.jsonl: cannot write .*metrics.jsonl: no space left"):
             f.append_metrics([{"step": 2, "loss": float("nan")}])
         monkeypatch.undo()
         assert _lines(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
@@ -355,9 +355,9 @@ def test_nonfinite_weights_are_never_saved_and_json_is_strict(tmp_path):
     m = lorart.methods.prepare(tiny_model(tiny_tokenizer()), "lora", r=2)
     with torch.no_grad():
         m.trainable_parameters()[1][0, 0] = float("nan")
-    with pytest.raises(lorart.methods.MethodError, match="refusing to save.*non-finite"):
+    with pytest.raises(ValueError, match="refusing to write.*NaN or infinite"):
         m.save(tmp_path / "a")
-    with pytest.raises(lorart.adapters.AdapterFileError, match="refusing to save.*non-finite"):
+    with pytest.raises(ValueError, match="refusing to write.*NaN or infinite"):
         lorart.save_adapter(m.model, str(tmp_path / "b"))
     assert not os.listdir(tmp_path)
     assert _atomic.strict_json({"a": [float("nan"), float("inf"), 1.5], "b": (float("-inf"),)}) == \
@@ -409,7 +409,7 @@ def test_cli_disk_full_and_read_only_folder_are_one_error_line(env, tmp_path):
         full = _cli(*args, prefix=("unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=40k tmpfs "{mnt}" && '
                                    'exec "$0" "$@"'))
         line = _one_error_line(full)
-        assert "disk full" in line, line
+        assert "no space left on the device" in line and "newest checkpoint kept" in line, line
         ro = _cli(*args, prefix=("unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o ro,size=40k tmpfs "{mnt}" && '
                                  'exec "$0" "$@"'))
         assert "read-only file system" in _one_error_line(ro)

@@ -1,10 +1,13 @@
 """How lorart writes files: atomically, with the permissions the umask gives, and JSON strictly.
 
 - `atomic_dir(folder)`: the whole folder is built beside the target, then one rename; `atomic_file(path)`: the
-  same for one file. A crash leaves either the old or the new one, never half of one.
+  same for one file. A crash leaves either the old or the new one, never half of one. A failed write (disk full,
+  read-only folder, permission) raises `lorart.errors.OutputError` naming the target, and the temporary folder
+  or file is removed.
 - Temporary files and folders (`.tmp-*`, `.lorart-tmp-*`, `.lorart-old-*`) are created 0600/0700 by
   `tempfile`; what is renamed into place gets 0666/0777 minus the umask, as `open()`/`mkdir` would give.
 - `strict_json(obj)`: JSON that every parser accepts: never a bare NaN/Infinity (they become null).
+- `save_torch(obj, path)`: torch.save whose failed write raises its OSError (torch says "unexpected pos").
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from .errors import write_error
+
 TMP_PREFIXES = (".tmp-", ".lorart-tmp-", ".lorart-old-")
 
 
 def umask() -> int:
-    """The process umask (read from /proc where it can be; else set and restored)."""
+    """The process umask (read from /proc where it can be, which leaves it untouched for other threads; else
+    set and restored)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -40,8 +46,22 @@ def umask() -> int:
 
 def set_default_mode(path: str) -> None:
     """Give a file 0666 (a folder 0777) minus the umask: what open()/mkdir would have created."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~umask())
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask())
+
+
+def _fix_modes(root: str, is_dir: bool) -> None:
+    set_default_mode(root)
+    if is_dir:
+        for parent, dirs, files in os.walk(root):
+            for n in dirs + files:
+                set_default_mode(os.path.join(parent, n))
+
+
+def _fsync_tree(root: str) -> None:
+    for parent, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(parent, f), "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def fsync_dir(path: str) -> None:
@@ -57,30 +77,28 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _settle_tree(folder: str) -> None:
-    """fsync every file under `folder` and give everything the umask's default mode (some writers, e.g.
-    safetensors, create 0600 files)."""
-    for root, dirs, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-            set_default_mode(p)
-        for d in dirs:
-            set_default_mode(os.path.join(root, d))
-    set_default_mode(folder)
+def _mkdir_parent(target: str) -> str:
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise (write_error(target, e) or e) from None
+    return parent
 
 
 @contextlib.contextmanager
 def atomic_dir(directory: str) -> Iterator[str]:
     """Yield a temporary folder beside `directory`; on success it replaces `directory` in one rename."""
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lorart-tmp-", dir=parent)
+    parent = _mkdir_parent(directory)
+    try:
+        tmp = tempfile.mkdtemp(prefix=".lorart-tmp-", dir=parent)
+    except OSError as e:
+        raise (write_error(directory, e) or e) from None
     try:
         yield tmp
-        _settle_tree(tmp)
+        _fix_modes(tmp, True)
+        _fsync_tree(tmp)
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(prefix=".lorart-old-", dir=parent)
@@ -90,27 +108,36 @@ def atomic_dir(directory: str) -> Iterator[str]:
         fsync_dir(parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        named = write_error(directory, e) if isinstance(e, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None and named is not e:
+            raise named from None
         raise
 
 
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-    """Yield a temporary file path beside `path`; on success it replaces `path` in one rename (fsynced, with the
-    umask's mode)."""
+    """Yield a temporary file path beside `path`; on success it replaces `path` in one rename."""
     path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".lorart-tmp-", dir=os.path.dirname(path))
-    os.close(fd)
+    parent = _mkdir_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".lorart-tmp-", dir=parent)
+        os.close(fd)
+    except OSError as e:
+        raise (write_error(path, e) or e) from None
     try:
         yield tmp
+        _fix_modes(tmp, False)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        set_default_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        named = write_error(path, e) if isinstance(e, Exception) else None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if named is not None and named is not e:
+            raise named from None
         raise
 
 

@@ -18,6 +18,7 @@ import tempfile
 from typing import Iterator, Optional
 
 from .._atomic import describe_os_error, os_error_of, remove_stale_temps, strict_json, write_json_atomic
+from ..errors import OutputError, write_error
 from .checkpoint import checkpoint_root, latest_checkpoint
 
 try:
@@ -111,7 +112,8 @@ class RunFolder:
 
     # -- writes -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def writing(self, what: str) -> Iterator[None]:
+    def writing(self, what: str, path: Optional[str] = None) -> Iterator[None]:
+        """Turn a failed write inside into one TrainingError: what, the file, why, and the checkpoint kept."""
         try:
             yield
         except TrainingError:
@@ -120,16 +122,17 @@ class RunFolder:
             err = os_error_of(e)
             if err is None:
                 raise
-            kept = latest_checkpoint(self.path) if os.path.isdir(self.path) else None
-            where = f" {err.filename}" if getattr(err, "filename", None) else ""
-            raise TrainingError(f"lorart.train: cannot write {what} in {self.path}:{where} "
-                                f"{describe_os_error(err)}; newest checkpoint kept: "
-                                f"{kept or 'none'}") from e
+            target = err.filename or path or self.path
+            named = err if isinstance(err, OutputError) else write_error(target, err)
+            why = " ".join(str(named).split()).removeprefix("lorart: ") if named is not None else \
+                f"cannot write {target}: {describe_os_error(err)}"
+            kept = (latest_checkpoint(self.path) if os.path.isdir(self.path) else None) or "none"
+            raise TrainingError(f"lorart.train: {what}: {why}; newest checkpoint kept: {kept}") from e
 
     def open_metrics(self, history: list) -> None:
         """metrics.jsonl = `history` (a resumed run drops the records past its checkpoint), then appended to."""
         path = self.join(METRICS)
-        with self.writing(METRICS):
+        with self.writing(METRICS, path):
             write_json_atomic(path, history, lines=True)
             self._metrics_fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
@@ -138,7 +141,7 @@ class RunFolder:
             return
         data = "".join(strict_json(r) + "\n" for r in records).encode("utf-8")
         end = os.lseek(self._metrics_fd, 0, os.SEEK_END)
-        with self.writing(METRICS):
+        with self.writing(METRICS, self.join(METRICS)):
             try:
                 view = memoryview(data)
                 while view:
@@ -154,7 +157,7 @@ class RunFolder:
 
     def write_json(self, name: str, obj, lines: bool = False) -> str:
         path = self.join(name)
-        with self.writing(name):
+        with self.writing(name, path):
             write_json_atomic(path, obj, lines=lines)
         return path
 

@@ -305,8 +305,8 @@ class Recipe:
         st.tokens += ntok
         st.train_time_s += dt
         rec = {"step": st.step, "epoch": round(st.epoch + st.pos / self.batches_per_epoch, 4), "loss": loss,
-               "grad_norm": gnorm,
-               "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "elapsed_s": round(st.train_time_s, 3)}
+               "grad_norm": gnorm, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
+               "elapsed_s": round(st.train_time_s, 3)}
         if not finite:
             self._non_finite(rec)
         return rec
@@ -435,7 +435,8 @@ class Recipe:
         out.update({"method": self.method.report(), "artifact_bytes": self.method.storage_bytes(res.adapter_dir),
                     "model": self.model_name, "device": str(self.device),
                     "dtype": str(self.dtype).replace("torch.", ""), "train_data": d.train_path,
-                    "eval_data": d.eval_path, "train_examples": len(d.train), "eval_examples": len(d.eval),
+                    "eval_data": d.eval_path, "data_files": d.files, "train_examples": len(d.train),
+                    "eval_examples": len(d.eval),
                     "options": self.opts.to_dict(), "fingerprint": self.fingerprint})
         return out
 

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .._core import cuda_usable
-from ..data import (DataError, default_dataset_paths, encode_record, load_jsonl, pack_examples,
-                    split_examples)
+from ..data import default_dataset_paths, load_examples, pack_examples, split_examples
 from ..methods import Method, prepare
-from ..models import LlamaForCausalLM, Tokenizer, load_model
+from ..models import LlamaForCausalLM, Tokenizer, base_model_id, load_model
 from ..models.loading import as_dtype
 from .options import DEFAULT_FORMAT_REGEX, TrainOptions
 
@@ -118,7 +117,7 @@ def attach_method(base: Base, cls: type[Method], config, opts: TrainOptions) -> 
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except TypeError:
                 enable()
-    method.base_model_name = base.name
+    method.base_model_name = base_model_id(base.name) if base.name is not None else None  # resolvable
     return method
 
 
@@ -131,37 +130,17 @@ class Data:
     eval_path: Optional[str]
     general_path: Optional[str]
     is_default: bool
+    files: list = field(default_factory=list)  # per source: path, container, format, counts (and role)
 
 
-def _examples_of_records(records: list, tokenizer, max_seq_len: int, what: str) -> list:
-    if not records:
-        raise DataError(f"lorart.train: argument `{what}`: the list of records is empty")
-    out = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DataError(f"lorart.train: argument `{what}`: record {i} must be a dict, got {type(rec).__name__}")
-        ex = encode_record(rec, tokenizer, where=f"{what}[{i}]")
-        if len(ex) > max_seq_len:
-            ex.input_ids, ex.labels = ex.input_ids[:max_seq_len], ex.labels[:max_seq_len]
-            if ex.num_target_tokens == 0:
-                continue
-        out.append(ex)
-    if not out:
-        raise DataError(f"lorart.train: argument `{what}`: no usable examples after truncation to max_seq_len")
-    return out
-
-
-def load_examples(src, tokenizer, max_seq_len: int, what: str) -> list:
-    """Tokenized examples of a JSONL path or a list of records (argument `what` in errors)."""
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if os.path.isdir(path):
-            raise ValueError(f"lorart.train: argument `{what}`: {path} is a folder; expected a .jsonl file")
-        return load_jsonl(path, tokenizer, max_seq_len)
-    if isinstance(src, (list, tuple)):
-        return _examples_of_records(list(src), tokenizer, max_seq_len, what)
-    raise TypeError(f"lorart.train: argument `{what}`: expected a .jsonl path or a list of records, "
-                    f"got {type(src).__name__}")
+def _load(src, tokenizer, max_seq_len: int, what: str, files: list) -> list:
+    """Examples of `src` (lorart.data.load_examples); the sources' descriptions are appended to `files`."""
+    try:
+        loaded = load_examples(src, tokenizer, max_seq_len, what=what)
+    except TypeError as e:
+        raise TypeError(f"lorart.train: {e}") from None
+    files += [dict(d, role=what) for d in loaded.describe()]
+    return loaded.examples
 
 
 def _source(src) -> str:
@@ -170,15 +149,16 @@ def _source(src) -> str:
 
 def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True) -> Data:
     is_default = data is None or data == "default"
+    files: list = []
     paths = default_dataset_paths() if (is_default or general_data is True) else {}
     if is_default:
         data = paths["train"]
         if eval_data is None:
             eval_data = paths["heldout"]
-    train = load_examples(data, tokenizer, opts.max_seq_len, "data")
+    train = _load(data, tokenizer, opts.max_seq_len, "data", files)
     train_path = _source(data)
     if eval_data is not None:
-        ev = load_examples(eval_data, tokenizer, opts.max_seq_len, "eval_data")
+        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data", files)
         eval_path = _source(eval_data)
     elif opts.eval_fraction > 0 and len(train) >= 2:
         train, ev = split_examples(train, opts.eval_fraction, seed=opts.seed)
@@ -189,11 +169,11 @@ def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True)
         general_data = paths["general"]
     general, general_path = [], None
     if general_data not in (False, None):
-        general = load_examples(general_data, tokenizer, opts.max_seq_len, "general_data")
+        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data", files)
         general_path = _source(general_data)
     if opts.packing:
         train = pack_examples(train, opts.max_seq_len)
-    return Data(train, ev, general, train_path, eval_path, general_path, is_default)
+    return Data(train, ev, general, train_path, eval_path, general_path, is_default, files)
 
 
 def format_regex_for(opts: TrainOptions, data: Data) -> Optional[str]:
