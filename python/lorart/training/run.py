@@ -18,8 +18,9 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
         nn.Module (lorart's LlamaForCausalLM or a transformers causal LM) with `tokenizer=`.
     data: a data file (.jsonl/.json/.parquet/.csv), a folder or glob of them, records (any iterable of dicts), or
         None / "default" (the bundled answer-format set; its held-out file is the eval set); formats in
-        docs/train.md "Data". eval_data: the same kinds; without it `eval_fraction` of data is held out. general_data: True (the bundled general text), a path, or False:
-        the perplexity before/after that checks forgetting.
+        docs/train.md "Data". eval_data: the same kinds; without it `eval_fraction` of data is held out.
+        general_data: True (the bundled general text), a path, or False: the perplexity before/after that checks
+        forgetting.
     output_dir: a folder holding a previous run is refused unless `resume` or `overwrite`.
     resume: True (the newest intact checkpoint in output_dir, if any) or a checkpoint folder; continues to
         exactly the result of an uninterrupted run, and refuses a checkpoint of another model, data or options.
