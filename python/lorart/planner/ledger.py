@@ -169,9 +169,10 @@ class LayerCost:
     saved: int            # bytes the layer keeps for backward (without checkpointing)
     input: int            # bytes of its input (what checkpointing keeps instead)
     fwd_transient: int    # largest short-lived tensors while it runs forward
-    bwd_transient: int    # largest short-lived gradients while it runs backward
+    bwd_transient: int    # short-lived gradients at its backward's peak (the SwiGLU backward)
     grads: int            # bytes of the gradients of its trainable parameters
-    detail: dict = field(default_factory=dict)
+    freed_before_peak: int = 0   # saved bytes already released at that point (the down projection's input)
+    grads_before_peak: int = 0   # gradients already made at that point (down projection, MLP adapter)
 
 
 def decoder_layer(led: Ledger, x: Sym, layer, cfg, B: int, T: int, P_prefix: int, cos: Sym, i: int) -> Sym:
@@ -263,18 +264,21 @@ def _prefix_encoder(led: Ledger, enc, dtype: torch.dtype) -> None:
 
 
 def _layer_cost(saved: int, x_in: Sym, layer, cfg, N: int) -> LayerCost:
-    mlp_dt = layer.mlp.down_proj
-    c = _out_dtype(mlp_dt).itemsize
+    """A layer's backward peaks in the SwiGLU backward: d(swiglu out), d(gate) and d(up) are alive with the
+    residual stream's gradient, the down projection (and MLP adapter) are done: their saved input is freed,
+    their weight gradients exist."""
+    c = _out_dtype(layer.mlp.gate_proj).itemsize
     res = x_in.dtype.itemsize
     f, d = cfg.intermediate_size, cfg.hidden_size
-    s_saved = _saves_input(layer.mlp.down_proj)
+    down = layer.mlp.down_proj
+    s_saved = _saves_input(down)
     fwd = (0 if s_saved else N * f * c) + 2 * N * d * res
-    # backward of the MLP: d(swiglu out) while d(gate) and d(up) are made, plus the residual stream's gradient
-    bwd = 3 * N * f * c + 2 * N * d * res
-    big = [p for p in layer.parameters() if p.requires_grad and p.dim() == 2]
-    if big:   # a weight gradient is formed before it is accumulated
-        bwd += max(p.numel() for p in big) * 4
-    return LayerCost(saved, x_in.nbytes, fwd, bwd, _layer_grads(layer))
+    bwd = 3 * N * f * c + N * d * res
+    done = [down] + ([layer.mlp.adapter] if hasattr(layer.mlp, "adapter") else [])
+    early = sum(p.numel() * p.element_size() for mod in done for p in mod.parameters() if p.requires_grad)
+    return LayerCost(saved, x_in.nbytes, fwd, bwd, _layer_grads(layer),
+                     freed_before_peak=N * f * _out_dtype(down).itemsize if s_saved else 0,
+                     grads_before_peak=early)
 
 
 def _out_dtype(m) -> torch.dtype:

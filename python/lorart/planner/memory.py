@@ -97,23 +97,30 @@ def estimate(setup: Setup) -> Memory:
     moments = []
     # end of forward, in the loss: everything kept, the normed hidden states and their shifted copy, the loss's
     # held dh/dW and one chunk of logits
-    moments.append(("forward", {act: sum(kept) + head_saved, "gradients": accum,
+    # autocast caches its compute-dtype copy of every trainable weight until forward ends: those not saved for
+    # backward (all of them under checkpointing) are extra during forward
+    casts = [w for w in led.weight_casts.values() if ckpt or id(w) not in led.saved]
+    cast_extra = sum(w.nbytes for w in casts)
+    moments.append(("forward", {act: sum(kept) + head_saved + cast_extra, "gradients": accum,
                                 "chunked loss": head["held"] + head["hn"] + head["h_copy"] + head["chunk_transient"],
                                 "workspace": workspace}))
     # inside the last layer's forward (its short-lived tensors; with checkpointing its activations are transient)
     if L:
-        moments.append(("forward", {act: sum(kept) + head_saved - head["final_norm"] + (saved[-1] if ckpt else 0),
+        moments.append(("forward", {act: sum(kept) + head_saved - head["final_norm"] + (saved[-1] if ckpt else 0)
+                                    + cast_extra,
                                     "gradients": accum, "chunked loss": 0,
                                     "workspace": workspace + layers[-1].fwd_transient}))
-    # backward, last layer first: layers <= k still hold their activations (checkpointing: inputs, and layer k
-    # recomputed), gradients of the head and of layers >= k exist
+    # backward, last layer first, at each layer's SwiGLU backward: layers < k hold their activations (with
+    # checkpointing: their inputs) and layer k its own (recomputed) minus the down projection's input; the final
+    # norm's saved input is gone; gradients of the head, of layers > k and of layer k's down projection exist
     done = accum or grads - sum(lc.grads for lc in layers)
     for k in range(L - 1, -1, -1):
         lc = layers[k]
+        acts = sum(kept[:k]) + (lc.input if ckpt else 0) + saved[k] - lc.freed_before_peak
+        moments.append(("backward", {act: acts + head_saved - head["final_norm"],
+                                     "gradients": accum or done + lc.grads_before_peak,
+                                     "chunked loss": head["held"], "workspace": workspace + lc.bwd_transient}))
         done = accum or done + lc.grads
-        moments.append(("backward", {act: sum(kept[:k + 1]) + head_saved + (saved[k] if ckpt else 0),
-                                     "gradients": done, "chunked loss": head["held"],
-                                     "workspace": workspace + lc.bwd_transient}))
     emb = model.get_input_embeddings().weight
     tied = model.lm_head.weight is emb
     dense = emb.numel() * emb.element_size() if (emb.requires_grad and tied) else 0   # embedding's dense grad

@@ -138,7 +138,7 @@ def make_options(method: str = "lora", *, device: str = "auto", optimizer_state_
                         f"{', '.join(option_names() + list(PLAN_ONLY))}")
     try:
         train = TrainOptions(method=method, **train_options).validate()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise PlanError(str(e).replace("lorart.train:", "lorart.plan:")) from None
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,10 +225,12 @@ def build(model, opts: PlanOptions) -> Setup:
     m.to(dtype)
     cls = METHODS[opts.train.method]
     try:
-        cfg = make_config(cls, method_config(opts.train))
+        cfg = make_config(cls, method_config(opts.train, cls))
     except (ValueError, TypeError) as e:
         raise PlanError(str(e).replace("lorart:", "lorart.plan:", 1)) from None
-    if cls.name == "qlora":  # lorart.train streams every decoder linear through NF4 (lm_head stays dense)
+    if cls.base_linear_factory(cfg, dtype) is not None:
+        # the method quantizes the base while it loads (QLoRA: every decoder linear to NF4; lm_head stays
+        # dense); on the meta device the NF4 layers get buffers of the exact shapes instead of real codes
         for path, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear)
                           and n.startswith("model.layers.")]:
             parent, _, leaf = path.rpartition(".")
@@ -241,9 +243,7 @@ def build(model, opts: PlanOptions) -> Setup:
         method = cls(m, cfg, init=init)
     except MethodError as e:
         raise PlanError(str(e).replace("lorart:", "lorart.plan:", 1)) from None
-    for p in m.parameters():
-        if p.requires_grad and p.dtype != torch.float32 and cls.name != "bitfit":
-            p.data = p.data.float()
+    method.use_float32_masters()
     if opts.train.gradient_checkpointing:
         m.gradient_checkpointing_enable()
     return _inventory(Setup(config, label, opts, m, method))
