@@ -270,7 +270,7 @@ def _nf4_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
         _C.lora_shrink(x2, A.contiguous(), dropout, seed, xa, stream(x))
         y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
         opt = lambda t: None if t is None else t.contiguous()  # noqa: E731
-        _C.lora_fused_linear_nf4(x2, packed.contiguous(), absmax.contiguous(), opt(nested_absmax),
+        _C.lora_fused_linear_nf4(x2.contiguous(), packed.contiguous(), absmax.contiguous(), opt(nested_absmax),
                                  opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), xa,
                                  B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
