@@ -133,7 +133,8 @@ def test_lora_linear_layouts(policy, M):
         check_layouts(lambda *a: torch.ops.lorart.lora_linear(*a, 0.5, 0.1, 7), [x, W, b, A, B], range(5))
         w = _nf4w(24, 48)
         o = w.op_args()
-        fn = lambda x, p, am, na, nc, b, A, B: L.lora_linear_nf4(x, p, am, na, nc, *o[4:], b, A, B, 0.5, 0.1, 7)  # noqa
+        fn = lambda x, p, am, na, nc, b, A, B: L.lora_linear_nf4(x, N.NF4Args(p, am, na, nc, *o[4:]), b, A, B,  # noqa
+                                                                 0.5, 0.1, 7)
         check_layouts(fn, [x, o[0], o[1], o[2], o[3], b, A, B], range(8))
         fn = lambda x, p, am, na, nc, b, A, B: torch.ops.lorart.lora_linear_nf4(  # noqa: E731
             x, p, am, na, nc, *o[4:], b, A, B, 0.5, 0.1, 7)
@@ -177,7 +178,7 @@ def test_nf4_ops_layouts():
             x, b = torch.randn(M, 96), torch.randn(16)
             check_layouts(lambda x, p, a, na, nc, b: torch.ops.lorart.nf4_linear(x, p, a, na, nc, *o[4:], b),
                           [x, *o[:4], b], [0, 5] + [i + 1 for i in idx])
-            check_layouts(lambda x, p, a, na, nc, b: N.nf4_linear_eager(x, p, a, na, nc, *o[4:], b),
+            check_layouts(lambda x, p, a, na, nc, b: N.nf4_linear(x, N.NF4Args(p, a, na, nc, *o[4:]), b),
                           [x, *o[:4], b], [0, 5] + [i + 1 for i in idx])
             check_layouts(lambda g, p, a, na, nc: torch.ops.lorart.nf4_linear_grad_input(g, p, a, na, nc, *o[4:]),
                           [torch.randn(M, 16), *o[:4]], [0] + [i + 1 for i in idx])
