@@ -108,19 +108,6 @@ def test_no_weight_grad_and_gradcheck(policy):
     assert torch.autograd.gradcheck(g, (x, b, A, B))
 
 
-def test_opcheck():
-    x, W, b, A, B = make(4, 16, 8, 2)
-    A.requires_grad_(True)
-    B.requires_grad_(True)
-    torch.library.opcheck(torch.ops.lorart.lora_linear, (x, W, b, A, B, 2.0, 0.1, 3))
-    torch.library.opcheck(torch.ops.lorart.lora_linear, (x, W, None, A, B, 2.0, 0.0, 3))
-    torch.library.opcheck(torch.ops.lorart.lora_dropout, (x.requires_grad_(True), 0.3, 5))
-    xs, As, Bs, ranks, scales, idx = grouped_inputs(5, 16, 12, [2, 4])
-    torch.library.opcheck(torch.ops.lorart.lora_grouped_add_, (torch.randn(5, 12), xs, As, Bs, ranks, scales, idx))
-    torch.library.opcheck(torch.ops.lorart.lora_merge_, (torch.randn(12, 16), As[1], Bs[1], 0.5))
-    torch.library.opcheck(torch.ops.lorart.lora_merge_nonfinite, (torch.randn(12, 16), As[1], Bs[1], 0.5))
-
-
 def test_bad_arguments_raise_clear_errors():
     x, W, b, A, B = make(4, 16, 8, 2)
     with pytest.raises(ValueError, match="`B`: expected \\[8, 2\\]"):

@@ -103,21 +103,6 @@ def test_linear_gradients(device, case):
         torch.testing.assert_close(bias.grad, b2.grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", [0, 1, 2])
-def test_opcheck(device, case):
-    shape, bs, dtype, dq, xshape, has_bias = sample_inputs(device)[case]
-    w = _w(shape, torch.float32, device)
-    q = nf4.quantize(w, bs, double_quant=dq)
-    torch.library.opcheck(torch.ops.lorart.nf4_quantize.default, (w, bs))
-    torch.library.opcheck(torch.ops.lorart.nf4_dequantize.default, (*q.op_args(), dtype))
-    x = torch.randn(xshape, device=device, requires_grad=True)
-    bias = torch.randn(shape[0], device=device, requires_grad=True) if has_bias else None
-    torch.library.opcheck(torch.ops.lorart.nf4_linear.default, (x, *q.op_args(), bias))
-    absmax = torch.rand(300, device=device)
-    torch.library.opcheck(torch.ops.lorart.nf4_double_quant.default,
-                          (absmax, absmax.mean().reshape(1), nf4.dynamic_map(device)))
-
-
 def test_gemv_and_matmul_paths_agree(device, monkeypatch):
     q = nf4.quantize(_w((64, 128), torch.float32, device), 64)
     x = torch.randn(4, 128, device=device)

@@ -118,26 +118,6 @@ def test_from_bnb_state_dict_errors():
         nf4.NF4Weight.from_bnb_state_dict(fp4, "m.")
 
 
-@pytest.mark.parametrize("m", [1, 40])
-def test_eager_fast_path_equals_op(device, m):
-    """The eager path of lorart.ops.nf4.nf4_linear (NF4Linear's, outside torch.compile; the weight one object)
-    gives the dispatcher op's output and gradients."""
-    from lorart.ops.nf4 import nf4_linear as nf4_linear_eager
-
-    w4 = nf4.quantize(torch.randn(48, 64, device=device), 64, double_quant=True)
-    x = torch.randn(m, 64, device=device, requires_grad=True)
-    b = torch.randn(48, device=device, requires_grad=True)
-    y1 = nf4_linear_eager(x, w4, b)
-    g1 = torch.autograd.grad((y1 * y1).sum(), (x, b))
-    y2 = torch.ops.lorart.nf4_linear(x, *w4.op_args(), b)
-    g2 = torch.autograd.grad((y2 * y2).sum(), (x, b))
-    assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
-    with torch.no_grad():
-        torch.testing.assert_close(nf4_linear_eager(x, w4, None), y2 - b)
-    with pytest.raises(ValueError, match="last dimension"):
-        nf4_linear_eager(torch.randn(2, 63, device=device), w4, None)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_rounding_rule_whatever_the_path(device, dtype):
     """The same frozen NF4 weight gives the same output whatever the layer kind (NF4Linear, LoRALinear over it:
