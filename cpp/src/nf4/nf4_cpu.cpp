@@ -71,6 +71,14 @@ inline float block_scale(const NF4View& w, int64_t b) {
 // scale are rounded to T once (the same float32 product as element-wise decoding, so the
 // result is bit-identical); then every element is one table lookup.
 template <class T>
+constexpr simd::Out out_kind() {
+  return std::is_same_v<T, float>          ? simd::Out::F32
+         : std::is_same_v<T, detail::bf16> ? simd::Out::BF16
+                                           : simd::Out::F16;
+}
+
+// (R: the type the decoded values are rounded to first, for float outputs: the GEMV's rule, see nf4_gemv)
+template <class T, class R = T>
 void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
   const uint8_t* p = w.packed.ptr<uint8_t>();
   const int64_t bs = w.blocksize;
@@ -86,13 +94,11 @@ void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
     const bool scalar = (i & 1) || chunks * 16 < pairs || ((end - i - (i & 1)) & 1);
     T t[16];
     if (scalar)
-      for (int q = 0; q < 16; ++q) t[q] = detail::from_f32<T>(code[q] * scale);
+      for (int q = 0; q < 16; ++q)
+        t[q] = detail::from_f32<T>(detail::to_f32(detail::from_f32<R>(code[q] * scale)));
     if (i & 1) { *dst++ = t[p[i >> 1] & 15]; ++i; }
-    if (chunks > 0) {  // 16 bytes (32 elements) per step
-      constexpr simd::Out kind = std::is_same_v<T, float> ? simd::Out::F32
-                                 : std::is_same_v<T, detail::bf16> ? simd::Out::BF16 : simd::Out::F16;
-      simd::decode(src, chunks, scale, dst, kind);
-    }
+    if (chunks > 0)  // 16 bytes (32 elements) per step
+      simd::decode(src, chunks, scale, dst, out_kind<T>(), out_kind<R>());
     for (int64_t k = chunks * 16; k < pairs; ++k) {
       const uint8_t byte = src[k];
       dst[2 * k] = t[byte >> 4];
@@ -150,14 +156,9 @@ void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, cons
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
-    std::vector<T> wrow_t(std::is_same_v<T, float> ? 0 : static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
-      if constexpr (std::is_same_v<T, float>) {
-        decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
-      } else {  // the decoded weight rounded to T, as nf4_dequantize gives it to the large-M GEMM
-        decode_range<T>(w, r * k, (r + 1) * k, wrow_t.data());
-        for (int64_t j = 0; j < k; ++j) wrow[j] = detail::to_f32(wrow_t[j]);
-      }
+      // the weights decoded in float32 and rounded to T, as nf4_dequantize stores them (one rule, lorart/nf4.h)
+      decode_range<float, T>(w, r * k, (r + 1) * k, wrow.data());
       dot_rows(xf.data(), m, k, wrow.data(), res.data());
       const float b = bias ? detail::to_f32(bias[r]) : 0.f;
       if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
