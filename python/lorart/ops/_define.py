@@ -92,10 +92,10 @@ class Op:
             return self.fake(*args)
         self.custom.register_fake(fake_kernel)
         self.op = getattr(torch.ops.lorart, name).default
-        self._fn = None
+        self._fn = self._fn_full = None
         if backward is not None:
             self.custom.register_autograd(self._op_backward, setup_context=self._op_setup)
-            self._fn = _function(self)
+            self._fn, self._fn_full = _function(self, False), _function(self, True)
         ac.register(self.op, self.autocast, self.unflatten, self.flatten)
         REGISTRY[name] = self
 
@@ -137,8 +137,21 @@ class Op:
             if dev is not None:
                 args = self.autocast.cast(args, dev)
                 with ac.excluded(dev):
-                    return self._eager(args)
-        return self._eager(args)
+                    return self._eager(args, False)
+        return self._eager(args, False)
+
+    def first(self, *args):
+        """op(*args)[0] (for the public functions that return the first output): in eager mode without building
+        the other outputs' tuple."""
+        if _compiling():
+            return self.op(*self.flatten(args))[0]
+        if ac.any_enabled():
+            dev = self.autocast.device_of(args)
+            if dev is not None:
+                args = self.autocast.cast(args, dev)
+                with ac.excluded(dev):
+                    return self._eager(args, True)
+        return self._eager(args, True)
 
     def dispatch(self, *args):
         """Through the dispatcher (what torch.compile sees), grouped arguments flattened."""
@@ -162,7 +175,7 @@ class Op:
         if t is not None and not t.is_cpu:
             check_device(t, self._dev_name)
 
-    def _eager(self, args):
+    def _eager(self, args, first: bool):
         self.check(*args)
         t = args[self._dev] if self._dev_plain else self.device_tensor(args)
         if t is not None and not t.is_cpu:
@@ -170,15 +183,15 @@ class Op:
                 return self.dispatch(*args)
             check_device(t, self._dev_name)
         if self._fn is not None and self._records(args):
-            if not self.nondiff_outputs:
-                return self._fn.apply(*args, None)
+            if first or not self.nondiff_outputs:
+                return self._fn.apply(*args)
             holder = []  # the Function returns the differentiable output only (each autograd output costs); the
-            y = self._fn.apply(*args, holder)  # others come back through `holder`, untracked as they would be
+            y = self._fn_full.apply(*args, holder)  # others come back through `holder`, untracked as they would be
             return (y,) + holder[0][1:]  # (the differentiable output comes first)
         out = self.impl(*args)
         for i in self.mutates:
             torch.autograd.graph.increment_version(args[i])
-        return out
+        return out[0] if first else out
 
     def _records(self, args) -> bool:
         """Whether autograd would record this call (else impl runs without an autograd.Function: same result,
@@ -209,21 +222,25 @@ class Op:
         return tuple(out)
 
 
-def _function(op: Op):
-    """The eager autograd.Function of an op, from its impl / setup / backward. It takes a holder list after the
-    op's arguments: with non-differentiable outputs (LoRA's xa, RMSNorm's rstd) it returns the differentiable
-    one only and puts the full output in the holder (an autograd output costs ~10-20 us per call)."""
+def _function(op: Op, holder: bool):
+    """The eager autograd.Function of an op, from its impl / setup / backward. With non-differentiable outputs
+    (LoRA's xa, RMSNorm's rstd) it returns the differentiable one only (an autograd output costs ~10-20 us per
+    call); with `holder`, it takes a list after the op's arguments and puts the full output in it."""
     assert op._diff_outputs == (0,), "one differentiable output per op, the first"
-    pad = (None,) * len(op.nondiff_outputs)
+    nondiff = op.nondiff_outputs
+    pad = (None,) * len(nondiff)
+    extra = (None,) if holder else ()
 
     def forward(ctx, *args):
-        holder = args[-1]
-        args = args[:-1]
+        if holder:
+            box = args[-1]
+            args = args[:-1]
         out = op.impl(*args)
         op.setup(ctx, args, out)
-        if holder is None:
+        if not nondiff:
             return out
-        holder.append(out)
+        if holder:
+            box.append(out)
         return out[0]
 
     once = _once(op.backward)
@@ -231,13 +248,13 @@ def _function(op: Op):
     def backward(ctx, grad):
         # once_differentiable's wrapper (no_grad + checks) only matters for create_graph=True: skip it otherwise
         g = op.backward(ctx, grad, *pad) if not torch.is_grad_enabled() else once(ctx, grad, *pad)
-        return (*g, None)
+        return (*g, *extra) if holder else g
 
     fn = type(f"{op.name}_Function", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
     # what setup/backward read from ctx, as class attributes of the eager ctx (nothing set per call)
     fn._backward_cls.eager = True
-    fn._backward_cls.needs = property(lambda ctx: ctx.needs_input_grad)  # (one more, the holder's, at the end)
+    fn._backward_cls.needs = property(lambda ctx: ctx.needs_input_grad)  # (+ the holder's, at the end)
     return fn
 
 

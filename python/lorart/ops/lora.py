@@ -306,13 +306,13 @@ lora_linear_nf4_op = Op("lora_linear_nf4", _nf4, check=_check_nf4, fake=_fake_nf
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                 dropout: float = 0.0, seed: int = 0) -> Tensor:
     """y = x @ weight.T + bias + scale * dropout(x) @ A.T @ B.T (dense base; see the module docstring)."""
-    return lora_linear_dense(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
+    return lora_linear_dense.first(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
 
 
 def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                     dropout: float = 0.0, seed: int = 0) -> Tensor:
     """The same with a frozen NF4 base `weight` (an NF4Weight, one object)."""
-    return lora_linear_nf4_op(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
+    return lora_linear_nf4_op.first(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:

@@ -109,7 +109,7 @@ rms_norm_backward = Op("rms_norm_backward", _backward_op,
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)) in LlamaRMSNorm's arithmetic (see the module docstring)."""
-    return rms_norm_op(x, weight, float(eps))[0]
+    return rms_norm_op.first(x, weight, float(eps))
 
 
 __all__ = ["rms_norm", "rms_norm_op", "rms_norm_backward", "MAX_HIDDEN_CUDA"]
