@@ -133,11 +133,11 @@ def test_nf4_fused_matches_dequantized_reference(device, dq, K, bs):
     x, _, b, A, B = make(M, K, N, r, torch.bfloat16)
     old = L.set_fused_policy("always")
     try:
-        args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in q]
-        y = L.lora_linear_nf4(x.to(device), NF4Args(*args), b.to(device), A.to(device), B.to(device), 2.0)
+        w = NF4Args(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in q))
+        y = L.lora_linear_nf4(x.to(device), w, b.to(device), A.to(device), B.to(device), 2.0)
     finally:
         L.set_fused_policy(old)
-    Wd = nf4_dequantize_ref(*q).to(torch.bfloat16)
+    Wd = nf4_dequantize_ref(q).to(torch.bfloat16)
     ref = ref_lora(x.double(), Wd.double(), b.double(), A.double(), B.double(), 2.0)
     assert (y.cpu().double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
 
@@ -146,14 +146,14 @@ def test_nf4_fused_matches_dequantized_reference(device, dq, K, bs):
 def test_nf4_large_m_and_backward_match_dense():
     N, K, r, M = 16, 64, 4, 40
     q = nf4_quantize_ref(torch.randn(N, K), 64, True)
-    Wd = nf4_dequantize_ref(*q)
+    Wd = nf4_dequantize_ref(q)
     x, _, b, A, B = make(M, K, N, r)
     for t in (x, A, B):
         t.requires_grad_(True)
     ref = L.lora_linear(x, Wd, b, A, B, 2.0, 0.1, 5)
     e = torch.autograd.grad(ref.sum(), (x, A, B))
-    for y in (L.lora_linear_nf4(x, NF4Args(*q), b, A, B, 2.0, 0.1, 5),
-              torch.ops.lorart.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5)[0]):
+    for y in (L.lora_linear_nf4(x, q, b, A, B, 2.0, 0.1, 5),
+              L.lora_linear_nf4_op.dispatch(x, q, b, A, B, 2.0, 0.1, 5)[0]):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         g = torch.autograd.grad(y.sum(), (x, A, B))
         for a, c in zip(g, e):
@@ -275,7 +275,7 @@ def test_no_grad_path_equals_autograd_path_bitwise(device, policy, base, M, p, d
     x, W, b, A, B = make(M, 64, 48, 8, dtype, device)
     w = W if base == "dense" else nf4_args(48, 64, device)
     fn = L.lora_linear if base == "dense" else L.lora_linear_nf4
-    op = torch.ops.lorart.lora_linear if base == "dense" else torch.ops.lorart.lora_linear_nf4
+    op = L.lora_linear_dense if base == "dense" else L.lora_linear_nf4_op
     with torch.no_grad():
         y0 = fn(x, w, b, A, B, 1.5, p, 17)
     assert y0.grad_fn is None
@@ -283,8 +283,7 @@ def test_no_grad_path_equals_autograd_path_bitwise(device, policy, base, M, p, d
     assert y1.grad_fn is not None and torch.equal(y1.detach(), y0)
     y2 = fn(x, w, b, A, B, 1.5, p, 17)  # grad mode, nothing requires grad: the impl, no graph
     assert y2.grad_fn is None and torch.equal(y2, y0)
-    flat = (w,) if base == "dense" else tuple(w)
-    assert torch.equal(op(x, *flat, b, A, B, 1.5, p, 17)[0], y0)  # the dispatcher op (torch.compile's path)
+    assert torch.equal(op.dispatch(x, w, b, A, B, 1.5, p, 17)[0], y0)  # the dispatcher op (torch.compile's path)
 
 
 def _raised(fn, *args):
@@ -332,7 +331,7 @@ def test_bad_arguments_raise_one_clear_error_on_every_path(case):
         return
     q = nf4_args(48, 64)
     paths = [lambda x, b, A, B, p: L.lora_linear_nf4(x, q, b, A, B, 1.0, p),
-             lambda x, b, A, B, p: torch.ops.lorart.lora_linear_nf4(x, *q, b, A, B, 1.0, p, 0)]
+             lambda x, b, A, B, p: L.lora_linear_nf4_op.dispatch(x, q, b, A, B, 1.0, p, 0)[0]]
     errs = {_raised(f, kw["x"], kw["b"], kw["A"], kw["B"], kw["p"]) for f in paths}
     assert len(errs) == 1 and None not in errs, errs
 
@@ -340,12 +339,11 @@ def test_bad_arguments_raise_one_clear_error_on_every_path(case):
 @pytest.mark.parametrize("case", ["packed dtype", "absmax dtype", "packed bytes", "packed device"])
 def test_nf4_weight_errors_on_every_path(case):
     x, _, b, A, B = make(4, 64, 48, 2)
-    q = list(nf4_args(48, 64))
-    q[{"packed dtype": 0, "absmax dtype": 1, "packed bytes": 0, "packed device": 0}[case]] = {
-        "packed dtype": q[0].int(), "absmax dtype": q[1].double(), "packed bytes": q[0][:-1],
-        "packed device": q[0].to("meta")}[case]
-    errs = {_raised(L.lora_linear_nf4, x, NF4Args(*q), b, A, B, 1.0, 0.1),
-            _raised(torch.ops.lorart.lora_linear_nf4, x, *q, b, A, B, 1.0, 0.1, 0)}
+    q = nf4_args(48, 64)
+    q = {"packed dtype": q._replace(packed=q.packed.int()), "absmax dtype": q._replace(absmax=q.absmax.double()),
+         "packed bytes": q._replace(packed=q.packed[:-1]), "packed device": q._replace(packed=q.packed.to("meta"))}[case]
+    errs = {_raised(L.lora_linear_nf4, x, q, b, A, B, 1.0, 0.1),
+            _raised(L.lora_linear_nf4_op.dispatch, x, q, b, A, B, 1.0, 0.1, 0)}
     assert len(errs) == 1 and None not in errs, errs
     assert next(iter(errs))[1].startswith("lorart: argument")
 

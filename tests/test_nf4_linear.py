@@ -6,13 +6,11 @@ import torch
 
 from lorart import nf4
 from lorart.nn import NF4Linear
-from nf4_reference import _reference_dequantize
+from nf4_reference import reference_dequantize_weight
 
 
 def _ref_weight(layer):
-    w = layer.weight
-    return _reference_dequantize(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
-                                 tuple(w.shape), torch.float32)
+    return reference_dequantize_weight(layer.weight)
 
 
 @pytest.mark.parametrize("bias,train_bias", [(True, True), (True, False), (False, False)])

@@ -95,12 +95,11 @@ def test_lora_linear(device, dtype, M, path):
 def test_lora_linear_nf4(device, dtype, M, path):
     w = nf4.quantize(torch.randn(48, 64, device=device), 64)
     Wd = w.dequantize(torch.float32)
-    o = w.op_args()
     args = [_t(M, 64, device=device), _t(48, device=device), _t(8, 64, device=device), _t(48, 8, device=device)]
     if path == "eager":
         fn = lambda x, b, A, B: L.lora_linear_nf4(x, w, b, A, B, 0.5)  # noqa: E731
     else:
-        fn = lambda x, b, A, B: torch.ops.lorart.lora_linear_nf4(x, *o, b, A, B, 0.5, 0.0, 0)[0]  # noqa: E731
+        fn = lambda x, b, A, B: L.lora_linear_nf4_op.dispatch(x, w, b, A, B, 0.5, 0.0, 0)[0]  # noqa: E731
     check_op(fn, lambda x, b, A, B: ref_lora(x, Wd.to(x.dtype), b, A, B, 0.5), args, device, dtype)
 
 
@@ -110,9 +109,7 @@ def test_lora_linear_nf4(device, dtype, M, path):
 def test_nf4_linear(device, dtype, M, path):
     w = nf4.quantize(torch.randn(48, 64, device=device), 64)
     Wd = w.dequantize(torch.float32)
-    o = w.op_args()
-    fn = (lambda x, b: nf4_linear(x, w, b)) if path == "eager" else \
-        (lambda x, b: torch.ops.lorart.nf4_linear(x, *o, b))
+    fn = (lambda x, b: nf4_linear(x, w, b)) if path == "eager" else (lambda x, b: nf4_linear.dispatch(x, w, b))
     check_op(fn, lambda x, b: F.linear(x, Wd.to(x.dtype), b), [_t(M, 64, device=device), _t(48, device=device)],
              device, dtype)
 

@@ -26,8 +26,8 @@ REPROS = {
     "rms_norm": "x=torch.randn(4,4096); w=torch.randn(8192)[::2]; y,_=torch.ops.lorart.rms_norm(x, w, 1e-6); "
                 "print(float((y - w*(x*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+1e-6))).abs().max()))",
     "nf4_dequantize": "w=lorart.nf4.quantize(torch.randn(64,256), 64, False); p=torch.empty(w.packed.numel(),2,"
-                      "dtype=torch.uint8); p[:,0]=w.packed.view(-1); o=w.op_args(); "
-                      "y=torch.ops.lorart.nf4_dequantize(p[:,0], *o[1:], torch.float32); "
+                      "dtype=torch.uint8); p[:,0]=w.packed.view(-1); o=w.op_args()._replace(packed=p[:,0]); "
+                      "y=lorart.ops.nf4.nf4_dequantize.dispatch(o, torch.float32); "
                       "print(float((y-w.dequantize()).abs().max()))",
 }
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops.nf4 import NF4Args, check_weight, nf4_dequantize, nf4_double_quant, nf4_quantize
+from .ops.nf4 import CheckedNF4, NF4Args, check_weight, nf4_dequantize, nf4_double_quant, nf4_quantize
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -143,21 +143,30 @@ def _parse_bnb_state_dict(sd: dict, prefix: str, device) -> tuple:
             torch.Size(d["shape"]), _NAMES_TO_DTYPE[d["dtype"]])
 
 
-class NF4Weight:
+_FROZEN = frozenset(("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "rows",
+                     "cols"))
+
+
+class NF4Weight(CheckedNF4):
     """A frozen NF4-quantized tensor. Fields follow the NF4 contract (docs/nf4.md):
     packed uint8 [(n+1)//2, 1]; absmax float32 [nblocks] or, with double quant, uint8 codes;
     nested_absmax float32 [ceil(nblocks/256)] | None; nested_code float32 [256] | None;
-    offset (float); blocksize; shape (original); dtype (original / compute dtype)."""
+    offset (float); blocksize; shape (original); dtype (original / compute dtype).
+
+    Checked once, when built (the ops then skip the weight's own consistency on every call), and frozen: its
+    fields cannot be reassigned (build a new NF4Weight); its tensors are contiguous (made so when built), as the
+    kernels read them."""
 
     __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "dtype", "rows",
-                 "cols")
+                 "cols", "_built")
 
     def __init__(self, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                  offset: float, blocksize: int, shape, dtype: torch.dtype):
-        self.packed = packed
-        self.absmax = absmax
-        self.nested_absmax = nested_absmax
-        self.nested_code = nested_code
+        c = lambda t: t.contiguous() if isinstance(t, Tensor) else t  # noqa: E731  (check_weight names a non-tensor)
+        self.packed = c(packed)
+        self.absmax = c(absmax)
+        self.nested_absmax = c(nested_absmax)
+        self.nested_code = c(nested_code)
         self.offset = float(offset)
         self.blocksize = int(blocksize)
         self.shape = torch.Size(shape)
@@ -166,6 +175,12 @@ class NF4Weight:
             raise TypeError(f"lorart: NF4Weight: `dtype` must be float32|bfloat16|float16, got {dtype}")
         self.rows, self.cols = _rows_cols(self.shape)  # the [rows, cols] matrix the ops see
         check_weight(self)
+        self._built = True
+
+    def __setattr__(self, name, value):
+        if name in _FROZEN and getattr(self, "_built", False):
+            raise AttributeError(f"lorart: NF4Weight is frozen: `{name}` cannot be reassigned (build a new NF4Weight)")
+        object.__setattr__(self, name, value)
 
     # ---- geometry -------------------------------------------------------------------
     @property

@@ -113,7 +113,7 @@ def _check_nf4(x, w, bias, A, B, scale, dropout, seed) -> None:
     _check_lora(x, w.rows, w.cols, bias, A, B, dropout)
     if x.dtype == torch.float64:
         raise TypeError("lorart: argument `x`: an NF4 base computes in float32|bfloat16|float16, got float64")
-    nf4ops.check_weight(w)
+    nf4ops.check_weight_arg(w)
     if w.packed.device != x.device:
         check_same_device(("x", x), ("packed", w.packed))
 
@@ -208,7 +208,7 @@ def _nf4(x: Tensor, w: nf4ops.NF4Args, bias: Optional[Tensor], A: Tensor, B: Ten
     if _use_fused(x2, nf4=True):
         xa = _shrink(x2, A, dropout, seed, torch.float32)
         y = torch.empty(x2.shape[0], w.rows, dtype=x.dtype, device=x.device)
-        _C.lora_fused_linear_nf4(x2.contiguous(), *nf4ops.core_args(w), None if bias is None else bias.contiguous(),
+        _C.lora_fused_linear_nf4(x2.contiguous(), nf4ops.core(w), None if bias is None else bias.contiguous(),
                                  xa, B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
     else:  # lorart.ops.nf4's path: GEMV, or dequantised into a reused workspace (never saved for backward)

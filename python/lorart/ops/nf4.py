@@ -37,6 +37,13 @@ class NF4Args(NamedTuple):
     cols: int
 
 
+class CheckedNF4:
+    """Base of the NF4 weight objects that check themselves once when built and are frozen after
+    (lorart.nf4.NF4Weight): the per-call checks skip the weight's own consistency for them, and their tensors are
+    contiguous, so they reach lorart._C as they are."""
+    __slots__ = ()
+
+
 def check_blocksize(blocksize: int) -> None:
     if not (32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
         raise ValueError(f"lorart: argument `blocksize`: expected a power of two in [32, 4096], got {blocksize}")
@@ -76,14 +83,23 @@ def check_weight(w) -> None:
     check_same_device(("packed", packed), ("absmax", absmax), ("nested_absmax", nabs), ("nested_code", ncode))
 
 
+def check_weight_arg(w) -> None:
+    """The per-call check of an NF4 weight argument: check_weight, but for a CheckedNF4 (checked when built)."""
+    if not isinstance(w, CheckedNF4):
+        check_weight(w)
+
+
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def core_args(w) -> tuple:
-    """`w`'s fields as lorart._C takes them (contiguous tensors; the core refuses other layouts)."""
-    return (w.packed.contiguous(), w.absmax.contiguous(), _c(w.nested_absmax), _c(w.nested_code), float(w.offset),
-            int(w.blocksize), int(w.rows), int(w.cols))
+def core(w):
+    """`w` as lorart._C takes it (one object; the binding reads its eight fields into the C++ NF4View): a
+    CheckedNF4 as it is, any other (NF4Args) with contiguous tensors (the core refuses other layouts)."""
+    if isinstance(w, CheckedNF4):
+        return w
+    return NF4Args(w.packed.contiguous(), w.absmax.contiguous(), _c(w.nested_absmax), _c(w.nested_code),
+                   float(w.offset), int(w.blocksize), int(w.rows), int(w.cols))
 
 
 # ---- quantize --------------------------------------------------------------------------------------------
@@ -173,13 +189,13 @@ entry of `code` (ties to the lower index) of (absmax - offset) / nested_absmax."
 # ---- dequantize ------------------------------------------------------------------------------------------
 
 def _check_dequantize(w: NF4Args, dtype: torch.dtype) -> None:
-    check_weight(w)
+    check_weight_arg(w)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"lorart: argument `dtype`: expected float32|bfloat16|float16, got {dtype}")
 
 
 def _dequantize_into(w, out: Tensor) -> None:
-    _C.nf4_dequantize(*core_args(w), out, stream(out))
+    _C.nf4_dequantize(core(w), out, stream(out))
 
 
 def _dequantize(w: NF4Args, dtype: torch.dtype) -> Tensor:
@@ -244,7 +260,7 @@ def dequantized(w, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _check_linear(x: Tensor, w: NF4Args, bias: Optional[Tensor]) -> None:
-    check_weight(w)
+    check_weight_arg(w)
     check_dtype(x, "x", FLOAT_DTYPES)
     rows, cols = w.rows, w.cols
     if x.dim() == 0 or x.shape[-1] != cols:
@@ -267,7 +283,7 @@ def base_linear(x2: Tensor, w, bias: Optional[Tensor]) -> Tensor:
     if m <= GEMV_MAX_ROWS.get(x2.device.type, 0):
         out = x2.new_empty((m, w.rows))
         if m:
-            _C.nf4_gemv(x2 if x2.is_contiguous() else x2.contiguous(), *core_args(w), _c(bias), out, stream(x2))
+            _C.nf4_gemv(x2 if x2.is_contiguous() else x2.contiguous(), core(w), _c(bias), out, stream(x2))
         return out
     return torch.nn.functional.linear(x2, dequantized(w, x2.dtype, x2.device), bias)
 
@@ -312,7 +328,7 @@ nf4_linear = Op("nf4_linear", _linear, check=_check_linear,
 
 
 def _check_grad_input(dy: Tensor, w: NF4Args) -> None:
-    check_weight(w)
+    check_weight_arg(w)
     check_dtype(dy, "dy", FLOAT_DTYPES)
     if dy.dim() == 0 or dy.shape[-1] != w.rows:
         raise ValueError(f"lorart: argument `dy`: expected last dimension {w.rows} (out_features), got shape "
@@ -344,7 +360,6 @@ nf4_linear_grad_input = Op("nf4_linear_grad_input", _grad_input, check=_check_gr
 """dx = dy @ dequant(W) for dy [..., rows] -> [..., cols] (W re-dequantized into a reused buffer)."""
 
 
-__all__ = ["NF4Args", "nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear", "nf4_linear_grad_input",
-           "check_weight", "check_blocksize", "base_linear", "dequantized", "sample_weight", "release_workspaces",
-           "GEMV_MAX_ROWS",
-           "NESTED_BLOCKSIZE"]
+__all__ = ["NF4Args", "CheckedNF4", "nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear",
+           "nf4_linear_grad_input", "check_weight", "check_weight_arg", "check_blocksize", "core", "base_linear", "dequantized",
+           "sample_weight", "release_workspaces", "GEMV_MAX_ROWS", "NESTED_BLOCKSIZE"]
