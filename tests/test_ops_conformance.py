@@ -11,6 +11,10 @@ The layout cases run once more in CI with MALLOC_PERTURB_ set (.ci/run).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -80,8 +84,16 @@ def run(call, args, op):
     return out, [args[i] for i in op.mutates]
 
 
+def definition(name):
+    """The op's definition; an op registered without one (or without samples) fails every test of it."""
+    op = REGISTRY.get(name)
+    if op is None or op.samples is None:
+        pytest.fail(f"lorart::{name} has no lorart.ops._define.Op definition with sample inputs")
+    return op
+
+
 def samples(name, dtype, device="cpu"):
-    s = REGISTRY[name].samples(device, dtype)
+    s = definition(name).samples(device, dtype)
     if not s:
         pytest.skip(f"{name} takes no {dtype} on {device}")
     return s
@@ -95,19 +107,52 @@ CASES = [(n, d) for n in ALL for d in FLOATS]
 def test_every_registered_op_has_a_definition_and_sample_inputs():
     assert len(ALL) >= 18, ALL
     missing = [n for n in ALL if n not in REGISTRY or REGISTRY[n].samples is None]
-    assert not missing, f"ops without a definition or sample inputs: {missing}"
-    empty = [n for n in ALL if not any(REGISTRY[n].samples("cpu", d) for d in FLOATS)]
-    assert not empty, f"ops whose sample inputs are empty for every dtype: {empty}"
+    empty = [n for n in ALL if n not in missing and not any(REGISTRY[n].samples("cpu", d) for d in FLOATS)]
+    assert not missing and not empty, (f"ops without a definition or sample inputs: {missing}; ops whose sample "
+                                       f"inputs are empty for every dtype: {empty}")
     zero = [n for n in ALL if not any(min((t.numel() for t in _leaves(s) if t.dtype.is_floating_point), default=1) == 0
                                       for d in FLOATS for s in REGISTRY[n].samples("cpu", d))]
     assert set(zero) <= {"nf4_quantize", "nf4_double_quant", "nf4_dequantize", "adamw8_step_"}, zero  # (no 0-size)
+
+
+_PROBES = """
+import sys, pytest, torch, lorart
+from lorart.ops._define import Op
+
+@torch.library.custom_op("lorart::probe_bare", mutates_args=())   # registered without an Op definition
+def _bare(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+def _impl(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+kw = dict(check=lambda x: None, fake=lambda x: torch.empty_like(x))
+Op("probe_no_samples", _impl, **kw)
+Op("probe_empty_samples", _impl, samples=lambda device, dtype: [], **kw)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not cuda", sys.argv[1], "-k", sys.argv[2]]))
+"""
+
+
+def test_the_harness_fails_for_an_op_without_samples():
+    """In a fresh process, three ops registered under torch.ops.lorart: without an Op definition, with an Op
+    without samples, with samples for no dtype. The registry test names all three; every per-op test of the first
+    two fails (none passes or is skipped)."""
+    r = subprocess.run([sys.executable, "-c", _PROBES, __file__,
+                        "every_registered or probe_bare or probe_no_samples"], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "['probe_bare', 'probe_no_samples']" in out and "['probe_empty_samples']" in out, out[-3000:]
+    summary = out.strip().splitlines()[-1]
+    assert " failed" in summary and "passed" not in summary and "skipped" not in summary, summary
+    assert int(summary.split(" failed")[0].split()[-1]) >= 20, summary  # (2 ops x the per-op tests + the registry)
 
 
 # ---- eager = dispatcher = fake ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,dtype", CASES, ids=_ids(CASES))
 def test_eager_equals_dispatcher_and_fake(name, dtype):
-    op = REGISTRY[name]
+    op = definition(name)
     for args in samples(name, dtype):
         eager = run(op, args, op)
         disp = run(op.dispatch, args, op)
@@ -167,7 +212,7 @@ LAYOUT_CASES = [(n, d) for n in ALL for d in (torch.float32, torch.bfloat16)]
 
 @pytest.mark.parametrize("name,dtype", LAYOUT_CASES, ids=_ids(LAYOUT_CASES))
 def test_noncontiguous_inputs_give_the_contiguous_result_or_a_clear_error(name, dtype):
-    op = REGISTRY[name]
+    op = definition(name)
     for args in samples(name, dtype)[:2]:
         for path in _positions(args):
             for layout, v in _layouts(_get(args, path)):
@@ -210,7 +255,7 @@ AUTOCAST = [("cpu", torch.bfloat16),
 def test_autocast_is_the_ops_rule(name, device, acdt):
     """Under autocast an op equals itself (autocast off) on the inputs its rule casts, on the eager path and
     through the dispatcher; with autocast off nothing changes. Values against plain torch: test_ops_autocast.py."""
-    op = REGISTRY[name]
+    op = definition(name)
     for args in samples(name, torch.float32, device)[:2]:
         want = run(op, op.autocast.cast(_clone(args), device), op)
         with torch.autocast(device, dtype=acdt):
@@ -227,13 +272,13 @@ def test_autocast_is_the_ops_rule(name, device, acdt):
 def test_opcheck(name, device):
     """torch.library.opcheck (schema, autograd registration, fake kernel, AOT dispatch), differentiable inputs
     requiring grad."""
-    op = REGISTRY[name]
+    op = definition(name)
     for args in samples(name, torch.float32, device)[:2]:
         args, _ = _diff_inputs(op, args, torch.float32)
         torch.library.opcheck(op.op, op.flatten(tuple(args)))
 
 
-GRAD = [n for n in ALL if REGISTRY[n].backward is not None]
+GRAD = [n for n in ALL if n not in REGISTRY or REGISTRY[n].backward is not None]
 
 
 def _diff_inputs(op, args, dtype):
@@ -250,7 +295,7 @@ def test_gradcheck(name, device):
     """Analytic gradients (the eager autograd.Function and the op's registered autograd) against finite
     differences (gradcheck's fast mode: random projections of the Jacobian), in float64 where the op takes it,
     else (NF4: float32 only) in float32 with tolerances that suffice for these (bi)linear maps."""
-    op = REGISTRY[name]
+    op = definition(name)
     f64 = bool(op.samples(device, torch.float64))
     dt = torch.float64 if f64 else torch.float32
     kw = dict(fast_mode=True) if f64 else dict(fast_mode=True, eps=1e-2, atol=2e-2, rtol=2e-2)
@@ -277,7 +322,7 @@ def test_gradcheck(name, device):
 def test_compile_fullgraph_equals_eager(name):
     """torch.compile(fullgraph=True) (aot_eager: dynamo, AOTAutograd, the fake kernels, functionalisation; no
     codegen) equals eager, forward and (for differentiable ops) gradients."""
-    op = REGISTRY[name]
+    op = definition(name)
     args = samples(name, torch.float32)[0]
     torch._dynamo.reset()  # (one lambda's code object for every op: each test starts from an empty cache)
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager", dynamic=False)
@@ -305,7 +350,7 @@ CUDA_CASES = [(n, d) for n in ALL for d in (torch.float32, torch.bfloat16, torch
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,dtype", CUDA_CASES, ids=_ids(CUDA_CASES))
 def test_cpu_equals_cuda(name, dtype):
-    op = REGISTRY[name]
+    op = definition(name)
     cpu, gpu = op.samples("cpu", dtype), op.samples("cuda", dtype)
     if not cpu or not gpu:
         pytest.skip(f"{name} takes no {dtype} on one of the devices")
