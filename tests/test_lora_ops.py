@@ -341,7 +341,8 @@ def test_nf4_weight_errors_on_every_path(case):
     x, _, b, A, B = make(4, 64, 48, 2)
     q = nf4_args(48, 64)
     q = {"packed dtype": q._replace(packed=q.packed.int()), "absmax dtype": q._replace(absmax=q.absmax.double()),
-         "packed bytes": q._replace(packed=q.packed[:-1]), "packed device": q._replace(packed=q.packed.to("meta"))}[case]
+         "packed bytes": q._replace(packed=q.packed[:-1]),
+         "packed device": q._replace(packed=q.packed.to("meta"))}[case]
     errs = {_raised(L.lora_linear_nf4, x, q, b, A, B, 1.0, 0.1),
             _raised(L.lora_linear_nf4_op.dispatch, x, q, b, A, B, 1.0, 0.1, 0)}
     assert len(errs) == 1 and None not in errs, errs

@@ -109,7 +109,8 @@ bool nf4_to_view(py::handle src, NF4View& out, py::object (&keep)[4]) {
     if (i >= 2 && keep[i].is_none()) continue;  // no double quantization: views with data == nullptr
     if (!tensor_to_view(keep[i], *views[i]))
       throw py::type_error(std::string("lorart: NF4 weight: `") + kTensors[i] + "` must be a torch.Tensor" +
-                           (i >= 2 ? " or None" : "") + ", got " + py::str(py::type::of(keep[i]).attr("__name__")).cast<std::string>());
+                           (i >= 2 ? " or None" : "") + ", got " +
+                           py::str(py::type::of(keep[i]).attr("__name__")).cast<std::string>());
   }
   const double offset = PyFloat_AsDouble(src.attr("offset").ptr());
   if (offset == -1.0 && PyErr_Occurred()) throw py::error_already_set();

@@ -361,5 +361,5 @@ nf4_linear_grad_input = Op("nf4_linear_grad_input", _grad_input, check=_check_gr
 
 
 __all__ = ["NF4Args", "CheckedNF4", "nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear",
-           "nf4_linear_grad_input", "check_weight", "check_weight_arg", "check_blocksize", "core", "base_linear", "dequantized",
-           "sample_weight", "release_workspaces", "GEMV_MAX_ROWS", "NESTED_BLOCKSIZE"]
+           "nf4_linear_grad_input", "check_weight", "check_weight_arg", "check_blocksize", "core", "base_linear",
+           "dequantized", "sample_weight", "release_workspaces", "GEMV_MAX_ROWS", "NESTED_BLOCKSIZE"]
