@@ -1,6 +1,9 @@
 """NF4 ops against the pure-PyTorch reference (tests/nf4_reference.py), opcheck, gradients, bad input."""
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -180,6 +183,8 @@ def test_nf4_weight_is_checked_once_and_frozen():
         with pytest.raises(AttributeError, match=f"frozen.*{field}"):
             setattr(q, field, v)
     assert torch.equal(nf4_ops.nf4_linear(torch.eye(64), q, None), q.dequantize().T)  # unchanged
+    for c in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):  # (torch.save / deepcopy of modules holding one)
+        assert torch.equal(c.dequantize(), q.dequantize())
     q.dtype = torch.bfloat16  # the original / compute dtype is a label, not part of the packed weight
     assert q.dequantize().dtype == torch.bfloat16
     p = torch.empty(q.packed.numel(), 2, dtype=torch.uint8)
