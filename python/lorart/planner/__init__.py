@@ -78,9 +78,11 @@ def _plan_setup(setup: Setup, framework_bytes: Optional[int] = None, with_time: 
     if o.device == "cuda":
         fw, what = CUDA_CONTEXT, "+ CUDA context (outside the allocator; estimate)"
     else:
-        fw = framework_bytes if framework_bytes is not None else current_rss() or 0
-        what = "+ process without the model (measured RSS)" if framework_bytes is None else \
-            "+ process without the model (given)"
+        if framework_bytes is None:
+            from .measure import warm_rss
+            fw, what = warm_rss(setup.method.name, o.dtype) or 0, "+ process without the model (RSS after a tiny step)"
+        else:
+            fw, what = framework_bytes, "+ process without the model (given)"
     predicted = mem.peak + (fw if o.device == "cpu" else 0)
     rep = setup.method.report()   # base_params: counted before the method was attached
     if o.optimizer_state_bits == 8:
@@ -158,6 +160,10 @@ def _fit(setup: Setup, p: Plan, fw: int) -> dict:
     levers = _levers(setup)
     B, acc = setup.opts.train.batch_size, setup.opts.train.grad_accum
     batches = [(B >> i, acc << i) for i in range(0, B.bit_length()) if B >> i >= 1 and (B >> i) * (acc << i) == B * acc]
+    every = {k: v for _, c in levers for k, v in c.items()}
+    b_min, a_min = batches[-1]
+    if _needed(_with(setup, {**every, "batch_size": b_min, "grad_accum": a_min}), fw) > M:
+        batches = []   # not even the lightest combination fits: no need to search
     for b, a in batches:
         for n in range(len(levers) + 1):
             for combo in combinations(levers, n):

@@ -33,6 +33,7 @@ from .fingerprint import describe_differences, examples_fingerprint, model_finge
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
+from ..planner.measure import PeakMeter, predict_run, warm_rss
 from .progress import Progress
 from .result import TrainResult, format_metrics
 from .setup import attach_method, format_regex_for, load_base, load_data, method_config, resolve_device, resolve_dtype
@@ -104,8 +105,12 @@ class Recipe:
         evaluate before training."""
         t0 = time.perf_counter()
         self.folder.check_allowed(resume, overwrite)   # before any loading: a refused folder fails fast
+        self.meter = PeakMeter(self.device)
+        # the process before the model, once torch's training code is resident: the plan's framework part (CPU)
+        self._framework = warm_rss(self.opts.method, self.dtype) if self.device.type == "cpu" else 0
         self._setup_model(model, tokenizer)
         self._setup_data(data, eval_data, general_data)
+        self._predict_memory(model)
         self._setup_optimizer()
         self._take_folder(resume, overwrite)
         o, d = self.opts, self.data
@@ -141,6 +146,27 @@ class Recipe:
         self.total = o.max_steps or o.epochs * math.ceil(self.batches_per_epoch / o.grad_accum)
         self.eval_every = o.eval_every or max(1, self.total // 4)
         self.save_every = o.save_every or self.eval_every
+
+    def _predict_memory(self, model_arg) -> None:
+        """lorart.plan's prediction of a training step's peak for this very model, method and options, on a
+        micro-batch of batch_size x the longest training example (collate pads to the longest): checked against
+        the measured peak in summary.json's `memory`."""
+        fw = self._framework
+        if fw and isinstance(model_arg, torch.nn.Module) and self.device.type == "cpu":
+            # a model passed in was already resident when the baseline was read: not part of the framework
+            fw -= sum(t.numel() * t.element_size() for t in list(model_arg.parameters()) + list(model_arg.buffers()))
+        longest = max((len(e) for e in self.data.train), default=1)
+        self.memory_plan = predict_run(self.model, self.method, self.opts, self.device, self.opts.batch_size,
+                                       max(longest, 2), fw)
+
+    def memory_check(self) -> dict:
+        """The plan's predicted peak beside the measured one (bytes; summary.json's `memory`)."""
+        plan = dict(self.memory_plan)
+        measured = self.meter.peak or None   # None: no step ran in this process (a resumed, finished run)
+        pred = plan.get("predicted_peak_bytes")
+        plan.update(measured_peak_bytes=measured, measured_what=self.meter.what,
+                    prediction_error=(pred / measured - 1) if pred and measured else None)
+        return plan
 
     def _setup_optimizer(self) -> None:
         o = self.opts
@@ -291,6 +317,7 @@ class Recipe:
         st = self.state
         t0 = time.perf_counter()
         batches, idx = self.next_batches()
+        self.meter.start()
         loss_sum, ntgt = self.forward_backward(batches)
         loss, gnorm = loss_sum / max(ntgt, 1), self.grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -299,6 +326,7 @@ class Recipe:
             self.optimizer.step()
         self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
+        self.meter.stop()
         st.step += 1
         dt = time.perf_counter() - t0
         ntok = sum(len(self.data.train[i]) for b in idx for i in b)
@@ -406,7 +434,7 @@ class Recipe:
                 write_samples(samples_path, st.samples_before, samples_after, st.before.get("format_accuracy"),
                               after.get("format_accuracy"))
         losses = [h["loss"] for h in st.history if "loss" in h and not h.get("skipped")]
-        mem = peak_memory(self.device)
+        mem = {**peak_memory(self.device), **self.memory_check()}
         tps = st.tokens / st.train_time_s if st.train_time_s else 0.0
         res = TrainResult(
             output_dir=out.path, adapter_dir=adapter_dir, metrics_path=metrics_path,
@@ -419,8 +447,12 @@ class Recipe:
             method=self.method, skipped_steps=list(st.skipped))
         out.write_json("summary.json", self.summary(res))
         pg.message(comparison_table(st.before, after))
-        mem_txt = ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())
+        mem_txt = ", ".join(f"{k} {v:,.0f}" for k, v in mem.items() if k.endswith("_mb"))
         pg.message(f"{st.step} steps in {st.train_time_s:.1f} s ({tps:,.0f} tok/s); {mem_txt}; outputs in {out.path}")
+        if mem.get("predicted_peak_bytes") and mem.get("measured_peak_bytes"):
+            pg.message(f"memory of a step: predicted {mem['predicted_peak_bytes'] / 2**20:,.0f} MiB (lorart plan), "
+                       f"measured {mem['measured_peak_bytes'] / 2**20:,.0f} MiB ({mem['measured_what']}; "
+                       f"{100 * mem['prediction_error']:+.1f}%)")
         for n in self.notes[1 if self.notes and self.notes[0].startswith("restored") else 0:]:
             pg.message("note: " + n)
         return res
