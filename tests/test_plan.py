@@ -32,6 +32,32 @@ def test_ledger_equals_autograds_saved_tensors(method, kw):
     assert led.bytes() == saved_bytes(model, 2, 24)
 
 
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("prefix", {}), ("full", {})], ids=["lora", "prefix", "full"])
+def test_ledger_with_packings_block_mask(method, kw):
+    """Packed batches carry a [B, 1, T, T] bool mask: every layer's attention saves it converted to q's dtype."""
+    import torch
+    model, meth, opts = build_like_train(SMALL, method, batch_size=2, max_seq_len=24, packing=True, **kw)
+    B, T = 2, 24
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    block = causal.clone()
+    block[12:, :12] = False                       # two documents of 12 tokens per row
+    mask = block[None, None].expand(B, 1, T, T).contiguous()
+    pos = torch.cat([torch.arange(12), torch.arange(12)])[None].expand(B, T)
+    ids = torch.randint(0, SMALL["vocab_size"], (B, T), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=ids, loss_reduction="sum",
+              return_logits=False)
+    measured = sum(v for k, v in seen.items() if k not in weights and k != mask.untyped_storage().data_ptr())
+    led, _, _ = ledger.forward(model, B, T, None, masked=True)
+    assert led.bytes() == measured
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("method,kw", CASES, ids=_ids(CASES))
 def test_tensor_peak_within_15_percent_of_the_allocators(method, kw, ckpt):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Optional
 
@@ -88,6 +89,9 @@ def _plan_setup(setup: Setup, framework_bytes: Optional[int] = None, with_time: 
     if o.optimizer_state_bits == 8:
         notes.append("8-bit optimizer states are lorart.optim.PagedAdamW(state_bits=8) (Python API); "
                      "`lorart train` uses 32-bit states")
+    if o.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        notes.append("glibc's heap may keep freed activations: measured RSS can exceed this by a few hundred MiB "
+                     "(MALLOC_MMAP_THRESHOLD_=1048576 makes it follow the tensors; docs/plan.md)")
     if o.paged and o.device != "cuda":
         notes.append("paging moves optimizer states from GPU to host memory: on the CPU it changes nothing")
     if o.fsdp > 1:

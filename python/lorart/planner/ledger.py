@@ -175,7 +175,8 @@ class LayerCost:
     grads_before_peak: int = 0   # gradients already made at that point (down projection, MLP adapter)
 
 
-def decoder_layer(led: Ledger, x: Sym, layer, cfg, B: int, T: int, P_prefix: int, cos: Sym, i: int) -> Sym:
+def decoder_layer(led: Ledger, x: Sym, layer, cfg, B: int, T: int, P_prefix: int, cos: Sym, i: int,
+                  masked: bool = False) -> Sym:
     g = f"layer{i}"
     at, mlp = layer.self_attn, layer.mlp
     a = led.rms_norm(x, layer.input_layernorm.weight, g, f"l{i}.input_layernorm")
@@ -184,7 +185,7 @@ def decoder_layer(led: Ledger, x: Sym, layer, cfg, B: int, T: int, P_prefix: int
     v = led.project(a, at.v_proj, g, f"l{i}.v")
     q = Sym("q_rot", q.numel, torch.promote_types(q.dtype, cos.dtype), q.grad)
     k = Sym("k_rot", k.numel, torch.promote_types(k.dtype, cos.dtype), k.grad)
-    mask = None
+    mask = Sym("mask", B * T * T, torch.bool) if masked else None   # packing's block-diagonal mask
     if P_prefix:
         kv = cfg.num_key_value_heads * cfg.head_dim
         k = Sym("k_cat", B * (T + P_prefix) * kv, k.dtype, True)
@@ -209,9 +210,10 @@ def _layer_grads(layer) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
 
 
-def forward(model, B: int, T: int, autocast: Optional[torch.dtype]) -> tuple:
+def forward(model, B: int, T: int, autocast: Optional[torch.dtype], masked: bool = False) -> tuple:
     """Replay one training forward of `model` (a lorart LlamaForCausalLM with a method attached, on any device,
-    meta included) on a [B, T] batch. Returns (ledger, per-layer LayerCost list, head dict)."""
+    meta included) on a [B, T] batch; `masked`: with an explicit [B, 1, T, T] attention mask (packed batches).
+    Returns (ledger, per-layer LayerCost list, head dict)."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
     led = Ledger(autocast)
@@ -233,7 +235,7 @@ def forward(model, B: int, T: int, autocast: Optional[torch.dtype]) -> tuple:
     for i, layer in enumerate(model.model.layers):
         before = led.bytes()
         x_in = x
-        x = decoder_layer(led, x, layer, cfg, B, Tx, P_prefix, cos, i)
+        x = decoder_layer(led, x, layer, cfg, B, Tx, P_prefix, cos, i, masked)
         saved = led.bytes() - before
         cos_saved = cos_saved or saved > 0
         layers.append(_layer_cost(saved, x_in, layer, cfg, B * Tx))

@@ -70,7 +70,7 @@ def estimate(setup: Setup) -> Memory:
     t = o.train
     model = setup.model
     autocast = o.dtype if o.autocast else None
-    led, layers, head = _ledger.forward(model, t.batch_size, t.max_seq_len, autocast)
+    led, layers, head = _ledger.forward(model, t.batch_size, t.max_seq_len, autocast, masked=t.packing)
 
     trainable = setup.trainable
     grads = sum(p.nbytes for p in trainable)
