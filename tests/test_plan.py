@@ -168,7 +168,8 @@ def test_every_method_plans_and_orders_sensibly():
 # ---- what users get wrong -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,match", [
     (dict(method="lorra"), "method"), (dict(batch_size=0), "batch_size"), (dict(max_seq_len=-5), "max_seq_len"),
-    (dict(r=0), r"\br\b"), (dict(memory="lots"), "memory"), (dict(memory=0), "memory"), (dict(memory="1GiBB"), "memory"),
+    (dict(r=0), r"\br\b"), (dict(memory="lots"), "memory"), (dict(memory=0), "memory"),
+    (dict(memory="1GiBB"), "memory"),
     (dict(optimizer_state_bits=4), "optimizer_state_bits"), (dict(fsdp=0), "fsdp"), (dict(device="tpu"), "device"),
     (dict(gemm_tflops=-1), "gemm_tflops"), (dict(batchsize=4), "batchsize"),
 ])
@@ -221,3 +222,13 @@ def test_cli_json_errors_and_table():
              "--batch-size", "1", "--max-seq-len", "256")
     assert r.returncode == 0, r.stderr
     assert "full: does not fit" in r.stdout and "qlora" in r.stdout
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=_ids(CASES))
+def test_artifact_size_is_the_saved_folders(method, kw, tmp_path):
+    model, meth, _ = build_like_train(SMALL, method, **kw)
+    out = meth.save(os.fspath(tmp_path / "a"))
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
+    p = lorart.plan(dict(SMALL, model_type="llama"), method, time=False, framework_bytes=0, device="cpu", **kw)
+    assert abs(p.adapter_bytes - size) <= max(0.01 * size, 1024), (p.adapter_bytes, size)   # JSON side files
+    assert p.trainable_params == sum(x.numel() for x in meth.trainable_parameters())

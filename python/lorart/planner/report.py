@@ -74,7 +74,8 @@ class Plan:
         lines.append(f"  {'= predicted peak of tensors':52s} {human(m.peak):>22s}")
         lines.append(f"  {self.framework_what:52s} {human(self.framework_bytes):>22s}")
         if self.device == "cuda":
-            lines.append(f"  {'= needed on the GPU (+5% allocator slack + context)':52s} {human(self.needed_bytes):>22s}")
+            what = "= needed on the GPU (+5% allocator slack + context)"
+            lines.append(f"  {what:52s} {human(self.needed_bytes):>22s}")
         else:
             lines.append(f"  {'= predicted peak RSS':52s} {human(self.predicted_peak_bytes):>22s}")
         for k, v in m.host.items():
@@ -119,7 +120,8 @@ def summary_table(plans: list) -> str:
         fit = ""
         if p.fit:
             fit = "  yes" if p.fit["fits"] else ("  with " + p.fit["fix"] if p.fit.get("fix") else "  no")
-        rows.append(f"  {p.method:8s} {p.trainable_params:>14,} {p.trainable_percent:>8.3f} {human(p.adapter_bytes):>11s} "
+        rows.append(f"  {p.method:8s} {p.trainable_params:>14,} {p.trainable_percent:>8.3f} "
+                    f"{human(p.adapter_bytes):>11s} "
                     f"{human(w):>11s} {human(go):>12s} {human(act):>12s} {human(p.needed_bytes):>12s} "
                     f"{(f'{step:.3g}' if step is not None else '-'):>8s}{fit}")
     return "\n".join(rows)
