@@ -193,6 +193,11 @@ def test_bad_models(tmp_path):
         lorart.plan(str(bad), time=False)
     with pytest.raises(PlanError, match="without config.json"):
         lorart.plan(str(tmp_path), time=False)
+    g = tmp_path / "x.gguf"
+    g.write_bytes(b"GGUF not really")
+    with pytest.raises(PlanError, match="model") as e:
+        lorart.plan(str(g), time=False)
+    assert str(e.value).count(str(g)) == 1
 
 
 def test_absurd_sizes_give_numbers_not_overflows():

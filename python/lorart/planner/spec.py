@@ -83,7 +83,8 @@ def resolve_config(model) -> tuple:
         try:
             return gguf_config(GGUFFile(path)), path
         except (ValueError, KeyError, OSError) as e:
-            raise PlanError(f"lorart.plan: argument `model`: {path}: {e}") from None
+            msg = str(e) if path in str(e) else f"{path}: {e}"
+            raise PlanError(f"lorart.plan: argument `model`: {msg}") from None
     if os.path.isfile(path):
         return _read_config_json(path, "config file"), path
     raise PlanError(f"lorart.plan: argument `model`: {path!r} is neither a file, a folder nor a bundled config "
