@@ -163,6 +163,32 @@ def test_explicit_per_call_ids_and_nested_contexts():
         torch.testing.assert_close(mixed, model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_rows_with_lengths_and_blocks_on_parts_of_a_model():
+    model = with_adapters(("a", "b"))
+    x = torch.randn(1, 6, 16)          # three requests packed in one row: 2, 3 and 1 tokens
+    spans, names = [(0, 2), (2, 5), (5, 6)], ["a", None, "b"]
+    with torch.no_grad():
+        with lorart.adapter_ids(model, names, lengths=[2, 3, 1]):
+            y = model(x)
+        for (s, e), n in zip(spans, names):
+            with lorart.adapter_ids(model, [n]):
+                torch.testing.assert_close(y[:, s:e], model(x[:, s:e]), rtol=1e-6, atol=1e-6)
+        # per token for the first layers, per request for the last one (as a serving step's lm_head on the last
+        # token of each request): two blocks on two parts of the model
+        with lorart.adapter_ids(model[:4], names, lengths=[2, 3, 1]), lorart.adapter_ids(model[4], names):
+            h = model[:4](x)[:, [1, 4, 5]]
+            out = model[4:](h[0])
+        for i, ((s, e), n) in enumerate(zip(spans, names)):
+            with lorart.adapter_ids(model, [n]):
+                torch.testing.assert_close(out[i], model(x[:, s:e])[0, -1], rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="`lengths` cover 5 rows, the input has 6"):
+            with lorart.adapter_ids(model, names, lengths=[2, 2, 1]):
+                model(x)
+        with pytest.raises(ValueError, match="argument `lengths`"):
+            with lorart.adapter_ids(model, names, lengths=[2, 4]):
+                pass
+
+
 def test_adapter_ids_names_are_checked_against_the_whole_scope():
     model = tiny(2)
     lorart.inject(model, ["0"], r=2, alpha=2, dropout=0.0, adapter_name="only0")

@@ -233,13 +233,14 @@ def unmerge(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def adapter_ids(model: nn.Module, ids):
+def adapter_ids(model: nn.Module, ids, lengths=None):
     """Per-sequence (or per-row) adapter selection for the forwards this thread runs inside the block, on every
     LoRA layer under `model` (any module: a whole model or a part of it). `ids` holds adapter names (None =
     base model only), indices into each layer's adapter_names, or an integer tensor of indices; None selects
-    nothing (the layers' active adapter). A name must exist in some layer under `model` (KeyError); layers
-    without it give its rows their base output, as PEFT's mixed batches. All rows run in one grouped launch per
-    layer (lorart::lora_grouped_add_). Inference: no gradients reach the adapters.
+    nothing (the layers' active adapter). `lengths` (packed batches): ids[i] covers lengths[i] consecutive rows.
+    A name must exist in some layer under `model` (KeyError); layers without it give its rows their base output,
+    as PEFT's mixed batches. All rows run in one grouped launch per layer (lorart::lora_grouped_add_).
+    Inference: no gradients reach the adapters.
 
     Per thread: other threads do not see the selection, so several threads can run forwards with different
     adapters on one model at once; blocks nest (the inner one wins until it ends)."""
@@ -250,7 +251,12 @@ def adapter_ids(model: nn.Module, ids):
         for a in ids:
             if isinstance(a, str) and a not in known:
                 raise KeyError(f"lorart: adapter_ids: no adapter named {a!r} (have {sorted(known)})")
-    saved = SELECTIONS.enter(layers, None if ids is None else RowSelection(ids))
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1).cpu()
+        if ids is None or len(ids) != len(lengths) or bool((lengths < 0).any()):
+            raise ValueError(f"lorart: adapter_ids: argument `lengths`: expected one count >= 0 per entry of `ids` "
+                             f"({0 if ids is None else len(ids)}), got {lengths.tolist()}")
+    saved = SELECTIONS.enter(layers, None if ids is None else RowSelection(ids, lengths))
     try:
         yield
     finally:

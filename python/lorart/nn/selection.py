@@ -59,12 +59,14 @@ def row_indices(ids, names, rows: int, batch: int, missing_as_base: bool = False
 class RowSelection:
     """One `lorart.adapter_ids` block's ids, converted once per (layer adapter list, shape, device) and cached.
     Names some layers lack give those layers' rows the base output (the block checked that each name exists in
-    at least one layer). Used by one thread only."""
+    at least one layer). With `lengths`, ids[i] covers lengths[i] consecutive rows (a packed batch). Used by one
+    thread only."""
 
-    __slots__ = ("ids", "_cache")
+    __slots__ = ("ids", "lengths", "_cache")
 
-    def __init__(self, ids):
+    def __init__(self, ids, lengths: Tensor | None = None):
         self.ids = ids
+        self.lengths = lengths
         self._cache: dict = {}
 
     def indices(self, names: tuple, rows: int, batch: int, device) -> Tensor:
@@ -74,8 +76,15 @@ class RowSelection:
         if idx is None:
             if len(self._cache) > 16:
                 self._cache.clear()
-            idx = self._cache[key] = row_indices(ids, list(names), rows, batch, missing_as_base=True).to(
-                device, non_blocking=True)
+            if self.lengths is None:
+                idx = row_indices(ids, list(names), rows, batch, missing_as_base=True)
+            else:
+                n = int(self.lengths.sum())
+                if n != rows:
+                    raise ValueError(f"lorart: adapter_ids: `lengths` cover {n} rows, the input has {rows}")
+                per_seq = row_indices(ids, list(names), len(self.lengths), len(self.lengths), missing_as_base=True)
+                idx = per_seq.repeat_interleave(self.lengths)
+            idx = self._cache[key] = idx.to(device, non_blocking=True)
         return idx
 
 
