@@ -23,16 +23,10 @@ ALLOWED_PRIVATE_NAMES = {"_C"}
 KNOWN_CYCLE_EDGES = {
     # nf4.py <-> _nf4_serial.py: the "ops" helper folds _nf4_serial into nf4.py (issue #11 item 3)
     ("lorart._nf4_serial", "lorart.nf4"),
-    # training/setup.py's function-local `import lorart` (lorart/__init__ imports training): the "runs" helper's
-    # recipe refactor removes it (issue #11 item 7)
-    ("lorart.training.setup", "lorart"),
 }
 
 # (importer, module, private name)
 KNOWN_PRIVATE = {
-    # training/setup.py: removed by the "runs" helper's refactor (it imports models.loading.as_dtype); then
-    # delete this line and the `_as_dtype` alias in models/loading.py
-    ("lorart.training.setup", "lorart.models.loading", "_as_dtype"),
     # ops/: the "ops" helper's one-definition-per-op refactor removes these (issue #11 item 3)
     ("lorart.nf4", "lorart.ops.nf4", "_check_weight"),
     ("lorart.ops.lora", "lorart.ops.nf4", "_linear_impl"),

@@ -41,8 +41,6 @@ def as_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
-_as_dtype = as_dtype  # the old name, for training/setup.py until the "runs" helper's refactor (tests/test_imports.py)
-
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
     mod_name, _, pname = name.rpartition(".")
