@@ -4,6 +4,7 @@
     python bench/mutants.py --list          # the mutants and the tests that must kill them
     python bench/mutants.py --only nf4-tie-upper,rmsnorm-eps-twice [--keep] [--json out.json]
     python bench/mutants.py --rev main --skip-missing-tests   # an older tree, with the tests it has
+    python bench/mutants.py --tests tests/test_norm_exact.py --only rmsnorm-eps-twice   # does this file kill it?
 
 Each mutant is one small text change in one file (a tie sent the wrong way, a constant off by a little, a
 dtype ignored): the kind of bug that gives slightly wrong numbers and no crash. The check copies the working
@@ -243,6 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--log", default=None, help="write the build/test log here")
     ap.add_argument("--rev", default=None, help="check this commit instead of the working tree")
+    ap.add_argument("--tests", default=None,
+                    help="comma-separated test files to run for every mutant instead of its own (does this test "
+                         "kill these mutants?)")
     ap.add_argument("--skip-missing-tests", action="store_true",
                     help="drop test files the tree does not have (to measure an older tree)")
     a = ap.parse_args(argv)
@@ -253,6 +257,8 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--only: unknown mutants {unknown}")
         mutants = [m for m in MUTANTS if m.name in want]
+    if a.tests:
+        mutants = [dataclasses.replace(m, tests=tuple(a.tests.split(","))) for m in mutants]
     if a.list:
         for m in mutants:
             print(f"{m.name:26s} {m.path}\n    {m.why}\n    tests: {' '.join(m.tests)}")
