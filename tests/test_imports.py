@@ -20,18 +20,10 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 ALLOWED_PRIVATE_NAMES = {"_C"}
 
 # (importer, imported module): edges left out of the cycle check.
-KNOWN_CYCLE_EDGES = {
-    # nf4.py <-> _nf4_serial.py: the "ops" helper folds _nf4_serial into nf4.py (issue #11 item 3)
-    ("lorart._nf4_serial", "lorart.nf4"),
-}
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()  # none left (the last, nf4.py <-> _nf4_serial.py, went with #11 item 3)
 
 # (importer, module, private name)
-KNOWN_PRIVATE = {
-    # ops/: the "ops" helper's one-definition-per-op refactor removes these (issue #11 item 3)
-    ("lorart.nf4", "lorart.ops.nf4", "_check_weight"),
-    ("lorart.ops.lora", "lorart.ops.nf4", "_linear_impl"),
-    ("lorart.ops.lora", "lorart.ops.nf4", "_grad_input_impl"),
-}
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()  # none left (the ops.nf4._* uses went with #11 item 3)
 
 
 def modules() -> dict[str, tuple[str, bool]]:
