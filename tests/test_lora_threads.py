@@ -403,3 +403,30 @@ def test_load_adapter_fault_midway_leaves_the_model_as_it_was(tmp_path, monkeypa
     with pytest.raises(Fault):
         lorart.load_adapter(model, saved["x"][0], name="x")
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_inject_fault_keeps_the_flags_that_building_a_layer_changes(monkeypatch, quantize, train_bias):
+    # LoRALinear sets its base's bias.requires_grad while it is built, before ModelEdit installs it: the undo
+    # must restore the flag from before the edit (it restored the changed one: biases left frozen)
+    from lorart.inject import ModelEdit
+    model = tiny(6)
+    model[4].bias.requires_grad_(False)
+    snap = snapshot(model)
+    calls = fail_on_call(monkeypatch, ModelEdit, "replace", 5)
+    with pytest.raises(Fault):
+        lorart.inject(model, "all-linear", r=2, alpha=4, quantize=quantize, train_bias=train_bias, freeze=False)
+    assert calls[0] == 5
+    assert_unchanged(model, snap)
+
+
+def test_load_adapter_fault_while_wrapping_plain_linears_keeps_their_flags(tmp_path, monkeypatch):
+    saved = _save_adapters(tmp_path, ["x"], n_layers=6)
+    model = tiny(6)                      # plain linears, trainable biases: load_adapter wraps every one
+    model[2].bias.requires_grad_(False)
+    snap = snapshot(model)
+    fail_on_call(monkeypatch, LoRALinear, "add_adapter", 5)
+    with pytest.raises(Fault):
+        lorart.load_adapter(model, saved["x"][0], name="x")
+    assert_unchanged(model, snap)

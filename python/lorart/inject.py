@@ -84,17 +84,24 @@ class ModelEdit:
     def __init__(self, model: nn.Module):
         self.model = model
         self._undo: list = []
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._flags: dict = {}   # id(parameter) -> (parameter, requires_grad before this edit): the first seen wins
+        self._remember(model.parameters())
+
+    def _remember(self, params) -> None:
+        for p in params:
+            self._flags.setdefault(id(p), (p, p.requires_grad))
 
     def replace(self, path: str, new: nn.Module) -> None:
+        """Install `new` at `path`. (Building `new` may already have changed flags of parameters it shares with
+        the model, e.g. LoRALinear sets its base's bias.requires_grad: the flags from before the edit are kept.)"""
         old = self.model.get_submodule(path)
-        self._flags += [(p, p.requires_grad) for p in new.parameters()]
+        self._remember(new.parameters())
         _set_module(self.model, path, new)
         self._undo.append(lambda: _set_module(self.model, path, old))
 
     def add_adapter(self, layer: LoRALinear, name: str, **kw) -> None:
         prev = layer.active_adapter
-        self._flags += [(p, p.requires_grad) for p in layer.parameters()]
+        self._remember(layer.parameters())
         layer.add_adapter(name, **kw)
 
         def undo():
@@ -110,7 +117,7 @@ class ModelEdit:
             return
         for undo in reversed(self._undo):
             undo()
-        for p, flag in self._flags:
+        for p, flag in self._flags.values():
             p.requires_grad_(flag)
 
 
