@@ -341,7 +341,9 @@ def assert_unchanged(model, snap):
     params = dict(model.named_parameters())
     assert list(params) == list(snap["params"])
     for n, (p, val, rg) in snap["params"].items():
-        assert params[n] is p and torch.equal(p, val) and p.requires_grad == rg, n
+        assert params[n] is p and p.requires_grad == rg, n
+        if not p.is_meta:
+            torch.testing.assert_close(p, val, rtol=0, atol=0, equal_nan=True, msg=n)
     bufs = dict(model.named_buffers())
     assert list(bufs) == list(snap["buffers"])
     for n, (b, val) in snap["buffers"].items():
@@ -429,4 +431,20 @@ def test_load_adapter_fault_while_wrapping_plain_linears_keeps_their_flags(tmp_p
     fail_on_call(monkeypatch, LoRALinear, "add_adapter", 5)
     with pytest.raises(Fault):
         lorart.load_adapter(model, saved["x"][0], name="x")
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("bad", ["meta", "float64", "nan"])
+def test_inject_nf4_real_failure_on_the_fifth_layer_leaves_the_model_as_it_was(bad):
+    model = tiny(6)
+    if bad == "meta":     # a layer whose weights were never loaded: refused up front, naming it
+        model[8] = nn.Linear(16, 16, device="meta")
+    elif bad == "float64":
+        model[8] = nn.Linear(16, 16, dtype=torch.float64)
+    else:
+        with torch.no_grad():
+            model[8].weight[3, 3] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match="'8'" if bad == "meta" else "weight"):
+        lorart.inject(model, "all-linear", r=2, alpha=4, quantize="nf4")
     assert_unchanged(model, snap)

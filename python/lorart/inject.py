@@ -142,6 +142,12 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 16, alpha: f
         if taken:
             raise ValueError(f"lorart: inject: argument `adapter_name`: layer {taken[0]!r} already has an adapter "
                              f"named {adapter_name!r}")
+        if quantize == "nf4":
+            meta = [p for p in paths if isinstance(model.get_submodule(p), nn.Linear)
+                    and model.get_submodule(p).weight.is_meta]
+            if meta:
+                raise ValueError(f"lorart: inject: argument `quantize`: layer {meta[0]!r} has no weights (meta "
+                                 "device): load them before quantizing")
         with ModelEdit(model) as edit:   # all or nothing: a failure on any layer undoes the others
             for path in paths:
                 m = model.get_submodule(path)

@@ -239,8 +239,9 @@ class LoRALinear(nn.Module):
         ws = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
         key = (tuple(names), dtype, device, tuple(id(w) for w in ws), sum(w._version for w in ws),
                tuple(self.scaling[n] for n in names))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        c = self._stack_cache   # read once: another thread may replace it (one tuple, replaced whole)
+        if c is not None and c[0] == key:
+            return c[1]
         rmax = max(self.r[n] for n in names)
         A = torch.zeros(len(names), rmax, self.in_features, dtype=dtype, device=device)
         B = torch.zeros(len(names), self.out_features, rmax, dtype=dtype, device=device)
