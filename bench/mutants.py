@@ -82,7 +82,8 @@ MUTANTS = (
     # ---- LoRA ------------------------------------------------------------------------------------------------
     Mutant("lora-rows-scale", "python/lorart/ops/lora.py", "y.addmm_(xa, B.t(), alpha=scale)",
            "y.addmm_(xa, B.t(), alpha=scale * 0.999)", LORA_OPS,
-           "the LoRA forward above 16 rows (torch matmuls) scales the LoRA term by 0.999"),
+           "the unfused LoRA forward (torch matmuls: every CPU call by default, CUDA above 16 rows) scales the "
+           "LoRA term by 0.999"),
     Mutant("lora-dB-scale", "python/lorart/ops/lora.py", "dB = torch.addmm(B, gy2.t(), xa, beta=0, alpha=s)",
            "dB = torch.addmm(B, gy2.t(), xa, beta=0, alpha=s * 0.999)", LORA_OPS,
            "the gradient of B 0.1% short"),
@@ -238,7 +239,7 @@ def run(mutants, keep: bool, timeout: float, log_path: str | None, rev: str | No
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
-    ap.add_argument("--only", default=None, help="comma-separated mutant names")
+    ap.add_argument("--only", default=None, help="comma-separated mutant names (run in this order)")
     ap.add_argument("--keep", action="store_true", help="keep the tree copy (and its log)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -256,7 +257,8 @@ def main(argv=None) -> int:
         unknown = sorted(set(want) - {m.name for m in MUTANTS})
         if unknown:
             ap.error(f"--only: unknown mutants {unknown}")
-        mutants = [m for m in MUTANTS if m.name in want]
+        by_name = {m.name: m for m in MUTANTS}
+        mutants = [by_name[n] for n in dict.fromkeys(want)]   # in the order given
     if a.tests:
         mutants = [dataclasses.replace(m, tests=tuple(a.tests.split(","))) for m in mutants]
     if a.list:
