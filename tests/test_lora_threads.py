@@ -448,3 +448,24 @@ def test_inject_nf4_real_failure_on_the_fifth_layer_leaves_the_model_as_it_was(b
     with pytest.raises((ValueError, TypeError), match="'8'" if bad == "meta" else "weight"):
         lorart.inject(model, "all-linear", r=2, alpha=4, quantize="nf4")
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_load_adapter_publishes_an_adapter_with_its_flags_set(tmp_path, monkeypatch, trainable):
+    # what a forward in another thread can see the moment lora_A[name] appears: weights and requires_grad final
+    saved = _save_adapters(tmp_path, ["x"])
+    model = tiny(3)
+    lorart.inject(model, "all-linear", r=2, alpha=4, adapter_name="first")
+    seen = []
+    setitem = nn.ModuleDict.__setitem__
+
+    def spy(self, key, module):
+        setitem(self, key, module)
+        if key == "x":
+            seen.append((module.weight.requires_grad, module.weight.detach().clone()))
+    monkeypatch.setattr(nn.ModuleDict, "__setitem__", spy)
+    lorart.load_adapter(model, saved["x"][0], name="x", trainable=trainable)
+    state = saved["x"][1]
+    assert len(seen) == 2 * len(lora_layers(model))
+    assert all(rg == trainable for rg, _ in seen)
+    assert sum(any(torch.equal(w, v) for v in state.values()) for _, w in seen) == len(seen)

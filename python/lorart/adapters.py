@@ -308,9 +308,7 @@ def _apply_lora(model: nn.Module, cfg: LoraFileConfig, pairs: dict, wpath: str, 
         for path, m, A, B, r, alpha in plan:
             if isinstance(m, LoRALinear):   # the adapter is complete (weights, flags) before a forward can see it
                 edit.add_adapter(m, name, r=r, alpha=alpha, dropout=p, rslora=rs, init=False, activate=activate,
-                                 weights=(A, B))
-                m.lora_A[name].weight.requires_grad_(trainable)
-                m.lora_B[name].weight.requires_grad_(trainable)
+                                 weights=(A, B), trainable=trainable)
             else:
                 new = LoRALinear(m, r, alpha, p, rs, name, init=False).train(m.training)  # the replaced layer's mode
                 with torch.no_grad():

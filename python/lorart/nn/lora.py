@@ -102,14 +102,14 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
                     init: bool = True, dtype: torch.dtype | None = None, activate: bool = True,
-                    weights: tuple[Tensor, Tensor] | None = None) -> None:
+                    weights: tuple[Tensor, Tensor] | None = None, trainable: bool = True) -> None:
         """Add adapter `name` (PEFT init: A kaiming-uniform a=sqrt(5), B zeros; or `weights` = (A, B) copied in)
-        and, when `activate`, make it active. A forward in another thread sees the adapter complete or not at
-        all."""
+        and, when `activate`, make it active; its weights require grad when `trainable`. A forward in another
+        thread sees the adapter complete (weights and flags) or not at all."""
         with MUTATION_LOCK:
-            self._add_adapter(name, r, alpha, dropout, rslora, init, dtype, activate, weights)
+            self._add_adapter(name, r, alpha, dropout, rslora, init, dtype, activate, weights, trainable)
 
-    def _add_adapter(self, name, r, alpha, dropout, rslora, init, dtype, activate, weights) -> None:
+    def _add_adapter(self, name, r, alpha, dropout, rslora, init, dtype, activate, weights, trainable) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"lorart: add_adapter: argument `name`: expected a non-empty name without '.', got {name!r}")
         if name in self.lora_A:
@@ -129,6 +129,8 @@ class LoRALinear(nn.Module):
         elif init:
             nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
             nn.init.zeros_(B.weight)
+        A.weight.requires_grad_(trainable)
+        B.weight.requires_grad_(trainable)
         # published last: `adapter_names` (lora_A's keys) lists the adapter only once everything is in place
         self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, float(alpha), float(dropout)
         self.use_rslora[name] = bool(rslora)
