@@ -5,6 +5,7 @@
     python bench/mutants.py --only nf4-tie-upper,rmsnorm-eps-twice [--keep] [--json out.json]
     python bench/mutants.py --rev main --skip-missing-tests   # an older tree, with the tests it has
     python bench/mutants.py --tests tests/test_norm_exact.py --only rmsnorm-eps-twice   # does this file kill it?
+    python bench/mutants.py --tree /tmp/mut --build-only && flock LOCK python bench/mutants.py --tree /tmp/mut
 
 Each mutant is one small text change in one file (a tie sent the wrong way, a constant off by a little, a
 dtype ignored): the kind of bug that gives slightly wrong numbers and no crash. The check copies the working
@@ -140,6 +141,9 @@ def check_applies(m: Mutant, root: str = ROOT) -> str | None:
     return None
 
 
+COPIED = ".lorart-mutants-copy"   # marks a finished copy in a --tree folder
+
+
 class Tree:
     """A copy of the working tree with lorart._C built in place (CPU only)."""
 
@@ -184,13 +188,18 @@ def existing_tests(m: Mutant, root: str) -> Mutant:
 
 
 def run(mutants, keep: bool, timeout: float, log_path: str | None, rev: str | None = None,
-        skip_missing_tests: bool = False) -> list[dict]:
-    dest = tempfile.mkdtemp(prefix="lorart-mutants-")
-    log = open(log_path or os.path.join(dest, "mutants.log"), "w")
-    print(f"tree copy: {dest} (log: {log.name})", flush=True)
+        skip_missing_tests: bool = False, tree_dir: str | None = None, build_only: bool = False) -> list[dict]:
+    reuse = tree_dir is not None and os.path.isfile(os.path.join(tree_dir, COPIED))
+    dest = tree_dir or tempfile.mkdtemp(prefix="lorart-mutants-")
+    keep = keep or tree_dir is not None
+    os.makedirs(dest, exist_ok=True)
+    log = open(log_path or os.path.join(dest, "mutants.log"), "a" if reuse else "w")
+    print(f"tree copy: {dest}{' (reused)' if reuse else ''} (log: {log.name})", flush=True)
     results = []
     try:
-        copy_tree(ROOT, dest, rev)
+        if not reuse:
+            copy_tree(ROOT, dest, rev)
+            open(os.path.join(dest, COPIED), "w").close()
         if skip_missing_tests:
             mutants = [existing_tests(m, dest) for m in mutants]
         tree = Tree(dest, log)
@@ -199,6 +208,8 @@ def run(mutants, keep: bool, timeout: float, log_path: str | None, rev: str | No
         if not tree.build():
             raise RuntimeError("the unmutated tree does not build (see the log)")
         print(f"built in {time.time() - t0:.0f} s", flush=True)
+        if build_only:
+            return results
         tests = sorted({t for m in mutants for t in m.tests})
         rc, what = tree.pytest(tests, timeout * 2)
         if rc != 0:
@@ -248,6 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tests", default=None,
                     help="comma-separated test files to run for every mutant instead of its own (does this test "
                          "kill these mutants?)")
+    ap.add_argument("--tree", default=None,
+                    help="keep the copy and its build in this folder and reuse them on the next run (the copy is "
+                         "made once: delete the folder after changing the code)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="copy and build, run nothing (with --tree: build outside a lock, test later)")
     ap.add_argument("--skip-missing-tests", action="store_true",
                     help="drop test files the tree does not have (to measure an older tree)")
     a = ap.parse_args(argv)
@@ -266,7 +282,9 @@ def main(argv=None) -> int:
             print(f"{m.name:26s} {m.path}\n    {m.why}\n    tests: {' '.join(m.tests)}")
         return 0
     try:
-        results = run(mutants, a.keep, a.timeout, a.log, a.rev, a.skip_missing_tests)
+        results = run(mutants, a.keep, a.timeout, a.log, a.rev, a.skip_missing_tests, a.tree, a.build_only)
+        if a.build_only:
+            return 0
     except RuntimeError as e:
         print(f"mutants: error: {e}", file=sys.stderr)
         return 2
