@@ -108,18 +108,24 @@ def add_subcommand(sub) -> None:
     c = sub.add_parser("compare", help="train several methods on the same data and compare them (table + chart)")
     c.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     c.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    c.add_argument("--data", help="training JSONL (default: the bundled answer-format set)")
-    c.add_argument("--eval-data", help="held-out JSONL (default: the bundled held-out set with the default data)")
-    c.add_argument("--output-dir", default="lorart-compare")
-    c.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])
-    c.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    c.add_argument("--max-seq-len", type=int, default=DEFAULTS["max_seq_len"])
+    c.add_argument("--data", help="training data, as train's --data (default: the bundled answer-format set)")
+    c.add_argument("--eval-data", help="held-out data, as train's --eval-data (default: the bundled held-out set with "
+                                       "the default data)")
+    c.add_argument("--output-dir", default="lorart-compare", help="where the table, chart and runs go (default "
+                                                                  "%(default)s)")
+    c.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"],
+                   help="optimizer steps per method (default %(default)s)")
+    c.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="examples per step (default "
+                                                                                   "%(default)s)")
+    c.add_argument("--max-seq-len", type=int, default=DEFAULTS["max_seq_len"],
+                   help="tokens per example; longer ones are truncated (default %(default)s)")
     c.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"],
-                   help="held-out prompts answered greedily for the task accuracy")
-    c.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+                   help="held-out prompts answered greedily for the task accuracy (default %(default)s)")
+    c.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="the same seed for every method (default "
+                                                                       "%(default)s)")
     c.add_argument("--lr", type=float, help="one learning rate for every method (default: per method, "
                                             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     c.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
     c.set_defaults(func=_cmd_compare)
 

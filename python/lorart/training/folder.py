@@ -17,7 +17,8 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
-from .._atomic import describe_os_error, os_error_of, remove_stale_temps, strict_json, write_json_atomic
+from .._atomic import (atomic_file, describe_os_error, os_error_of, remove_stale_temps, strict_json,
+                       write_json_atomic)
 from ..errors import OutputError, write_error
 from .checkpoint import checkpoint_root, latest_checkpoint
 
@@ -26,7 +27,8 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "samples.md", "loss.png")
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "samples.md", "loss.png", "config.yaml",
+             "tensorboard", "wandb", "mlruns")   # the last three: the experiment trackers' (reporting.py)
 LOCK = ".lorart.lock"
 METRICS = "metrics.jsonl"
 
@@ -154,6 +156,14 @@ class RunFolder:
         if self._metrics_fd is not None:
             os.close(self._metrics_fd)
             self._metrics_fd = None
+
+    def write_text(self, name: str, text: str) -> str:
+        path = self.join(name)
+        with self.writing(name, path):
+            with atomic_file(path) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+        return path
 
     def write_json(self, name: str, obj, lines: bool = False) -> str:
         path = self.join(name)
