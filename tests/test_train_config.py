@@ -214,3 +214,17 @@ def test_a_run_repeats_from_its_config_yaml(tmp_path, capsys, monkeypatch):
     # the written file resumes its own run (same fingerprint: unresolved dtype/device are written as given)
     rc, err, _ = _cli(["train", "--config", written, "--resume", "--quiet"], capsys, monkeypatch, capture=False)
     assert rc == 0, err
+
+
+def test_in_memory_inputs_are_marked_not_silently_dropped(tmp_path):
+    import torch
+
+    from lorart.training import TrainOptions
+    from lorart.training.config import resolved_config
+    cfg = resolved_config(TrainOptions(targets="all-linear").validate(), model=torch.nn.Linear(1, 1),
+                          data=[{"text": "a"}], eval_data=None, general_data=True, output_dir=tmp_path, device="cpu")
+    assert cfg["model"] == "<in-memory Linear: pass it again; not repeatable from this file>"
+    assert cfg["data"].startswith("<in-memory list") and cfg["general_data"] is True and cfg["eval_data"] is None
+    assert cfg["report_to"] == [] and cfg["targets"] == "all-linear" and "extra" not in cfg
+    path = _file(tmp_path, dump_config(cfg))
+    assert read_config(path)["model"] == cfg["model"]   # reads back; loading it fails naming it

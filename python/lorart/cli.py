@@ -125,14 +125,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "device and the options below (as `max_steps: 30`; method_options a mapping); flags given "
                         "here override it. Every run writes its resolved configuration to OUTPUT_DIR/config.yaml, "
                         "which repeats the run (default: none)")
-    p.add_argument("--model", metavar="PATH", help="HF model folder (dense or bitsandbytes 4-bit NF4) or .gguf file (default: the "
-                                   "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", metavar="PATH", help="training data: a .jsonl/.json/.parquet/.csv file, a folder or a glob of them "
-                                  "(instruction, prompt/completion, chat, ShareGPT or text records; default: the "
-                                  "bundled set)")
+    p.add_argument("--model", metavar="PATH", help="HF model folder (dense or bitsandbytes 4-bit NF4) or .gguf file "
+                                                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", metavar="PATH", help="training data: a .jsonl/.json/.parquet/.csv file, a folder or a glob "
+                                                  "of them (instruction, prompt/completion, chat, ShareGPT or text "
+                                                  "records; default: the bundled set)")
     p.add_argument("--eval-data", metavar="PATH", help="held-out data, as --data (default: --eval-fraction of --data)")
     p.add_argument("--output-dir", metavar="DIR", help="where the adapter and reports go (default lorart-output)")
-    p.add_argument("--device", metavar="DEVICE", help="auto | cpu | cuda[:N] (default auto: the GPU when lorart's kernels can use it)")
+    p.add_argument("--device", metavar="DEVICE", help="auto | cpu | cuda[:N] (default auto: the GPU when lorart's "
+                                                      "kernels can use it)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir")
     p.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
@@ -186,7 +187,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     opt("--format-regex", "regex a generated answer must fully match (format_accuracy)", type=regex, metavar="REGEX")
     opt("--log-every", "steps between progress lines when the output is not a terminal", type=int)
     opt("--keep-checkpoints", "the newest checkpoints kept", type=int)
-    opt("--dtype", "compute dtype (float16 trains with dynamic loss scaling)", choices=["float32", "bfloat16", "float16"])
+    opt("--dtype", "compute dtype (float16 trains with dynamic loss scaling)",
+        choices=["float32", "bfloat16", "float16"])
     opt("--report-to", "experiment trackers: none, tensorboard, wandb, mlflow or a comma-separated list "
         "(each an extra: pip install \"lorart[tensorboard]\"); logs go under --output-dir", metavar="TRACKERS")
 

@@ -226,6 +226,13 @@ def resolved_config(opts: TrainOptions, *, model, data, eval_data, general_data,
     return json.loads(json.dumps({**run, **d}))   # tuples -> lists; plain types only
 
 
+def config_header(device_arg, device, dtype_arg, dtype) -> str:
+    """The comment atop config.yaml: what `auto` resolved to, and how to repeat the run."""
+    return (f"lorart train configuration, resolved (device {device_arg} -> {device}, dtype {dtype_arg or 'auto'} -> "
+            f"{str(dtype).replace('torch.', '')}).\nRepeat the run: lorart train --config {CONFIG_FILE} --output-dir "
+            "OTHER_DIR (flags override keys; docs/train.md)")
+
+
 def dump_config(cfg: dict, header: str = "") -> str:
     """YAML text that `read_config` reads back to `cfg` (strings that would read as another type are quoted)."""
     yaml, _, Dumper = _yaml_classes()
@@ -234,4 +241,5 @@ def dump_config(cfg: dict, header: str = "") -> str:
     return lines + body
 
 
-__all__ = ["CONFIG_FILE", "RUN_KEYS", "read_config", "merge_config", "resolved_config", "dump_config", "keys"]
+__all__ = ["CONFIG_FILE", "RUN_KEYS", "read_config", "merge_config", "resolved_config", "config_header",
+           "dump_config", "keys"]

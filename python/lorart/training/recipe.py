@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
@@ -32,12 +33,12 @@ from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, l
 from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples, target_tokens
 from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint
 from .folder import RunFolder, TrainingError
-from .config import CONFIG_FILE, dump_config, resolved_config
+from .config import CONFIG_FILE, config_header, dump_config, resolved_config
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
 from .precision import LossScaler
 from .progress import Progress
-from .reporting import Reporter, step_metrics
+from .reporting import Reporter
 from .result import TrainResult, format_metrics
 from .setup import attach_method, format_regex_for, load_base, load_data, method_config, resolve_device, resolve_dtype
 
@@ -172,20 +173,15 @@ class Recipe:
         """config.yaml (the resolved configuration, which repeats the run) and the experiment trackers."""
         cfg = resolved_config(self.opts, model=model, data=data, eval_data=eval_data, general_data=general_data,
                               output_dir=self.folder.path, device=self.device_arg)
-        dtype = str(self.dtype).replace("torch.", "")
-        header = (f"lorart train configuration, resolved (device {self.device_arg} -> {self.device}, dtype "
-                  f"{self.opts.dtype or 'auto'} -> {dtype}).\nRepeat the run: lorart train --config {CONFIG_FILE} "
-                  "--output-dir OTHER_DIR (flags override keys; docs/train.md)")
         try:
-            text = dump_config(cfg, header)
-        except MissingExtraError as e:
-            self.notes.append(f"{CONFIG_FILE} was not written: {str(e).removeprefix('lorart: ')}")
-            text = None
-        if text is not None:
+            text = dump_config(cfg, config_header(self.device_arg, self.device, self.opts.dtype, self.dtype))
             self.folder.write_text(CONFIG_FILE, text)
-        name = f"{os.path.basename(self.folder.path)}" + (f" (resumed at step {self.state.step})"
-                                                          if self.state.step else "")
-        self.reporter.start(self.folder.path, name, self.state.step, cfg, text or json.dumps(cfg, indent=2))
+        except MissingExtraError as e:   # no pyyaml: the run goes on, and says so
+            self.notes.append(f"{CONFIG_FILE} was not written: {str(e).removeprefix('lorart: ')}")
+            text = json.dumps(cfg, indent=2)
+        name = os.path.basename(self.folder.path) + (f" (resumed at step {self.state.step})" if self.state.step
+                                                     else "")
+        self.reporter.start(self.folder.path, name, self.state.step, cfg, text)
 
     def resume(self, checkpoint=True) -> Optional[str]:
         """Restore the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones are skipped
@@ -330,7 +326,9 @@ class Recipe:
         scale = self.scaler.scale
         outcome = self.scaler.outcome(loss, gnorm)
         self.scaler.step(outcome)   # the update when "ok"; the loss scale adjusted
-        self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
+        with warnings.catch_warnings():   # a skipped first step is meant: torch would warn the order is wrong
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         dt = time.perf_counter() - t0
@@ -365,7 +363,7 @@ class Recipe:
             return
         st.history.append(rec)
         self.folder.append_metrics([rec])
-        self._report([rec])
+        self.reporter.log_records([rec], self.state, self.scaler, self.device)
         raise NonFiniteError(
             f"lorart.train: step {st.step}: {what} (not finite): training stopped without applying it; no adapter "
             f"was written; newest checkpoint kept: {latest_checkpoint(self.folder.path) or 'none'}. Lower lr or "
@@ -387,7 +385,7 @@ class Recipe:
                     records += self.evaluate_step()
                 st.history.extend(records)
                 self.folder.append_metrics(records)
-                self._report(records)
+                self.reporter.log_records(records, st, self.scaler, self.device)
                 if st.step % self.save_every == 0 or st.step == self.total or st.stopped_early:
                     self.save_checkpoint()
                 if self.callback is not None and self.callback(rec):
@@ -395,17 +393,6 @@ class Recipe:
                     break
         finally:
             pg.close()
-
-    def _report(self, records: list) -> None:
-        if not self.reporter.trackers:
-            return
-        st = self.state
-        extra = {"train/skipped_steps": len(st.skipped)}
-        if self.scaler.enabled:
-            extra.update({"train/loss_scale": self.scaler.scale, "train/overflow_steps": len(st.overflow_steps)})
-        mem = peak_memory(self.device)
-        for r in records:
-            self.reporter.log(step_metrics(r, mem, extra), r["step"])
 
     # -- saving -----------------------------------------------------------------------------------------------
     def check_finite_weights(self) -> None:

@@ -25,6 +25,7 @@ from typing import Optional
 
 from ..errors import InputError
 from ..sysinfo import require
+from .outputs import peak_memory
 
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 FOLDERS = ("tensorboard", "wandb", "mlruns")   # what trackers leave in the output folder (a run's files)
@@ -34,7 +35,8 @@ TABLE_ROWS = (("held-out loss", "eval_loss", "{:.4f}"), ("held-out perplexity", 
 
 
 def check_installed(names) -> None:
-    """MissingExtraError (`pip install "lorart[NAME]"`) for a tracker whose package is missing: before anything loads."""
+    """MissingExtraError (`pip install "lorart[NAME]"`) for a tracker whose package is missing (called before
+    anything loads)."""
     for n in names:
         require(MODULES[n], f"--report-to {n}")
 
@@ -195,6 +197,18 @@ class Reporter:
         metrics = {k: float(v) for k, v in metrics.items() if v is not None}
         for t in self.trackers:
             t.log(metrics, step)
+
+    def log_records(self, records: list, state, scaler, device) -> None:
+        """The metrics.jsonl `records` of a step, with the run's counts (`state`: a RunState), the loss scale and
+        the peak memory."""
+        if not self.trackers:
+            return
+        extra = {"train/skipped_steps": len(state.skipped)}
+        if scaler.enabled:
+            extra.update({"train/loss_scale": scaler.scale, "train/overflow_steps": len(state.overflow_steps)})
+        mem = peak_memory(device)
+        for r in records:
+            self.log(step_metrics(r, mem, extra), r["step"])
 
     def before(self, before: dict) -> None:
         self.log({f"before/{k}": v for k, v in before.items()}, 0)
