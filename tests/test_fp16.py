@@ -132,6 +132,17 @@ def test_resume_restores_the_loss_scale_bit_identically(env, tmp_path, monkeypat
     assert res.overflow_steps == ref.overflow_steps and res.after == ref.after
 
 
+def test_bitfit_cannot_train_in_float16_and_says_so_before_loading(env, tmp_path):
+    # BitFit keeps its biases in the layers' dtype: GradScaler refuses to unscale float16 gradients
+    with pytest.raises(ValueError, match="argument `dtype`: float16 trains with loss scaling, which needs float32 "
+                                         "trainable weights, but method 'bitfit' keeps"):
+        _train(env, tmp_path / "run", method="bitfit", model="/nonexistent")
+    assert not (tmp_path / "run").exists()
+    for method in ("full", "adapter", "prefix", "prompt", "qlora"):   # float32 masters: they train
+        res = _train(env, tmp_path / method, method=method, max_steps=1, eval_every=1)
+        assert res.steps == 1 and res.history[0]["loss_scale"] == precision.INIT_SCALE
+
+
 # -- a GPU the kernels were not compiled for ---------------------------------------------------------------------
 @pytest.mark.parametrize("cc, compiled, cuda_compiled, usable, expect", [
     (90, "80,90", True, 1, None), (86, "80,90", True, 1, None),

@@ -188,6 +188,20 @@ def test_a_missing_tracker_package_is_one_line_before_anything_loads(env, tmp_pa
     assert not out.exists()   # refused before the folder, the model or the data
 
 
+def test_a_tracker_that_cannot_start_is_one_error_and_leaves_no_run(env, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from lorart.training import reporting
+
+    def no_account(self, *a):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(reporting.WandB, "__init__", no_account)
+    monkeypatch.setitem(sys.modules, "wandb", sys.modules.get("wandb") or type(sys)("wandb"))
+    with pytest.raises(ValueError, match=r"--report-to wandb: could not start the tracker: RuntimeError: No API key "
+                                         r"configured.*\(for W&B without an account: WANDB_MODE=offline\)"):
+        _train(env, tmp_path / "run", report_to="tensorboard,wandb")
+    assert sorted(os.listdir(tmp_path / "run")) == [".lorart.lock"]   # a retry needs no --overwrite
+
+
 def test_report_to_values(env, tmp_path):
     from lorart.training import TrainOptions
     assert TrainOptions(report_to="none").validate().report_to == ()

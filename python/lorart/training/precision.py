@@ -14,9 +14,21 @@ import math
 
 import torch
 
+from .options import OptionError
+
 INIT_SCALE = 2.0 ** 16
 GROWTH_INTERVAL = 2000
 MIN_SCALE = 1.0
+
+
+def check_method(method_cls, dtype: torch.dtype) -> None:
+    """float16 needs float32 trainable weights: the scaled gradients of float16 weights overflow, and torch's
+    GradScaler refuses to unscale them. A method that keeps its tensors in the layers' dtype (BitFit) cannot train
+    in float16: OptionError, before anything loads."""
+    if dtype == torch.float16 and method_cls.keeps_dtypes:
+        raise OptionError("dtype", f"float16 trains with loss scaling, which needs float32 trainable weights, but "
+                                   f"method {method_cls.name!r} keeps its trainable tensors in the layers' dtype; "
+                                   "use dtype 'bfloat16' or 'float32'")
 
 
 class LossScaler:
@@ -66,4 +78,4 @@ class LossScaler:
             self.scaler.load_state_dict(state)
 
 
-__all__ = ["LossScaler", "INIT_SCALE", "GROWTH_INTERVAL", "MIN_SCALE"]
+__all__ = ["LossScaler", "check_method", "INIT_SCALE", "GROWTH_INTERVAL", "MIN_SCALE"]

@@ -26,17 +26,17 @@ from .._atomic import strict_json
 from ..data import batch_indices, collate
 from ..methods import method_class
 from ..methods.base import make_config
+from ..errors import InputError, MissingExtraError
 from ..optim import PagedAdamW
-from ..errors import MissingExtraError
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
+from .config import CONFIG_FILE, config_header, dump_config, resolved_config
 from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples, target_tokens
 from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint
 from .folder import RunFolder, TrainingError
-from .config import CONFIG_FILE, config_header, dump_config, resolved_config
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
-from .precision import LossScaler
+from .precision import LossScaler, check_method
 from .progress import Progress
 from .reporting import Reporter
 from .result import TrainResult, format_metrics
@@ -98,6 +98,7 @@ class Recipe:
         self.device_arg = device
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(opts, self.device)
+        check_method(method_class(opts.method), self.dtype)   # float16 needs float32 trainable weights
         self.callback = callback
         self.progress = Progress(0, stream=stream if stream is not None else sys.stderr, log_every=opts.log_every,
                                  enabled=progress)
@@ -181,7 +182,13 @@ class Recipe:
             text = json.dumps(cfg, indent=2)
         name = os.path.basename(self.folder.path) + (f" (resumed at step {self.state.step})" if self.state.step
                                                      else "")
-        self.reporter.start(self.folder.path, name, self.state.step, cfg, text)
+        try:
+            self.reporter.start(self.folder.path, name, self.state.step, cfg, text)
+        except InputError:
+            self.reporter.close(ok=False)
+            if not self.state.step:   # nothing trained yet: leave no run behind (a retry needs no --overwrite)
+                self.folder.clear_previous()
+            raise
 
     def resume(self, checkpoint=True) -> Optional[str]:
         """Restore the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones are skipped
