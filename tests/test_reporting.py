@@ -42,8 +42,10 @@ def _evals(res):
 
 
 def _tb(folder):
+    """The one TensorBoard run under OUTPUT_DIR/tensorboard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    sub, = os.listdir(folder)
+    ea = EventAccumulator(os.path.join(folder, sub), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     return ea
 
@@ -73,6 +75,12 @@ def test_tensorboard_event_files_hold_the_run(env, tmp_path):
     assert "| held-out loss | " in table and f"{res.after['eval_loss']:.4f}" in table
     config = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "report_to:\n- tensorboard" in config and "max_steps: 4" in config
+    # a run that overwrites the folder is a TensorBoard run of its own; trackers' folders are never removed
+    (tmp_path / "run" / "mlruns").mkdir()
+    (tmp_path / "run" / "mlruns" / "keep").write_text("someone else's")
+    _train(env, tmp_path / "run", report_to="tensorboard", overwrite=True, max_steps=1)
+    assert len(os.listdir(tmp_path / "run" / "tensorboard")) == 2
+    assert (tmp_path / "run" / "mlruns" / "keep").read_text() == "someone else's"
 
 
 def test_a_resumed_run_continues_its_tensorboard_curves(env, tmp_path):

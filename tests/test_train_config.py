@@ -228,3 +228,13 @@ def test_in_memory_inputs_are_marked_not_silently_dropped(tmp_path):
     assert cfg["report_to"] == [] and cfg["targets"] == "all-linear" and "extra" not in cfg
     path = _file(tmp_path, dump_config(cfg))
     assert read_config(path)["model"] == cfg["model"]   # reads back; loading it fails naming it
+
+
+def test_a_config_yaml_lorart_did_not_write_is_never_overwritten(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("# my own notes\nr: 8\n")
+    rc, err, calls = _cli(["train", "--config", out / "config.yaml", "--output-dir", out, "--overwrite",
+                           "--model", "/nonexistent"], capsys, monkeypatch, capture=False)
+    assert rc == 2 and f"{out / 'config.yaml'} was not written by lorart" in err, err
+    assert (out / "config.yaml").read_text() == "# my own notes\nr: 8\n"

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from ..errors import FileFormatError
 from ..fileformats import MAX_JSON_BYTES, Fields, read_json
 from ..sysinfo import require
+from .folder import CONFIG_HEADER
 from .options import OptionError, TrainOptions, option_names, parse_targets
 
 CONFIG_FILE = "config.yaml"
@@ -228,7 +229,7 @@ def resolved_config(opts: TrainOptions, *, model, data, eval_data, general_data,
 
 def config_header(device_arg, device, dtype_arg, dtype) -> str:
     """The comment atop config.yaml: what `auto` resolved to, and how to repeat the run."""
-    return (f"lorart train configuration, resolved (device {device_arg} -> {device}, dtype {dtype_arg or 'auto'} -> "
+    return (f"{CONFIG_HEADER[2:]}, resolved (device {device_arg} -> {device}, dtype {dtype_arg or 'auto'} -> "
             f"{str(dtype).replace('torch.', '')}).\nRepeat the run: lorart train --config {CONFIG_FILE} --output-dir "
             "OTHER_DIR (flags override keys; docs/train.md)")
 

@@ -65,6 +65,7 @@ class RunState:
     stopped_early: bool = False
     skipped: list = field(default_factory=list)         # steps skipped for a non-finite loss / gradient norm
     overflow_steps: list = field(default_factory=list)  # float16: steps skipped for a loss-scale overflow
+    trackers: dict = field(default_factory=dict)        # the experiment trackers' run names (reporting.py)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -183,7 +184,7 @@ class Recipe:
         name = os.path.basename(self.folder.path) + (f" (resumed at step {self.state.step})" if self.state.step
                                                      else "")
         try:
-            self.reporter.start(self.folder.path, name, self.state.step, cfg, text)
+            self.reporter.start(self.folder.path, name, self.state, cfg, text)
         except InputError:
             self.reporter.close(ok=False)
             if not self.state.step:   # nothing trained yet: leave no run behind (a retry needs no --overwrite)

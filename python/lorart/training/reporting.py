@@ -7,8 +7,9 @@ memory (`memory/peak_rss_mb`, `memory/peak_gpu_allocated_mb` on CUDA); per evalu
 the metrics before training (`before/*`, step 0) and after (`after/*`, the last step) with the before/after table
 as Markdown text.
 
-- tensorboard: event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`); a resumed
-  run purges the events past its checkpoint, so the curves continue as if uninterrupted.
+- tensorboard: event files in OUTPUT_DIR/tensorboard/RUN (`tensorboard --logdir OUTPUT_DIR/tensorboard`; RUN is
+  the time the run started, kept in its checkpoints); a resumed run purges the events logged past its checkpoint,
+  so its curves continue as if uninterrupted; a run that overwrites the folder gets a RUN of its own.
 - wandb: W&B's own settings apply (WANDB_PROJECT, default "lorart"; WANDB_ENTITY; WANDB_MODE=offline needs no
   account, `wandb sync` uploads later); local files in OUTPUT_DIR/wandb.
 - mlflow: MLFLOW_TRACKING_URI when set, else a local file store OUTPUT_DIR/mlruns (`mlflow ui
@@ -17,9 +18,11 @@ A resumed run continues its TensorBoard curves and starts a new W&B / MLflow run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -28,7 +31,6 @@ from ..sysinfo import require
 from .outputs import peak_memory
 
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-FOLDERS = ("tensorboard", "wandb", "mlruns")   # what trackers leave in the output folder (a run's files)
 TABLE_ROWS = (("held-out loss", "eval_loss", "{:.4f}"), ("held-out perplexity", "eval_ppl", "{:.2f}"),
               ("format accuracy", "format_accuracy", "{:.0%}"),
               ("general-text perplexity (forgetting check)", "general_ppl", "{:.2f}"))
@@ -78,18 +80,33 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _new_subfolder(root: str) -> str:
+    base = time.strftime("%Y%m%d-%H%M%S")
+    name, n = base, 1
+    while os.path.exists(os.path.join(root, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 class TensorBoard:
     name = "tensorboard"
 
-    def __init__(self, output_dir: str, run_name: str, step: int):
+    def __init__(self, output_dir: str, run_name: str, state):
         from torch.utils.tensorboard import SummaryWriter
-        # resumed after step `step`: the events a killed run logged past its checkpoint are dropped
-        self.w = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"), purge_step=step + 1 if step else None)
+        root = os.path.join(output_dir, "tensorboard")
+        sub = state.trackers.get("tensorboard") if state.step else None
+        if sub is None or os.path.basename(sub) != sub:
+            sub = state.trackers["tensorboard"] = _new_subfolder(root)
+        # resumed after step `state.step`: the events a killed run logged past its checkpoint are dropped
+        self.dir, self.fresh, self.logged = os.path.join(root, sub), not state.step, False
+        self.w = SummaryWriter(log_dir=self.dir, purge_step=state.step + 1 if state.step else None)
 
     def config(self, config: dict, text: str) -> None:
         self.w.add_text("config", "```yaml\n" + text + "\n```", 0)
 
     def log(self, metrics: dict, step: int) -> None:
+        self.logged = True
         for k, v in metrics.items():
             self.w.add_scalar(k, v, step)
 
@@ -101,12 +118,16 @@ class TensorBoard:
 
     def close(self, ok: bool) -> None:
         self.w.close()
+        if not ok and self.fresh and not self.logged:   # a run that failed before its first metric: no empty run
+            shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.dir))   # only when no other run is there
 
 
 class WandB:
     name = "wandb"
 
-    def __init__(self, output_dir: str, run_name: str, step: int):
+    def __init__(self, output_dir: str, run_name: str, state):
         import wandb
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "lorart", dir=output_dir, name=run_name,
@@ -132,7 +153,7 @@ class WandB:
 class MLflow:
     name = "mlflow"
 
-    def __init__(self, output_dir: str, run_name: str, step: int):
+    def __init__(self, output_dir: str, run_name: str, state):
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
         uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -179,11 +200,12 @@ class Reporter:
         self.trackers: list = []
         check_installed(self.names)
 
-    def start(self, output_dir: str, run_name: str, step: int, config: dict, config_text: str) -> None:
-        """Open every tracker (a resumed run at `step`) and give it the configuration."""
+    def start(self, output_dir: str, run_name: str, state, config: dict, config_text: str) -> None:
+        """Open every tracker (`state`: the run's RunState, resumed or new; a tracker keeps its run's name in
+        `state.trackers`) and give it the configuration."""
         for n in self.names:
             try:
-                t = TRACKERS[n](output_dir, run_name, step)
+                t = TRACKERS[n](output_dir, run_name, state)
                 t.config(config, config_text)
             except InputError:
                 raise
@@ -235,4 +257,4 @@ class Reporter:
                     raise
 
 
-__all__ = ["Reporter", "TRACKERS", "FOLDERS", "check_installed", "step_metrics", "table_markdown"]
+__all__ = ["Reporter", "TRACKERS", "check_installed", "step_metrics", "table_markdown"]
