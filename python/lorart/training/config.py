@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 from ..errors import FileFormatError
 from ..fileformats import MAX_JSON_BYTES, Fields, read_json
+from ..methods import method_class
+from ..methods.base import MethodError, make_config
 from ..sysinfo import require
 from .folder import CONFIG_HEADER
 from .options import OptionError, TrainOptions, option_names, parse_targets
@@ -138,15 +140,15 @@ def _check_value(f: Fields, key: str, hint) -> Any:
         return v
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    default = None if optional else Fields._MISSING
+    kw = {"default": None} if optional else {}   # null only where the option takes None
     if base is bool:
-        return f.bool(key, default)
+        return f.bool(key, **kw)
     if base is int:
-        return f.int(key, default)
+        return f.int(key, **kw)
     if base is float:
-        return f.number(key, default)
+        return f.number(key, **kw)
     if base is str:
-        return f.str(key, default)
+        return f.str(key, **kw)
     raise AssertionError(f"TrainOptions.{key}: no config rule for {hint}")  # a new field needs one here
 
 
@@ -196,8 +198,6 @@ def merge_config(file: Optional[dict], given: dict, path: Optional[str] = None) 
     if mo_file or mo_given:
         out["method_options"] = {**mo_file, **mo_given}
     if mo_file and path is not None:
-        from ..methods import method_class
-        from ..methods.base import MethodError, make_config
         own = {k: v for k, v in mo_file.items() if k not in mo_given}
         try:
             make_config(method_class(out.get("method", "lora")), own, where=path, prefix="method_options.")
