@@ -16,6 +16,7 @@ from lorart.training import NonFiniteError, precision
 from lorart.training.precision import LossScaler
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import requires_cuda  # noqa: E402
 from train_helpers import tiny_folder  # noqa: E402
 
 OPTS = dict(max_steps=5, batch_size=2, max_seq_len=32, lr=5e-3, warmup=0, r=4, dropout=0.1, eval_every=5,
@@ -130,6 +131,26 @@ def test_resume_restores_the_loss_scale_bit_identically(env, tmp_path, monkeypat
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa
     assert strip(_steps(tmp_path / "run")) == strip(_steps(tmp_path / "ref"))
     assert res.overflow_steps == ref.overflow_steps and res.after == ref.after
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_float16_on_cuda_scales_the_loss_and_skips_overflows(env, tmp_path, monkeypatch, method):
+    # the same rules on the GPU (GradScaler("cuda"), lorart's CUDA kernels under float16 autocast): a scale too
+    # large for the gradients overflows first, those steps are skipped, then the run trains with finite numbers;
+    # the scaler's state is in the checkpoint
+    from lorart.training.checkpoint import load_checkpoint
+    monkeypatch.setattr(precision, "INIT_SCALE", 2.0 ** 18)
+    res = _train(env, tmp_path / method, method=method, device="cuda", max_steps=6, eval_every=6)
+    n = len(res.overflow_steps)
+    assert res.overflow_steps == list(range(1, n + 1)) and 1 <= n < 6 and res.skipped_steps == []
+    recs = _steps(tmp_path / method)
+    assert [r["loss_scale"] for r in recs[:n + 1]] == [2.0 ** (18 - i) for i in range(n + 1)]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in recs[n:])
+    assert res.after["eval_loss"] is not None and torch.isfinite(torch.tensor(res.after["eval_loss"]))
+    _, saved = load_checkpoint(str(tmp_path / method / "checkpoints" / "step-0000006"))
+    assert saved["scaler"]["scale"] == recs[-1]["loss_scale"]
 
 
 def test_bitfit_cannot_train_in_float16_and_says_so_before_loading(env, tmp_path):

@@ -62,6 +62,10 @@ BAD = [
     ("format_regex: '(['\n", "key `format_regex`: invalid regex"),
     ("model: [a]\n", "key `model`: expected a string"),
     ("general_data: 1\n", "key `general_data`: expected a string"),
+    ("general_data: no\n", "key `general_data`: expected true, false or a data file (YAML 1.2: `no`"),
+    ("device: tpu\n", "key `device`: expected 'auto', 'cpu' or 'cuda[:N]', got \"tpu\""),
+    ("device: 'cuda:x'\n", "key `device`: expected 'auto', 'cpu' or 'cuda[:N]'"),
+    ("output_dir: ''\n", "key `output_dir`: expected a folder"),
     ("bogus: 1\n", "unknown key `bogus`"),
     ("max_step: 3\n", "unknown key `max_step` (did you mean `max_steps`?)"),
     ("extra: {}\n", "unknown key `extra`"),
@@ -121,7 +125,7 @@ def test_method_options_checked_against_the_runs_method(tmp_path):
 
 
 def test_dump_config_quotes_what_would_read_back_as_another_type(tmp_path):
-    cfg = {"model": "1e5", "data": "true", "device": "010", "format_regex": "null", "lr": 1e-05, "r": 16,
+    cfg = {"model": "1e5", "data": "true", "output_dir": "010", "format_regex": "null", "lr": 1e-05, "r": 16,
            "targets": ["q_proj"], "method_options": {"init_text": "yes"}}
     path = _file(tmp_path, dump_config(cfg, "a header\nof two lines"))
     text = open(path).read()
@@ -174,6 +178,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, text, message):
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"lorart: error: {path}: ") and message in lines[0], err
     assert not calls
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--r", "0"], "train: argument --r: expected an int >= 1, got 0"),
+    (["--dropout", "1"], "train: argument --dropout: expected a number in [0, 1), got 1.0"),
+    (["--report-to", "tensorboard,neptune"], "train: argument --report-to: expected 'none' or some of"),
+    (["--warmup", "abc"], "train: argument --warmup: expected a step count or a fraction of the steps, got 'abc'"),
+    (["--dtype", "float16", "--method", "bitfit"], "train: argument --dtype: float16 trains with loss scaling"),
+])
+def test_option_errors_name_the_flag_or_the_key(tmp_path, capsys, monkeypatch, argv, message):
+    # a bad value is named as the user wrote it: the flag on the command line, the key in the config file
+    monkeypatch.chdir(tmp_path)
+    rc, err, _ = _cli(["train", "--model", tmp_path / "none", *argv], capsys, monkeypatch, capture=False)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("lorart: error: " + message), err
+    path = _file(tmp_path, "dtype: float16\n")
+    rc, err, _ = _cli(["train", "--config", path, "--method", "bitfit", "--model", tmp_path / "none"], capsys,
+                      monkeypatch, capture=False)
+    assert rc == 2 and err.startswith(f"lorart: error: {path}: key `dtype`: float16 trains"), err
+    assert not (tmp_path / "lorart-output").exists()
 
 
 def test_a_run_repeats_from_its_config_yaml(tmp_path, capsys, monkeypatch):

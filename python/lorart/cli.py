@@ -15,7 +15,7 @@ import re
 import sys
 
 from .errors import InputError, write_error
-from .training.options import TrainOptions, parse_targets
+from .training.options import OptionError, TrainOptions, parse_targets
 
 # `lorart train` with neither --model nor --data: the embedded model on the bundled data, a few minutes on CPU
 QUICK_DEFAULTS = {"max_steps": 30, "batch_size": 8, "max_seq_len": 160, "lr": 1e-3, "eval_every": 10,
@@ -74,8 +74,18 @@ def regex(s: str) -> str:
 
 
 def _warmup(s):
-    v = float(s)
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or a fraction of the steps, got {s!r}") from None
     return int(v) if v >= 1 and v.is_integer() else v
+
+
+def _trackers(s: str) -> tuple:
+    try:
+        return TrainOptions(report_to=s).trackers()
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(e.detail) from None
 
 
 def _method_names():
@@ -190,7 +200,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     opt("--dtype", "compute dtype (float16 trains with dynamic loss scaling)",
         choices=["float32", "bfloat16", "float16"])
     opt("--report-to", "experiment trackers: none, tensorboard, wandb, mlflow or a comma-separated list "
-        "(each an extra: pip install \"lorart[tensorboard]\"); logs go under --output-dir", metavar="TRACKERS")
+        "(each an extra: pip install \"lorart[tensorboard]\"); logs go under --output-dir", metavar="TRACKERS",
+        type=_trackers)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -210,10 +221,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, v in QUICK_DEFAULTS.items():
             values.setdefault(k, v)
     gen = run.get("general_data", True)
-    train(run.get("model"), run.get("data"), eval_data=run.get("eval_data"),
-          output_dir=run.get("output_dir", "lorart-output"), device=run.get("device", "auto"),
-          resume=bool(args.resume), overwrite=bool(args.overwrite), general_data=True if gen is None else gen,
-          progress=not args.quiet, **values)
+    try:
+        train(run.get("model"), run.get("data"), eval_data=run.get("eval_data"),
+              output_dir=run.get("output_dir", "lorart-output"), device=run.get("device", "auto"),
+              resume=bool(args.resume), overwrite=bool(args.overwrite), general_data=True if gen is None else gen,
+              progress=not args.quiet, **values)
+    except OptionError as e:   # name the flag or the config file's key the value came from
+        if e.name in given:
+            raise UserError(f"train: argument --{e.name.replace('_', '-')}: {e.detail} (see `lorart train --help`)") \
+                from None
+        if args.config:
+            raise UserError(f"{args.config}: key `{e.name}`: {e.detail}") from None
+        raise
     return 0
 
 

@@ -37,6 +37,8 @@ RUN_KEYS = {"model": "a model folder or .gguf path, or 'default'", "data": "a da
 # keys that belong on the command line only: they say what to do with the output folder, not what the run is
 COMMAND_LINE_ONLY = {"resume": "--resume", "overwrite": "--overwrite", "quiet": "--quiet", "config": "--config"}
 SUFFIXES = (".yaml", ".yml", ".json")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+YAML11_BOOLS = {"yes", "no", "y", "n", "on", "off"}   # booleans in YAML 1.1, strings in the 1.2 core schema
 
 
 def keys() -> list:
@@ -127,7 +129,14 @@ def _check_value(f: Fields, key: str, hint) -> Any:
     if key in RUN_KEYS:
         if key == "general_data" and isinstance(v, bool):
             return v
+        if key == "general_data" and isinstance(v, str) and v.lower() in YAML11_BOOLS:
+            f.fail(key, "true, false or a data file (YAML 1.2: `no`, `yes`, `on`, `off` are strings; write false "
+                        "or true)", v)
+        if key == "device" and not (isinstance(v, str) and DEVICE.fullmatch(v)):
+            f.fail(key, RUN_KEYS[key], v)
         if key in ("output_dir", "device"):
+            if v == "":
+                f.fail(key, RUN_KEYS[key], v)
             return f.str(key)
         return f.str(key, None)
     if key in ("targets", "report_to"):   # a string (as on the command line) or a list of strings
