@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -99,19 +100,32 @@ def test_a_resumed_run_continues_its_tensorboard_curves(env, tmp_path):
     assert _scalars(ea, "before/eval_loss") == _scalars(ea_ref, "before/eval_loss")
 
 
-def _wandb_records(folder):
-    """history / summary / config records of an offline W&B run's .wandb file (a LevelDB-style log of protobuf
-    Records: 7-byte file header, then 32 KiB blocks of [crc32, length, type] chunks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def _wandb_records(folder, wait_s=60.0):
+    """The records of an offline W&B run's .wandb file, once its `exit` record is there: wandb.finish() returns
+    when W&B's service has the run's exit, and the service writes the file a moment later."""
     path, = glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    while True:
+        recs = _read_wandb_file(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
+def _read_wandb_file(path):
+    """The protobuf Records of a .wandb file (a LevelDB-style log: 7-byte file header, then 32 KiB blocks of
+    [crc32, length, type] chunks); a record still being written at the end is left out."""
+    from wandb.proto import wandb_internal_pb2 as pb
     data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
+    assert data[:4] == b":W&B"[:len(data)]
     pos, block, buf, out = 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):
+            break
         buf += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):   # a full record, or the last chunk of one
