@@ -224,6 +224,28 @@ def test_a_tracker_that_cannot_start_is_one_error_and_leaves_no_run(env, tmp_pat
     assert sorted(os.listdir(tmp_path / "run")) == [".lorart.lock"]   # a retry needs no --overwrite
 
 
+def test_an_unreachable_mlflow_server_fails_within_seconds(tmp_path, monkeypatch):
+    # MLflow's own retries took 4 min 17 s of silence here before the error; the start now fails fast
+    pytest.importorskip("mlflow")
+    import socket
+    import time as clock
+
+    from lorart.training.reporting import Reporter
+    from lorart.training.recipe import RunState
+    with socket.socket() as s:   # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    r = Reporter(["mlflow"])
+    t0 = clock.monotonic()
+    with pytest.raises(ValueError, match=rf"--report-to mlflow: could not start the tracker: MlflowException: .*"
+                                         rf"127\.0\.0\.1:{port}"):
+        r.start(str(tmp_path), "run", RunState(), {"r": 4}, "r: 4\n")
+    assert clock.monotonic() - t0 < 30
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ   # the run's later requests keep MLflow's retries
+
+
 def test_report_to_values(env, tmp_path):
     from lorart.training import TrainOptions
     assert TrainOptions(report_to="none").validate().report_to == ()
