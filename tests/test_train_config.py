@@ -235,6 +235,12 @@ def test_a_run_repeats_from_its_config_yaml(tmp_path, capsys, monkeypatch):
     # a third run into the first folder needs --overwrite, and config.yaml is part of what it replaces
     rc, err, _ = _cli(["train", "--config", written], capsys, monkeypatch, capture=False)
     assert rc == 2 and "holds a previous run" in err and "config.yaml" in err
+    # resuming with a changed option that shapes the run is refused, naming it; config.yaml is left as it was
+    before = written.read_text()
+    rc, err, _ = _cli(["train", "--config", written, "--resume", "--lr", "1e-2", "--quiet"], capsys, monkeypatch,
+                      capture=False)
+    assert rc == 2 and "belongs to another run: training options differ (lr: checkpoint 0.003 vs now 0.01)" in err
+    assert written.read_text() == before
     # the written file resumes its own run (same fingerprint: unresolved dtype/device are written as given)
     rc, err, _ = _cli(["train", "--config", written, "--resume", "--quiet"], capsys, monkeypatch, capture=False)
     assert rc == 0, err
