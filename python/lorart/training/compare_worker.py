@@ -65,7 +65,8 @@ def run(spec: dict) -> dict:
                 batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], seed=spec["seed"],
                 warmup=spec.get("warmup", 2), eval_every=spec["max_steps"], save_every=spec["max_steps"],
                 num_samples=spec["num_samples"], sample_max_new_tokens=spec.get("sample_max_new_tokens", 24),
-                keep_checkpoints=1, eval_before=spec.get("eval_before", True), overwrite=True)
+                keep_checkpoints=1, eval_before=spec.get("eval_before", True), overwrite=True,
+                report_to=spec.get("report_to") or "none")
     meth = res.method
     rep = meth.report()
     merged = bool(meth.merge())
