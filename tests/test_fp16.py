@@ -208,3 +208,19 @@ def test_train_refuses_an_uncompiled_gpu_at_the_start(env, tmp_path, monkeypatch
     assert not (tmp_path / "o").exists()
     _fake_gpu(monkeypatch, cc=(9, 0))
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_the_default_dtype_is_float16_on_a_gpu_without_bfloat16(monkeypatch):
+    # a T4 / V100 (sm_75 / sm_70) has no bfloat16 arithmetic: the default is float16 with loss scaling there, as
+    # users of those GPUs expect; a method that keeps float16 trainable tensors (BitFit) gets float32 instead of a
+    # refusal it did not ask for; an asked dtype is kept
+    from lorart.training import TrainOptions
+    from lorart.training.setup import default_dtype, resolve_dtype
+    cuda = torch.device("cuda")
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    for bf16, expect in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=bf16: v)
+        assert default_dtype(cuda) == expect
+        assert resolve_dtype(TrainOptions(), cuda) == expect
+        assert resolve_dtype(TrainOptions(), cuda, keeps_dtypes=True) == (torch.bfloat16 if bf16 else torch.float32)
+        assert resolve_dtype(TrainOptions(dtype="bfloat16"), cuda, keeps_dtypes=True) == torch.bfloat16

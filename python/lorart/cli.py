@@ -108,7 +108,7 @@ def _key_value(s):
 
 # what a None default of a TrainOptions field means, for the help text
 _AUTO = {"max_steps": "from --epochs", "eval_every": "a quarter of the steps", "save_every": "at every evaluation",
-         "early_stopping_patience": "off", "dtype": "bfloat16 on CUDA, float32 on CPU",
+         "early_stopping_patience": "off", "dtype": "bfloat16 on CUDA (float16 on GPUs without bfloat16, e.g. T4), float32 on CPU",
          "format_regex": "the bundled data's answer format, for that data only", "method_options": "none",
          "max_grad_norm": "no clipping"}
 
@@ -240,12 +240,12 @@ def _load_for_inference(args):
     import torch
 
     from .models import load_model
-    from .training.setup import resolve_device
+    from .training.setup import default_dtype, resolve_device
     try:
         dev = resolve_device(args.device)
     except ValueError as e:
         raise UserError(str(e).replace("lorart.train: argument `device`", "argument --device")) from None
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     model, tok = load_model(args.model, dtype=dtype, device=dev)
     if tok is None:
         raise UserError(f"{args.model}: the model folder has no tokenizer.json")

@@ -12,7 +12,7 @@ import torch
 from .._atomic import strict_json
 from ..models import generate, load_model
 from .run import train
-from .setup import resolve_device
+from .setup import default_dtype, resolve_device
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -52,7 +52,7 @@ def _exact(samples: list) -> float | None:
 def run(spec: dict) -> dict:
     dev = resolve_device(spec.get("device", "auto"))
     torch.manual_seed(spec["seed"])
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     model, tok = load_model(spec.get("model"), dtype=dtype, device=dev)
     vocab = model.config.vocab_size
     base_lat = measure_latency(model, vocab, dev)

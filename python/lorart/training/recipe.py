@@ -98,7 +98,7 @@ class Recipe:
         self.folder = RunFolder(output_dir)
         self.device_arg = device
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(opts, self.device)
+        self.dtype = resolve_dtype(opts, self.device, method_class(opts.method).keeps_dtypes)
         check_method(method_class(opts.method), self.dtype)   # float16 needs float32 trainable weights
         self.callback = callback
         self.progress = Progress(0, stream=stream if stream is not None else sys.stderr, log_every=opts.log_every,

@@ -43,9 +43,20 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def resolve_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype:
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype when none is asked for: float32 on the CPU; bfloat16 on a GPU that computes in it (sm_80
+    and later), else float16 (a T4 or V100: training then uses loss scaling, precision.py)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def resolve_dtype(opts: TrainOptions, device: torch.device, keeps_dtypes: bool = False) -> torch.dtype:
+    """opts.dtype, or default_dtype; float32 instead of a default float16 for a method that keeps its trainable
+    tensors in the layers' dtype (`keeps_dtypes`: float16 loss scaling cannot unscale them, precision.py)."""
     if opts.dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
+        return torch.float32 if dtype == torch.float16 and keeps_dtypes else dtype
     return as_dtype(opts.dtype)
 
 
