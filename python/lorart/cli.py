@@ -211,6 +211,8 @@ def add_subcommands(sub) -> None:
     t.set_defaults(func=cmd_train)
     from .methods.compare import add_subcommand as add_compare
     add_compare(sub)
+    from .serving.cli import add_subcommand as add_serve
+    add_serve(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):
