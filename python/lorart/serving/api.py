@@ -48,18 +48,31 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             err = APIError(413, f"the request body is over {self.max_body} bytes")
             return await JSONResponse(err.body(), 413)(scope, receive, send)
-        seen = 0
-
-        async def bounded():
-            nonlocal seen
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read the body here, within the bound, then hand it on
+        chunks, size = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise APIError(413, f"the request body is over {self.max_body} bytes")
-            return msg
+            if msg["type"] != "http.request":
+                break
+            size += len(msg.get("body", b""))
+            if size > self.max_body:
+                err = APIError(413, f"the request body is over {self.max_body} bytes")
+                return await JSONResponse(err.body(), 413)(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        return await self.app(scope, bounded, send)
+        async def replay():
+            nonlocal first
+            if first is not None:
+                msg, first = first, None
+                return msg
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 class _Events:
@@ -105,7 +118,7 @@ def create_app(engine: Engine, *, model_path: str | None = None, api_key: str | 
                                 400)
         if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
             return JSONResponse(APIError(400, "the request body must be a JSON object").body(), 400)
-        param = ".".join(loc) or None
+        param = loc[0] if loc else None  # the top-level field (inner locations name union members)
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
                         for er in errs[:5]) or "invalid request"
         return JSONResponse(APIError(400, msg, param).body(), 400)

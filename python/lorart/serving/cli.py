@@ -3,9 +3,12 @@ Ctrl-C, which drains (no new connections or requests; accepted requests finish, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 
 
 def _adapter_arg(s: str):
@@ -146,7 +149,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine.start()
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: refuse new requests, finish the accepted ones
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM / Ctrl-C drain and return (exit code 0); uvicorn's own version re-raises the signal
+            afterwards, which would kill the process before the engine is closed. A second Ctrl-C forces."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        def handle_exit(self, sig, frame):  # refuse new requests, finish the accepted ones
             engine.drain()
             super().handle_exit(sig, frame)
 
