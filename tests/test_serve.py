@@ -175,8 +175,13 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
             crowded = futs[0].result().choices[0].text
             [f.result() for f in futs]
         other = c.completions.create(**{**kw, "seed": 99}).choices[0].text
+        negative = c.completions.create(**{**kw, "seed": -5}).choices[0].text
+        # a temperature too small to divide by is greedy (not NaN probabilities failing the batch)
+        tiny_t = c.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=8, temperature=1e-30)
+        greedy = c.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert alone == crowded
-    assert other != alone
+    assert other != alone and negative
+    assert tiny_t.choices[0].text == greedy.choices[0].text
 
 
 def test_models_list_and_adapter_load_unload(tiny):

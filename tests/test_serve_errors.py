@@ -76,6 +76,7 @@ def _error(r, status):
     (b'{"prompt": "x", "stop": [""]}', 400, "stop", "non-empty"),
     (b'{"prompt": "x", "stop": 3}', 400, "stop", "string"),
     (b'{"prompt": "x", "seed": "1"}', 400, "seed", "integer"),
+    (b'{"prompt": "x", "seed": 123456789012345678901234567890}', 400, "seed", "64-bit"),
     (b'{"prompt": "x", "n": 3}', 400, "n", "n = 1"),
     (b'{"prompt": "x", "logprobs": 1}', 400, "logprobs", "not supported"),
     (b'{"prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty", "not supported"),

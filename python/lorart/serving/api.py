@@ -15,6 +15,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters import AdapterFileError
@@ -222,7 +223,7 @@ def create_app(engine: Engine, *, model_path: str | None = None, api_key: str | 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check()
-        prompts = body.prompts(engine.tokenizer)
+        prompts = await run_in_threadpool(body.prompts, engine.tokenizer)  # a long prompt must not block the loop
         params = body.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
         reqs, events = _submit(prompts, params, body.model, body.stream)
         if body.stream:
@@ -236,7 +237,7 @@ def create_app(engine: Engine, *, model_path: str | None = None, api_key: str | 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.check()
-        ids = body.prompt_ids(engine.tokenizer)
+        ids = await run_in_threadpool(body.prompt_ids, engine.tokenizer)
         params = body.chat_sampling(max(1, engine.max_model_len - len(ids)))
         reqs, events = _submit([ids], params, body.model, body.stream)
         if body.stream:

@@ -300,9 +300,9 @@ class Engine:
                     r.adapter.running += 1
                 r.pinned = True
             r.cache = SequenceCache(self.model.config.num_hidden_layers, len(r.prompt) + r.params.max_tokens)
-            if r.params.temperature > 0:
+            if not r.params.greedy:
                 seed = r.params.seed if r.params.seed is not None else secrets.randbits(63)
-                r.generator = torch.Generator(device=self.model.device).manual_seed(seed)
+                r.generator = torch.Generator(device=self.model.device).manual_seed(seed % (1 << 64))
             r.t_admitted = time.monotonic()
             self.metrics.queue_time.observe(r.t_admitted - r.t_arrival)
             self._running.append(r)
@@ -340,7 +340,7 @@ class Engine:
                 self.rows.clear()
             for r, n in zip(seqs, lens):
                 r.cache.advance(n)
-            nxt = self._sample(seqs, logits)
+            nxt = self._greedy(seqs, logits)
         except Exception as e:  # noqa: BLE001  (fail this batch, keep serving)
             log.error("lorart serve: a forward step failed:\n%s", traceback.format_exc())
             for r in seqs:
@@ -352,23 +352,27 @@ class Engine:
         m.step_seconds.observe(time.perf_counter() - t0)
         m.batch_size.observe(len(seqs))
         m.step_tokens.observe(len(toks))
-        for r, n, t in zip(seqs, lens, nxt):
+        for i, (r, n, t) in enumerate(zip(seqs, lens, nxt)):
             if r.cache.length == n:  # its first step: the prompt
                 m.prompt_tokens.labels(r.model).inc(len(r.prompt))
+            if t is None:  # sampled on its own: a failure there fails this request only
+                try:
+                    t = int(sample_next(logits[i:i + 1], r.params.temperature, r.params.top_p, r.generator)[0])
+                except Exception as e:  # noqa: BLE001
+                    self._finish(r, "error", error=f"sampling failed: {type(e).__name__}: {e}")
+                    continue
             self._emit(r, t)
         self._running = [r for r in seqs if not r.done]
 
-    def _sample(self, seqs: list[Request], logits: torch.Tensor) -> list[int]:
-        out = [0] * len(seqs)
+    @staticmethod
+    def _greedy(seqs: list[Request], logits: torch.Tensor) -> list:
+        """The argmax of the greedy rows (one call for all of them); None for the sampled rows."""
+        out: list = [None] * len(seqs)
         greedy = [i for i, r in enumerate(seqs) if r.generator is None]
         if greedy:
             sel = logits if len(greedy) == len(seqs) else logits[greedy]
             for i, t in zip(greedy, sel.argmax(-1).tolist()):
                 out[i] = t
-        for i, r in enumerate(seqs):
-            if r.generator is not None:
-                p = r.params
-                out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_p, r.generator)[0])
         return out
 
     def _emit(self, r: Request, token: int) -> None:

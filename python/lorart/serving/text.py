@@ -16,6 +16,11 @@ class SamplingParams:
     stop: tuple = ()
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 are greedy (dividing logits by them would overflow), as vLLM does."""
+        return self.temperature < 1e-5
+
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
@@ -23,6 +28,8 @@ class SamplingParams:
             raise ValueError(f"temperature: expected a number in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ValueError(f"seed: expected a 64-bit integer, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
 
