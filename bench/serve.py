@@ -124,6 +124,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        lorart.set_num_threads(args.threads)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(args.model, args.adapters, tmp)

@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 sys.path.insert(0, os.path.dirname(__file__))
 from serve_helpers import Server, make_adapters, reference_model, reference_text, tiny_setup  # noqa: E402
 
+import lorart  # noqa: E402
 from lorart.inject import lora_layers  # noqa: E402
 from lorart.models import load_model  # noqa: E402
 from lorart.serving.engine import Engine  # noqa: E402
@@ -33,10 +34,12 @@ PROMPTS = ["What is the capital of France?", "Hello there", "A longer prompt abo
 def _one_thread():
     """Tiny models on 2 cores shared with the HTTP threads: one intra-op thread avoids OpenMP spin contention
     (measured 30x slower references with 2 threads under load)."""
-    n = torch.get_num_threads()
+    n, k = torch.get_num_threads(), lorart.get_num_threads()
     torch.set_num_threads(1)
+    lorart.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    lorart.set_num_threads(k)
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,12 @@ PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
+    n, k = torch.get_num_threads(), lorart.get_num_threads()
     torch.set_num_threads(1)
+    lorart.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    lorart.set_num_threads(k)
 
 
 @pytest.fixture(scope="module")

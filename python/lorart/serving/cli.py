@@ -44,7 +44,8 @@ def add_subcommand(sub) -> None:
                                                      "(default: the model's)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for accepted requests before closing them")
-    p.add_argument("--threads", type=int, help="torch intra-op threads for the model (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model: torch's intra-op threads and lorart's kernels' "
+                                                    "(default: theirs, the number of cores)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info shows each request)")
     p.set_defaults(func=cmd_serve)
@@ -139,7 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"argument --threads: expected >= 1, got {args.threads}")
         import torch
+
+        from .._core import set_num_threads
         torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     sock = _listen(args.host, args.port)
     try:
         engine, app = build(args)
