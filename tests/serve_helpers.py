@@ -42,10 +42,7 @@ def tiny_setup(tmp) -> tuple[str, dict[str, str]]:
 @functools.lru_cache(maxsize=16)
 def reference_model(model_dir: str, adapter: str | None, quantize: bool = False):
     """The model `lorart generate --model model_dir --adapter adapter` runs (cached: never modify it)."""
-    m, tok = load_model(model_dir)
-    if quantize:
-        from lorart.serving.cli import quantize_base
-        quantize_base(m)
+    m, tok = load_model(model_dir, quantize="nf4" if quantize else None)
     if adapter is not None:
         lorart.load_adapter(m, adapter)
     return m.eval(), tok

@@ -48,10 +48,7 @@ def tiny(tmp_path_factory):
 
 
 def _engine(model_dir, adapters, quantize=False, **kw):
-    m, tok = load_model(model_dir)
-    if quantize:
-        from lorart.serving.cli import quantize_base
-        quantize_base(m)
+    m, tok = load_model(model_dir, quantize="nf4" if quantize else None)
     eng = Engine(m, tok, base_name="tiny", **kw)
     for name, path in adapters.items():
         eng.registry.add(name, path)

@@ -176,12 +176,12 @@ def test_client_disconnect_cancels_streaming_and_plain_requests(tiny):
     eng.model.model.layers[0].register_forward_pre_hook(lambda m, a: time.sleep(0.005))
     with Server(eng) as srv:
         with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
-                          json={"model": "alpha", "prompt": "x", "max_tokens": 500, "stream": True}) as r:
+                          json={"model": "alpha", "prompt": "x", "max_tokens": 500, "temperature": 0, "stream": True}) as r:
             next(r.iter_lines())  # the first token arrived: the request is running; now hang up
         _wait(lambda: _metric(eng, "lorart_requests_total", model="alpha", outcome="cancelled") == 1)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", timeout=0.3,
-                       json={"model": "beta", "prompt": "x", "max_tokens": 500, "temperature": 0.5})
+                       json={"model": "beta", "prompt": "x", "max_tokens": 500, "temperature": 0})  # greedy: no early EOS
         _wait(lambda: _metric(eng, "lorart_requests_total", model="beta", outcome="cancelled") == 1)
         _wait(lambda: eng.load_info() == {"waiting": 0, "running": 0})
         assert _metric(eng, "lorart_generation_tokens_total", model="alpha") < 500

@@ -146,7 +146,7 @@ def test_bad_options_and_data(tiny, tmp_path):
     bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x"\n')
     with pytest.raises(lorart.data.DataError, match=r"bad.jsonl:2: invalid JSON"):
         lorart.train(tiny, bad, output_dir=tmp_path, **FAST)
-    bad.write_text('{"prompt": "hi"}\n')
+    bad.write_text('{"question": "hi"}\n')
     with pytest.raises(lorart.data.DataError, match="unknown record format"):
         lorart.train(tiny, bad, output_dir=tmp_path, **FAST)
     with pytest.raises(FileNotFoundError, match="no such model"):

@@ -58,6 +58,18 @@ def build_info() -> dict:
     return info
 
 
+def system_info() -> dict:
+    """build_info() plus the machine and installation: the CPU (native bf16 / AMX), each GPU torch sees with
+    how lorart's kernels run on it, and the optional extras installed."""
+    from . import sysinfo
+
+    info = build_info()
+    info["cpu"] = sysinfo.cpu_info()
+    info["gpus"] = sysinfo.gpu_info(info.get("cuda_architectures", "") if info["cuda_compiled"] else "")
+    info["extras"] = sysinfo.extras()
+    return info
+
+
 def format_build_info(info: dict | None = None) -> str:
     info = info or build_info()
     lines = [f"lorart {info['version']}"]
@@ -75,4 +87,7 @@ def format_build_info(info: dict | None = None) -> str:
         lines.append(f"  GPU usable now: no ({info.get('gpu_unusable_reason', '')})")
     lines.append(f"  torch {info['torch_version']} (torch.cuda available: {info['torch_cuda']})")
     lines.append(f"  CPU kernel threads: {info['cpu_threads']}")
+    if "cpu" in info:
+        from .sysinfo import format_info
+        lines += format_info(info)
     return "\n".join(lines)

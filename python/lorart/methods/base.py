@@ -10,19 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._atomic import atomic_dir
+from ..errors import FileFormatError, InputError
+from ..fileformats import METHOD_FILE, Fields, read_method_file
+from ..fileformats import METHOD_FORMAT_VERSION as FORMAT_VERSION
+from ..fileformats import read_json as strict_read_json
+from ..fileformats import read_safetensors as strict_read_safetensors
 
-METHOD_FILE = "lorart_method.json"
 WEIGHTS_FILE = "weights.safetensors"
-FORMAT_VERSION = 1
 
 
-class MethodError(ValueError):
+class MethodError(FileFormatError):
     """A bad method configuration or artifact; the message names the argument or the file."""
 
 
@@ -50,35 +54,29 @@ def dir_size(directory: str) -> int:
 
 def write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
 
 
 def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise MethodError(f"lorart: {path}: missing")
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MethodError(f"lorart: {path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise MethodError(f"lorart: {path}: expected a JSON object")
-    return obj
+    """A JSON object file, read strictly (lorart.fileformats)."""
+    return strict_read_json(path, MethodError)
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an artifact's weights file: float32/bfloat16/float16 and finite, or MethodError."""
     if not os.path.isfile(path):
         pick = [f for f in ("adapter_model.bin", "pytorch_model.bin") if os.path.exists(
             os.path.join(os.path.dirname(path), f))]
         why = f"; found {pick[0]}, a pickle, which lorart never loads" if pick else ""
         raise MethodError(f"lorart: {path}: missing{why}")
-    from safetensors import safe_open
+    return strict_read_safetensors(path, MethodError)
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise MethodError(f"lorart: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for k, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"lorart: refusing to write the {what}: `{k}` holds NaN or infinite values (did the "
+                             "training diverge?)")
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,6 +165,9 @@ class Method:
         return dataclasses.asdict(self.config)
 
     def save(self, directory: str) -> str:
+        """Write the artifact atomically; a non-finite trainable tensor is refused (nothing is written): lorart
+        never writes a file its own loaders would refuse."""
+        refuse_non_finite(self.state_dict(), f"{self.name} artifact {directory}")
         meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
                 "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
         with atomic_dir(directory) as tmp:
@@ -181,15 +182,22 @@ class Method:
     @classmethod
     def load(cls, model: nn.Module, directory: str, trainable: bool = False) -> "Method":
         """Attach the method saved in `directory` to `model` (a base model of the same shape)."""
-        meta = read_json(os.path.join(directory, METHOD_FILE))
-        if meta.get("method") != cls.name:
-            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: key `method`: expected "
-                              f"{cls.name!r}, got {meta.get('method')!r}")
-        check_shape(model, meta.get("base_model"), os.path.join(directory, METHOD_FILE))
-        method = cls(model, make_config(cls, meta.get("config") or {}), init=False)
-        method._read(directory)
+        meta = read_method_file(directory, MethodError)
+        if meta is None:
+            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: missing")
+        if meta["method"] != cls.name:
+            raise MethodError(f"lorart: {meta['path']}: key `method`: expected {cls.name!r}, got {meta['method']!r}")
+        check_shape(model, meta["base_model"], meta["path"])
+        method = cls._from_folder(model, directory, make_config(cls, meta["config"], where=meta["path"]))
         for p in method.trainable_parameters():
             p.requires_grad_(trainable)
+        return method
+
+    @classmethod
+    def _from_folder(cls, model: nn.Module, directory: str, config) -> "Method":
+        """Attach the method with `config` and read its weights file (what `load` does after the checks)."""
+        method = cls(model, config, init=False)
+        method._read(directory)
         return method
 
     def merge(self) -> bool:
@@ -217,8 +225,10 @@ def check_shape(model: nn.Module, saved: dict | None, where: str) -> None:
                               f"{k}={v}, this model has {have[k]}")
 
 
-def make_config(cls: type, cfg, **kw):
-    """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys raise."""
+def make_config(cls: type, cfg, where: str | None = None, **kw):
+    """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys and values of
+    the wrong type raise (an int field takes an int, not 16.5 or "16"; a bool field a bool). `where` names the
+    file the dict came from."""
     if cfg is None:
         cfg = {}
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -229,12 +239,41 @@ def make_config(cls: type, cfg, **kw):
     if not isinstance(cfg, dict):
         raise MethodError(f"lorart: method {cls.name!r}: argument `cfg`: expected a dict, got {type(cfg).__name__}")
     merged = {**cfg, **kw}
+    hints = typing.get_type_hints(cls.Config)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(merged) - fields)
     if unknown:
-        raise MethodError(f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`; valid options: "
-                          f"{', '.join(sorted(fields))}")
+        at = f"lorart: {where}: key `config.{unknown[0]}`" if where else \
+            f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`"
+        raise MethodError(f"{at}: not an option of method {cls.name!r}; valid options: {', '.join(sorted(fields))}")
     for k, v in list(merged.items()):
-        if isinstance(v, list):
-            merged[k] = tuple(v)
+        merged[k] = _typed(cls, k, v, hints[k], where)
     return cls.Config(**merged)
+
+
+def _typed(cls: type, key: str, v, hint, where: str | None):
+    """`v` checked against the Config field's type (lists become tuples)."""
+    f = Fields({key: v}, where, "config.", MethodError) if where else \
+        Fields({key: v}, f"method {cls.name!r}", error=MethodError, noun="option")
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if v is None:
+        if not optional:
+            f.fail(key, f"a value of type {getattr(base, '__name__', base)}", None)
+        return None
+    if base is bool:
+        return f.bool(key)
+    if base is int:
+        return f.int(key)
+    if base is float:
+        return float(f.number(key))
+    if base is str:
+        return f.str(key)
+    if base is tuple:
+        if isinstance(v, str):      # targets: a regex or "all-linear"
+            return v
+        if not isinstance(v, (list, tuple)) or not all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in v):
+            f.fail(key, "a list of strings or integers, or a string", v)
+        return tuple(v)
+    return v

@@ -78,19 +78,29 @@ class LoRAMethod(Method):
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "LoRAMethod":
         """Attach a PEFT LoRA folder written by any tool (no lorart_method.json)."""
-        from ..adapters import _read_config, load_adapter
+        method = cls._from_folder(model, directory, None)
+        for p in method.trainable_parameters():
+            p.requires_grad_(trainable)
+        return method
 
-        cfg = _read_config(directory)
+    @classmethod
+    def _from_folder(cls, model: nn.Module, directory: str, config) -> "LoRAMethod":
+        """PEFT's files are the truth (lorart.adapters.read_lora_folder: adapter_config.json, and its agreement
+        with lorart_method.json); for qlora the adapted layers are quantized first, as in training."""
+        from ..adapters import load_adapter, read_lora_folder
+        from .base import base_param_count
+
+        cfg, pairs = read_lora_folder(directory)
         self = cls.__new__(cls)
         self.model, self.init = model, False
-        from .base import base_param_count
         self.base_params = base_param_count(model)
         if cls.quantize:
-            _quantize_targets(model, list(cfg.get("target_modules") or []))
-        load_adapter(model, directory, trainable=trainable)
-        self.config = cls.Config(targets=tuple(cfg.get("target_modules") or ()), r=int(cfg["r"]),
-                                 alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                                 rslora=bool(cfg.get("use_rslora", False)))
+            c = config or cls.Config()
+            _quantize_targets(model, sorted(pairs), blocksize=c.blocksize, double_quant=c.double_quant)
+        load_adapter(model, directory)
+        targets = cfg.targets if isinstance(cfg.targets, str) else tuple(cfg.targets or sorted(pairs))
+        self.config = config or cls.Config(targets=targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                           rslora=cfg.rslora)
         return self
 
 
@@ -102,7 +112,7 @@ def _quantize_targets(model: nn.Module, targets, blocksize: int = 64, double_qua
         if isinstance(m, nn.Linear):
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf,
-                    NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant))
+                    NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant).train(m.training))
 
 
 class QLoRAMethod(LoRAMethod):

@@ -63,23 +63,6 @@ def _served_name(args) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
-def quantize_base(model) -> int:
-    """NF4 (bitsandbytes-exact, double quantization) for every decoder linear layer (not lm_head), as a
-    bitsandbytes 4-bit load does. Returns the number of layers quantized."""
-    from ..inject import match_targets
-    from ..nn.nf4_linear import NF4Linear
-    from torch import nn
-
-    n = 0
-    for path in match_targets(model, "all-linear"):
-        m = model.get_submodule(path)
-        if isinstance(m, nn.Linear):
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, NF4Linear.from_linear(m))
-            n += 1
-    return n
-
-
 def _listen(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -106,11 +89,11 @@ def build(args):
     if base in names:
         raise ValueError(f"argument --adapter: {base!r} is the base model's name (see --served-model-name)")
     dev = resolve_device(args.device)
-    model, tok = load_model(args.model, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
+    # qlora: every decoder linear in NF4 (bitsandbytes-exact, double quantization) as it is read
+    model, tok = load_model(args.model, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev,
+                            quantize="nf4" if args.method == "qlora" else None)
     if tok is None:
         raise ValueError(f"{args.model}: the model folder has no tokenizer.json")
-    if args.method == "qlora":
-        quantize_base(model)
     engine = Engine(model, tok, base_name=base, max_batch=args.max_batch, max_queued=args.max_queued,
                     max_step_tokens=args.max_step_tokens, max_adapters=args.max_adapters,
                     max_model_len=args.max_model_len)

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import write_error
+
 STATE_NAME = "state.pt"
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -73,8 +75,11 @@ def save_checkpoint(output_dir: str, step: int, state: dict, keep: int = 2) -> s
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        named = write_error(final, e) if isinstance(e, Exception) else None   # before the space comes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None and named is not e:
+            raise named from None
         raise
     _write_atomic_text(os.path.join(root, LATEST), name + "\n")
     done = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))

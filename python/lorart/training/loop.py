@@ -87,8 +87,9 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
 
     model: None / "default" (the embedded SmolLM2-135M-Instruct), an HF folder or .gguf path, or a loaded
         nn.Module (lorart's LlamaForCausalLM or a transformers causal LM) with `tokenizer=`.
-    data: a JSONL file (instruction / chat / text records), a list of records, or None / "default" (the bundled
-        answer-format set; its held-out file is the eval set). eval_data: a JSONL file or records; without it
+    data: a data file (.jsonl/.json/.parquet/.csv), a folder or glob of them, records (any iterable of dicts), or
+        None / "default" (the bundled answer-format set; its held-out file is the eval set); formats in
+        docs/train.md "Data". eval_data: the same kinds; without it
         `eval_fraction` of data is held out. general_data: True (the bundled general text), a path, or False:
         the perplexity before/after that checks forgetting.
     resume: True (the latest checkpoint in output_dir, if any) or a checkpoint folder; continues to exactly
@@ -321,7 +322,7 @@ def _finish(m, tok, loaded, data_, opts, dev, dtype, pad, regex, st, params, out
                                             "train_loss", "train_time_s", "tokens_per_s", "memory", "notes")}
     summary.update({"method": loaded.method.report(), "artifact_bytes": loaded.method.storage_bytes(adapter_dir),
                     "model": loaded.model_name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
-                    "train_data": data_.train_path, "eval_data": data_.eval_path,
+                    "train_data": data_.train_path, "eval_data": data_.eval_path, "data_files": data_.files,
                     "train_examples": len(data_.train), "eval_examples": len(data_.eval),
                     "options": opts.to_dict()})
     write_json_atomic(res.summary_path, summary)

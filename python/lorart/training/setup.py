@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -131,7 +131,8 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except TypeError:
                 enable()
-    method.base_model_name = name
+    from ..models import base_model_id
+    method.base_model_name = base_model_id(name) if name is not None else None   # resolvable, not "default"
     return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM), method)
 
 
@@ -143,54 +144,36 @@ class Data:
     train_path: str
     eval_path: Optional[str]
     is_default: bool
+    files: list = field(default_factory=list)  # per source: path, container, format, counts (and role)
 
 
-def _load_records(records: list, tokenizer, max_seq_len: int, what: str) -> list:
-    from ..data.formats import DataError, encode_record
-    if not records:
-        raise DataError(f"lorart.train: argument `{what}`: the list of records is empty")
-    out = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DataError(f"lorart.train: argument `{what}`: record {i} must be a dict, got {type(rec).__name__}")
-        ex = encode_record(rec, tokenizer, where=f"{what}[{i}]")
-        if len(ex) > max_seq_len:
-            ex.input_ids, ex.labels = ex.input_ids[:max_seq_len], ex.labels[:max_seq_len]
-            if ex.num_target_tokens == 0:
-                continue
-        out.append(ex)
-    if not out:
-        raise DataError(f"lorart.train: argument `{what}`: no usable examples after truncation to max_seq_len")
-    return out
-
-
-def _load(src, tokenizer, max_seq_len: int, what: str) -> list:
-    from ..data import load_jsonl
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if os.path.isdir(path):
-            raise ValueError(f"lorart.train: argument `{what}`: {path} is a folder; expected a .jsonl file")
-        return load_jsonl(path, tokenizer, max_seq_len)
-    if isinstance(src, (list, tuple)):
-        return _load_records(list(src), tokenizer, max_seq_len, what)
-    raise TypeError(f"lorart.train: argument `{what}`: expected a .jsonl path or a list of records, "
-                    f"got {type(src).__name__}")
+def _load(src, tokenizer, max_seq_len: int, what: str, files: Optional[list] = None) -> list:
+    """Examples of `src` (lorart.data.load_examples); the sources' descriptions are appended to `files`."""
+    from ..data import load_examples
+    try:
+        loaded = load_examples(src, tokenizer, max_seq_len, what=what)
+    except TypeError as e:
+        raise TypeError(f"lorart.train: {e}") from None
+    if files is not None:
+        files += [dict(d, role=what) for d in loaded.describe()]
+    return loaded.examples
 
 
 def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True) -> Data:
     from ..data import default_dataset_paths, split_examples
     is_default = data is None or data == "default"
+    files = []
     paths = default_dataset_paths() if (is_default or general_data is True) else {}
     if is_default:
-        train = _load(paths["train"], tokenizer, opts.max_seq_len, "data")
+        train = _load(paths["train"], tokenizer, opts.max_seq_len, "data", files)
         train_path = paths["train"]
         if eval_data is None:
             eval_data = paths["heldout"]
     else:
-        train = _load(data, tokenizer, opts.max_seq_len, "data")
+        train = _load(data, tokenizer, opts.max_seq_len, "data", files)
         train_path = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<records>"
     if eval_data is not None:
-        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data")
+        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data", files)
         eval_path = os.fspath(eval_data) if isinstance(eval_data, (str, os.PathLike)) else "<records>"
     elif opts.eval_fraction > 0 and len(train) >= 2:
         train, ev = split_examples(train, opts.eval_fraction, seed=opts.seed)
@@ -198,15 +181,15 @@ def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True)
     else:
         ev, eval_path = [], None
     if general_data is True:
-        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data")
+        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data", files)
     elif general_data in (False, None):
         general = []
     else:
-        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data")
+        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data", files)
     if opts.packing:
         from ..data import pack_examples
         train = pack_examples(train, opts.max_seq_len)
-    return Data(train, ev, general, train_path, eval_path, is_default)
+    return Data(train, ev, general, train_path, eval_path, is_default, files)
 
 
 def format_regex_for(opts: TrainOptions, data: Data) -> Optional[str]:
