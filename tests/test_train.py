@@ -124,8 +124,14 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     for s in (2, 3, 4):
         ckpt.save_checkpoint(str(tmp_path), s, state, keep=2)
     assert sorted(os.listdir(root)) == ["latest", "step-0000003", "step-0000004"]
+    good = (root / "step-0000004" / "state.pt").read_bytes()
     (root / "step-0000004" / "state.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable lorart checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="truncated or replaced"):
+        ckpt.load_checkpoint(str(root / "step-0000004"))
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1   # one bit of the tensor data: torch.load would not notice
+    (root / "step-0000004" / "state.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
         ckpt.load_checkpoint(str(root / "step-0000004"))
 
 

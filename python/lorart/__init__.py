@@ -12,7 +12,7 @@ from .inject import inject, trainable_report, set_adapter, disable_adapters, ena
 from .adapters import save_adapter, load_adapter  # noqa: F401
 from .training import train, TrainResult  # noqa: F401
 from . import methods  # noqa: F401,E402  (lorart.methods.prepare / load: full, lora, qlora, adapter, prefix, prompt, bitfit)
-from .methods.compare import compare  # noqa: F401,E402
+from .training.compare import compare  # noqa: F401,E402
 from .export import merge_and_unload, export  # noqa: F401,E402
 
 from ._core import _C as _C_core

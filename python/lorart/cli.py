@@ -116,7 +116,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="held-out data, as --data (default: --eval-fraction of --data)")
     p.add_argument("--output-dir", default="lorart-output", help="where the adapter and reports go")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir")
     p.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("training options (lorart.train keywords; None = library default)")
@@ -142,6 +143,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr-ratio", type=finite_float(0, 1))
     g.add_argument("--weight-decay", type=finite_float(0))
     g.add_argument("--max-grad-norm", type=finite_float())
+    g.add_argument("--skip-nonfinite", type=int_at_least(0), metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is not finite (default 0: stop at the first)")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--early-stopping-patience", type=int)
@@ -168,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, v in QUICK_DEFAULTS.items():
             opts.setdefault(k, v)
     train(args.model, args.data, eval_data=args.eval_data, output_dir=args.output_dir, device=args.device,
-          resume=bool(args.resume), general_data=not args.no_general, progress=not args.quiet, **opts)
+          resume=bool(args.resume), overwrite=bool(args.overwrite), general_data=not args.no_general,
+          progress=not args.quiet, **opts)
     return 0
 
 
@@ -238,8 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    from ._atomic import strict_json
     from .training.evaluate import eval_loss, format_accuracy, generate_samples
     from .training.options import DEFAULT_FORMAT_REGEX
     from .data import load_examples
@@ -259,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    args.batch_size)
         res["format_accuracy"] = format_accuracy(samples, regex)
         res["format_prompts"] = len(samples)
-    print(json.dumps(res, indent=2))
+    print(strict_json(res, indent=2))
     return 0
 
 
@@ -268,7 +271,7 @@ def add_subcommands(sub) -> None:
                                      "model on the bundled data)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
-    from .methods.compare import add_subcommand as add_compare
+    from .training.compare import add_subcommand as add_compare
     add_compare(sub)
     from .export import add_subcommand as add_export
     add_export(sub)

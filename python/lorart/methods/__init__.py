@@ -11,6 +11,7 @@ Each method's options are the fields of its Config dataclass (`lorart.methods.ME
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 from torch import nn
@@ -52,7 +53,6 @@ def prepare(model: nn.Module, method: str, cfg=None, tokenizer=None, **options) 
 
 
 def _takes_add_bos(tok) -> bool:
-    import inspect
     try:
         return "add_bos" in inspect.signature(tok.encode).parameters
     except (TypeError, ValueError):

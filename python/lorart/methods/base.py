@@ -14,6 +14,7 @@ import typing
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .._atomic import atomic_dir
@@ -22,6 +23,7 @@ from ..fileformats import METHOD_FILE, Fields, read_method_file
 from ..fileformats import METHOD_FORMAT_VERSION as FORMAT_VERSION
 from ..fileformats import read_json as strict_read_json
 from ..fileformats import read_safetensors as strict_read_safetensors
+from ..nn.lora import nf4_weight_of
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -32,8 +34,6 @@ class MethodError(FileFormatError):
 
 def base_param_count(model: nn.Module) -> int:
     """Parameters of the model as the literature counts them (tied weights once, NF4 weights by element)."""
-    from ..nn.lora import nf4_weight_of
-
     n = sum(p.numel() for p in model.parameters())
     return n + sum(int(torch.Size(w.shape).numel()) for m in model.modules()
                    if (w := nf4_weight_of(m)) is not None and not isinstance(w, nn.Parameter))
@@ -53,8 +53,10 @@ def dir_size(directory: str) -> int:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """Strict JSON (a NaN / Infinity in a config is refused with ValueError, never written bare)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write(text + "\n")
 
 
 def read_json(path: str) -> dict:
@@ -80,8 +82,6 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
@@ -104,13 +104,21 @@ class Method:
     - `Method.load(model, dir)` (or `lorart.methods.load`): attaches the saved method to a base model.
     - `merge()`/`unmerge()`: fold the method into the base weights where it can (returns False if it cannot).
     - `remove()`: detach the method, restoring the base model's function.
+
+    What a training run asks of a method, each class answers (lorart.train and lorart.compare never compare
+    method names): `base_linear_factory` (is the base quantized while it loads?), `train_options` (which
+    lorart.train options configure it), `keeps_dtypes` (do its weights stay in their layer's dtype rather than
+    float32 masters?), `starts_as_base` (is the model unchanged before training?), `default_lr`.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     weights_file: ClassVar[str] = WEIGHTS_FILE
     optimizer: ClassVar[str] = "adamw"   # the optimizer the literature uses with it; "paged_adamw" for full
-    default_lr: ClassVar[float] = 1e-3
+    default_lr: ClassVar[float] = 1e-3   # a learning rate in the literature's range, for a few dozen steps
+    train_options: ClassVar[tuple] = ()  # TrainOptions fields that are options of this method (r, alpha, ...)
+    keeps_dtypes: ClassVar[bool] = False  # True: trainable tensors keep the dtype of the layer they live in
+    starts_as_base: ClassVar[bool] = True  # the model computes exactly the base model's function before training
     base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
 
     def __init__(self, model: nn.Module, config, init: bool = True):
@@ -153,8 +161,23 @@ class Method:
         return self.named_trainable_parameters()
 
     # -- shared -------------------------------------------------------------------------------------------
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """The `linear_factory` of lorart.models.load_model for this method's base model, or None (plain
+        nn.Linear). QLoRA quantizes each linear layer to NF4 as soon as its weight is read."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())
+
+    def use_float32_masters(self) -> None:
+        """Make the trainable tensors float32 master weights (the modules cast them to the compute dtype),
+        unless the method `keeps_dtypes` (BitFit's biases are added by their linear layer, in its dtype)."""
+        if self.keeps_dtypes:
+            return
+        for p in self.trainable_parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def report(self) -> dict:
         n = sum(p.numel() for p in self.trainable_parameters())

@@ -28,6 +28,7 @@ class BitFitMethod(Method):
     name = "bitfit"
     Config = BitFitConfig
     default_lr = 3e-3
+    keeps_dtypes = True   # the biases are added by their linear layer, in its dtype
 
     def _attach(self) -> None:
         targets = self.config.targets if isinstance(self.config.targets, str) else list(self.config.targets)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models import save_hf_folder
+from ..nn.lora import nf4_weight_of
 from .base import Method, MethodError, expect_tensor, read_safetensors
 
 MODEL_FILE = "model.safetensors"
@@ -27,11 +29,10 @@ class FullMethod(Method):
     name = "full"
     Config = FullConfig
     optimizer = "paged_adamw"
-    default_lr = 5e-5
+    default_lr = 1e-4
     weights_file = MODEL_FILE
 
     def _attach(self) -> None:
-        from ..nn.lora import nf4_weight_of
         frozen4 = [n for n, m in self.model.named_modules() if nf4_weight_of(m) is not None]
         if frozen4:
             raise MethodError(f"lorart: method 'full': {len(frozen4)} linear layers of the model are stored in 4-bit "
@@ -50,8 +51,6 @@ class FullMethod(Method):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _write(self, folder: str) -> None:
-        from ..models import save_hf_folder
-
         save_hf_folder(self.model, folder)
 
     def _read(self, folder: str) -> None:

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict
+from ..adapters import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict, load_adapter,
+                        read_lora_folder)
 from ..inject import inject, lora_layers, match_targets, merge, unmerge
-from .base import Method, MethodError, save_tensors, write_json
+from ..models.hub import nf4_factory
+from ..nn.nf4_linear import NF4Linear
+from .base import Method, MethodError, base_param_count, save_tensors, write_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -37,6 +40,7 @@ class LoRAMethod(Method):
     Config = LoRAConfig
     weights_file = WEIGHTS_NAME
     default_lr = 1e-3
+    train_options = ("targets", "r", "alpha", "dropout", "rslora")
     quantize = None
 
     def _attach(self) -> None:
@@ -87,9 +91,6 @@ class LoRAMethod(Method):
     def _from_folder(cls, model: nn.Module, directory: str, config) -> "LoRAMethod":
         """PEFT's files are the truth (lorart.adapters.read_lora_folder: adapter_config.json, and its agreement
         with lorart_method.json); for qlora the adapted layers are quantized first, as in training."""
-        from ..adapters import load_adapter, read_lora_folder
-        from .base import base_param_count
-
         cfg, pairs = read_lora_folder(directory)
         self = cls.__new__(cls)
         self.model, self.init = model, False
@@ -105,8 +106,6 @@ class LoRAMethod(Method):
 
 
 def _quantize_targets(model: nn.Module, targets, blocksize: int = 64, double_quant: bool = True) -> None:
-    from ..nn.nf4_linear import NF4Linear
-
     for path in match_targets(model, targets):
         m = model.get_submodule(path)
         if isinstance(m, nn.Linear):
@@ -121,6 +120,13 @@ class QLoRAMethod(LoRAMethod):
     Config = QLoRAConfig
     quantize = "nf4"
     default_lr = 1e-3
+    starts_as_base = False   # the base is quantized: its outputs already differ before training
+
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """Every linear layer of the base becomes an NF4Linear as soon as its weight is read, so the
+        full-precision model is never held at once (the layers LoRA targets get wrapped afterwards)."""
+        return nf4_factory(dtype, blocksize=config.blocksize, double_quant=config.double_quant)
 
     def merge(self) -> bool:
         merge(self.model)   # builds dequant(W4) + s*B@A in the compute dtype (the packed base is kept)

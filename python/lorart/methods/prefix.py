@@ -55,6 +55,7 @@ class PrefixMethod(Method):
     name = "prefix"
     Config = PrefixConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 1e-2
 
     def _attach(self) -> None:

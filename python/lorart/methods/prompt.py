@@ -46,6 +46,7 @@ class PromptMethod(Method):
     name = "prompt"
     Config = PromptConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 3e-2
 
     def _attach(self) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loading import LinearFactory, _as_dtype, load_hf_folder, save_hf_folder
+from .loading import LinearFactory, as_dtype, load_hf_folder, save_hf_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -94,11 +94,11 @@ def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
             raise ValueError(f"load_model: argument `quantize`: expected None or 'nf4', got {quantize!r}")
         if linear_factory is not None:
             raise ValueError("load_model: pass either `quantize` or `linear_factory`, not both")
-        linear_factory = nf4_factory(_as_dtype(dtype))
+        linear_factory = nf4_factory(as_dtype(dtype))
     if path is None or path == "default":
         path = default_model_path()
     path = os.fspath(path)
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if os.path.isdir(path):
         return load_hf_folder(path, dtype=dtype, device=device, linear_factory=linear_factory)
     if not os.path.exists(path):

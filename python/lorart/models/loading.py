@@ -31,7 +31,7 @@ LinearFactory = Callable[[str, nn.Linear], nn.Module]
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
-def _as_dtype(dtype) -> torch.dtype:
+def as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -57,7 +57,7 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
                 dtype=torch.float32, device="cpu", linear_factory: Optional[LinearFactory] = None,
                 source: str = "checkpoint") -> LlamaForCausalLM:
     """Assemble a model from named tensors (HF names) fetched one at a time by `get_tensor`."""
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     device = torch.device(device)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -246,7 +246,7 @@ def save_hf_folder(model: LlamaForCausalLM, folder: str, tokenizer: Optional[Tok
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor) or v.is_meta:
             raise ValueError(f"cannot save {k!r}: not a materialized tensor (was a linear replaced?)")
-    dt = _as_dtype(dtype) if dtype is not None else model.dtype
+    dt = as_dtype(dtype) if dtype is not None else model.dtype
     keep = bnb4.quantized_keys(model)
     sd = {k: v.detach().to("cpu", dtype=dt if v.is_floating_point() and k not in keep else v.dtype).contiguous()
           for k, v in sd.items()}

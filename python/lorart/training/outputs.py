@@ -1,26 +1,13 @@
-"""Files a run leaves in output_dir: metrics.jsonl, loss.png, samples.md, summary.json."""
+"""Reports a run leaves in output_dir: loss.png, samples.md, the before/after table, peak memory."""
 from __future__ import annotations
 
-import json
 import resource
 from typing import Optional
 
 import torch
 
 from .._atomic import atomic_file
-
 from .evaluate import short_prompt
-
-
-def write_json_atomic(path: str, obj, lines: bool = False) -> None:
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                for rec in obj:
-                    f.write(json.dumps(rec) + "\n")
-            else:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
 
 
 def peak_memory(device: torch.device) -> dict:
