@@ -1,6 +1,7 @@
 // Shared pieces of the vectorised CPU loops (see docs/DEVELOPING.md, "Vectorised CPU loops").
 #pragma once
 
+#include "common/check.h"
 #include "common/half.h"
 #include "lorart/common.h"
 
@@ -38,17 +39,24 @@ inline auto sum8(int64_t n, Fn f) -> decltype(f(0)) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-// Calls fn(T{}) with the storage type of a float dtype (float, double, bf16, f16); other dtypes are
-// rejected by the callers' checks before.
-template <class Fn>
+// The one dtype dispatch of the CPU kernels: calls fn(T{}) with the storage type of a float dtype (float, bf16,
+// f16 and, unless WithF64 is false, double). Callers check dtypes first, naming the argument; any other dtype
+// reaching here is a TypeError.
+template <bool WithF64 = true, class Fn>
 void dispatch_float(DType dt, Fn&& fn) {
   switch (dt) {
-    case DType::F32: fn(float{}); break;
-    case DType::F64: fn(double{}); break;
-    case DType::BF16: fn(bf16{}); break;
-    case DType::F16: fn(f16{}); break;
+    case DType::F32: fn(float{}); return;
+    case DType::BF16: fn(bf16{}); return;
+    case DType::F16: fn(f16{}); return;
+    case DType::F64:
+      if constexpr (WithF64) {
+        fn(double{});
+        return;
+      }
+      break;
     default: break;
   }
+  fail(ErrorKind::Type, cat("unsupported dtype ", dtype_name(dt)));
 }
 
 }  // namespace lorart::detail
