@@ -2,7 +2,10 @@
 `max_resident`, the least recently used idle one evicted first), and how many requests use each.
 
 Loading is `lorart.load_adapter` itself (strict: every check runs before the model is touched; never pickle),
-under an internal name (``serve_<n>``: user names may hold '/', '.' and more). Evicting deletes the adapter
+under an internal name (``serve_<n>``: user names may hold '/', '.' and more), plus the base-model check
+`lorart generate` makes for a lorart folder (its lorart_method.json names the model shape it was trained on). A
+folder whose files change on disk after it was registered is refused when it must be read again (after an
+eviction), rather than serving other weights under the same name. Evicting deletes the adapter
 from its layers and puts a layer that has no adapter left back to its base layer. Model changes happen only in
 the engine thread, between two forwards; the bookkeeping (`acquire` / `release`) is safe from any thread.
 """
@@ -15,8 +18,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..adapters import load_adapter
+from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, load_adapter
+from ..fileformats import METHOD_FILE, read_method_file
 from ..inject import lora_layers
+from ..methods.base import check_shape
 
 
 class UnknownModel(LookupError):
@@ -38,6 +43,20 @@ class AdapterEntry:
     last_used: int = 0
     unloading: bool = False
     modules: list = field(default_factory=list)
+    files: tuple | None = None  # (inode, size, mtime) of its files when first loaded
+
+
+def folder_files(path: str) -> tuple:
+    """What identifies the contents of an adapter folder without reading it: each file's inode, size, mtime."""
+    out = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME, METHOD_FILE):
+        try:
+            st = os.stat(os.path.join(path, name))
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 class AdapterRegistry:
@@ -132,7 +151,16 @@ class AdapterRegistry:
             self._entries.pop(entry.name, None)
 
     def _load(self, entry: AdapterEntry) -> None:
+        files = folder_files(entry.path)
+        if entry.files is not None and files != entry.files:
+            raise AdapterFileError(f"lorart: {entry.path}: the folder changed on disk since it was loaded as "
+                                   f"'{entry.name}' (files replaced or modified): unload it and load it again to "
+                                   "serve the new weights")
+        meta = read_method_file(entry.path, AdapterFileError)
+        if meta is not None:  # what `lorart generate` checks: the model the adapter was trained on
+            check_shape(self.model, meta["base_model"], meta["path"])
         entry.modules = load_adapter(self.model, entry.path, name=entry.key, activate=False)
+        entry.files = files
         entry.resident = True
         entry.last_used = next(self._clock)
         self._on_change("load")
