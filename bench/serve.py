@@ -7,6 +7,10 @@ LoRA adapters (r 16 on q/k/v/o, random weights) on the embedded SmolLM2-135M:
 - naive:  the same mixed requests one at a time in this process (lorart.models.generate after set_adapter: one
   request per forward, switching adapters between requests); they all arrive at t = 0, so a request's latency
   includes its wait for the ones before it.
+- peft:   the peer that runs here: transformers + PEFT on the same weights (the model written as an HF folder, the
+  same K adapter folders), all N mixed requests in one left-padded batch, `generate(adapter_names=...)` (PEFT's
+  mixed-adapter batch: one sub-batch per adapter in each LoRA layer); static batching, so every request's latency
+  is the whole batch's. Skipped with --no-peft or when peft / transformers are missing.
 Tokens/s counts generated tokens (usage.completion_tokens) over the wall time of the whole set; p50/p99 are
 per-request latencies. Rounds interleave the three modes; ratios come from the same run (the median round).
 
@@ -106,6 +110,41 @@ def run_naive(model, tok, jobs, max_tokens: int) -> dict:
     return summary(time.perf_counter() - t0, lat, tokens, texts)
 
 
+def load_peft(hf_dir: str, paths: list[str]):
+    """transformers' Llama on the HF folder with the K adapters loaded as a0..a{K-1}, or None without peft."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa",
+                                                           dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(hf, paths[0], adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        pm.load_adapter(p, adapter_name=f"a{i}")
+    return pm.eval()
+
+
+def run_peft(pm, tok, jobs, max_tokens: int) -> dict:
+    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for _, p in jobs]
+    width, pad = max(map(len, rows)), tok.pad_id if tok.pad_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    eos = list(tok.eos_ids or [])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=[m for m, _ in jobs], do_sample=False,
+                          max_new_tokens=max_tokens, eos_token_id=eos or None, pad_token_id=pad)
+    wall = time.perf_counter() - t0
+    tokens, texts = 0, []
+    for row in out[:, width:].tolist():
+        n = next((i for i, t in enumerate(row) if t in eos), len(row))
+        tokens += n
+        texts.append(tok.decode(row[:n], skip_special_tokens=True))
+    return summary(wall, [wall] * len(jobs), tokens, texts)
+
+
 def summary(wall, lat, tokens, texts) -> dict:
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "p50_s": statistics.median(lat),
@@ -120,6 +159,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads for the server and the naive loop")
+    ap.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT peer")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -135,6 +175,12 @@ def main() -> int:
         for i, p in enumerate(paths):
             lorart.load_adapter(model, p, name=f"a{i}")
         model.eval()
+        pm = None
+        if not args.no_peft:
+            from lorart.models import save_hf_folder
+            hf_dir = os.path.join(tmp, "hf")
+            save_hf_folder(load_model(args.model)[0], hf_dir, tok)
+            pm = load_peft(hf_dir, paths)
         proc, url = start_server(args, paths)
         try:
             asyncio.run(run_http(url, mixed[:2], 4))  # warm-up
@@ -143,6 +189,8 @@ def main() -> int:
                 res = {"mixed": asyncio.run(run_http(url, mixed, args.max_tokens)),
                        "single": asyncio.run(run_http(url, single, args.max_tokens)),
                        "naive": run_naive(model, tok, mixed, args.max_tokens)}
+                if pm is not None:
+                    res["peft"] = run_peft(pm, tok, mixed, args.max_tokens)
                 rounds.append(res)
                 print(f"round {r + 1}: " + "  ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in res.items()),
                       flush=True)
@@ -158,17 +206,24 @@ def main() -> int:
           f"max_tokens {args.max_tokens}, greedy; torch threads {torch.get_num_threads()}; "
           f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"{'mode':<8}{'tok/s':>9}{'tokens':>8}{'wall s':>9}{'p50 s':>8}{'p99 s':>8}")
-    for k in ("mixed", "single", "naive"):
+    for k in [k for k in ("mixed", "single", "naive", "peft") if k in best]:
         v = best[k]
         print(f"{k:<8}{v['tok_s']:>9.1f}{v['tokens']:>8d}{v['wall_s']:>9.2f}{v['p50_s']:>8.2f}{v['p99_s']:>8.2f}")
     print(f"mixed / single throughput: {ratio_single:.2f}x (goal >= 0.75x); mixed / naive: {ratio_naive:.2f}x "
           f"(goal >= 3x); median over {len(rounds)} rounds")
     print(f"mixed-batch answers identical to the one-at-a-time loop: {same}")
+    ratio_peft = None
+    if "peft" in rounds[0]:
+        ratio_peft = statistics.median(r["mixed"]["tok_s"] / r["peft"]["tok_s"] for r in rounds)
+        agree = sum(a == b for a, b in zip(rounds[0]["mixed"]["texts"], rounds[0]["peft"]["texts"]))
+        print(f"mixed / transformers + PEFT mixed batch: {ratio_peft:.2f}x; answers equal to PEFT's: "
+              f"{agree}/{len(mixed)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rounds": [{k: {kk: vv for kk, vv in v.items() if kk != "texts"}
                                                       for k, v in r.items()} for r in rounds],
-                       "ratio_single": ratio_single, "ratio_naive": ratio_naive, "identical": same,
+                       "ratio_single": ratio_single, "ratio_naive": ratio_naive, "ratio_peft": ratio_peft,
+                       "identical": same,
                        "loadavg": [load0, load1]}, f, indent=2)
     return 0
 
