@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from serve_helpers import Server, reference_text, tiny_setup  # noqa: E402
-from test_serve import _engine  # noqa: E402
+from test_serve import Paused, _engine, _wait  # noqa: E402
 
 import lorart  # noqa: E402
 from lorart.models import generate, load_model  # noqa: E402
@@ -198,6 +199,39 @@ def test_a_folder_changed_on_disk_is_not_served_under_the_old_name(tiny, tmp_pat
                           timeout=60).status_code == 200
         after = ask("alpha")
         assert after == reference_text(model_dir, moved, ids, 6) and after != before
+
+
+def test_a_request_waiting_for_an_adapter_slot_is_not_overtaken(tiny):
+    """One adapter slot (--max-adapters 1): alpha runs, beta waits for the slot; a later alpha request must not
+    join alpha's batch ahead of beta (a steady flow of alpha requests would keep alpha pinned and starve beta).
+    Base requests, which need no slot, still pass."""
+    from lorart.serving.text import SamplingParams
+    model_dir, ads = tiny
+    eng, tok = _engine(model_dir, ads, max_adapters=1)
+    done, lock = [], threading.Lock()
+
+    def sink(tag):
+        def f(kind, data):
+            if kind != "delta":
+                with lock:
+                    done.append((tag, kind, data))
+        return f
+    eng.start()
+    try:
+        with Paused(eng):
+            for tag, model in (("alpha1", "alpha"), ("beta", "beta"), ("alpha2", "alpha"), ("base", None)):
+                eng.submit([tok.encode(f"{tag} goes")], SamplingParams(max_tokens=12), model, [sink(tag)])
+            _wait(lambda: eng.load_info()["waiting"] == 4)
+        _wait(lambda: len(done) == 4, 120)
+    finally:
+        eng.close()
+    order = [t for t, _, _ in done]
+    assert all(k == "done" for _, k, _ in done), done
+    assert order.index("beta") < order.index("alpha2"), order
+    assert order.index("base") < order.index("beta"), order   # ran beside alpha1
+    for tag, _, data in done:
+        ad = {"alpha1": ads["alpha"], "alpha2": ads["alpha"], "beta": ads["beta"]}.get(tag)
+        assert data["text"] == reference_text(model_dir, ad, tok.encode(f"{tag} goes"), 12), tag
 
 
 def _serve_cli(*args):

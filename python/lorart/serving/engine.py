@@ -283,15 +283,19 @@ class Engine:
         with self._cv:
             candidates = list(self._waiting)
         taken = set()
+        blocked = False  # an earlier request waits for an adapter slot
         for r in candidates:
             if len(self._running) >= self.max_batch or (admitted and len(r.prompt) > budget):
                 break
             if r.cancelled:
                 continue
             if r.adapter is not None:
+                if blocked:  # later adapter requests would keep the loaded adapters pinned: they wait their turn
+                    continue
                 try:
                     if not self.registry.ensure_resident(r.adapter):
-                        continue  # every loaded adapter is busy: wait for a slot, let others pass
+                        blocked = True  # every loaded adapter is busy: wait for a slot; base requests still pass
+                        continue
                 except Exception as e:  # the folder changed or vanished since it was registered
                     taken.add(id(r))
                     self._finish(r, "error", error=f"adapter '{r.model}' could not be loaded: {e}")
