@@ -161,6 +161,26 @@ def test_streaming_stop_strings_and_usage(tiny):
         assert streamed == ref
 
 
+def test_a_list_of_prompts_gives_one_choice_each(tiny):
+    """`prompt` as a list of strings or of token-id lists: choice i answers prompt i, plain and streamed (chunks
+    carry their choice's index), usage sums them."""
+    model_dir, ads = tiny
+    eng, tok = _engine(model_dir, ads)
+    ids = [tok.encode(p) for p in PROMPTS]
+    want = [reference_text(model_dir, ads["beta"], i, 7) for i in ids]
+    with Server(eng) as srv:
+        c = srv.client()
+        for prompt in (PROMPTS, ids):
+            r = c.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0)
+            assert [ch.index for ch in r.choices] == [0, 1, 2] and [ch.text for ch in r.choices] == want
+            assert r.usage.prompt_tokens == sum(map(len, ids))
+        parts = {}
+        for ch in c.completions.create(model="beta", prompt=PROMPTS, max_tokens=7, temperature=0, stream=True):
+            for choice in ch.choices:
+                parts[choice.index] = parts.get(choice.index, "") + choice.text
+        assert [parts[i] for i in range(3)] == want
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
     model_dir, ads = tiny
     eng, _ = _engine(model_dir, ads)
