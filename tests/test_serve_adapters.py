@@ -311,4 +311,8 @@ def test_serves_what_lorart_train_and_peft_write(tiny, trained, tmp_path):
                 assert got == _generate_reference(model_dir, path, ids, 8), (name, p)
                 seen.setdefault(p, set()).add(got)
     assert _tensors(trained["final"]).keys() == _tensors(trained["ckpt"]).keys()
+    for wrong, inner in ((trained["run"], trained["final"]), (os.path.dirname(trained["ckpt"]), trained["ckpt"])):
+        with pytest.raises(lorart.adapters.AdapterFileError, match=f"output folder, not an adapter folder: its "
+                                                                   f"adapter is {inner}"):
+            eng.registry.add("wrong", wrong)
     assert any(len(v) > 1 for v in seen.values())   # the adapters change the answers

@@ -125,6 +125,10 @@ class AdapterRegistry:
         path = os.path.abspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"lorart: {path}: no such adapter folder")
+        inner = os.path.join(path, "adapter")
+        if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(inner, CONFIG_NAME)):
+            raise AdapterFileError(f"lorart: {path}: a `lorart train` output folder, not an adapter folder: its "
+                                   f"adapter is {inner}")
         entry = AdapterEntry(name, path, next(self._keys))
         self._load(entry)
         with self.lock:
