@@ -12,7 +12,7 @@ LoRA adapters (r 16 on q/k/v/o, random weights) on the embedded SmolLM2-135M:
   mixed-adapter batch: one sub-batch per adapter in each LoRA layer); static batching, so every request's latency
   is the whole batch's. Skipped with --no-peft or when peft / transformers are missing.
 Tokens/s counts generated tokens (usage.completion_tokens) over the wall time of the whole set; p50/p99 are
-per-request latencies. Rounds interleave the three modes; ratios come from the same run (the median round).
+per-request latencies. Rounds interleave the modes (each round starts with the next one); ratios come from the same run (the median round).
 
     flock /tmp/lorart-heavy.lock python bench/serve.py [--requests 16] [--adapters 8] [--max-tokens 32]
 """
@@ -186,11 +186,14 @@ def main() -> int:
             asyncio.run(run_http(url, mixed[:2], 4))  # warm-up
             rounds = []
             for r in range(args.rounds):
-                res = {"mixed": asyncio.run(run_http(url, mixed, args.max_tokens)),
-                       "single": asyncio.run(run_http(url, single, args.max_tokens)),
-                       "naive": run_naive(model, tok, mixed, args.max_tokens)}
+                modes = {"mixed": lambda: asyncio.run(run_http(url, mixed, args.max_tokens)),
+                         "single": lambda: asyncio.run(run_http(url, single, args.max_tokens)),
+                         "naive": lambda: run_naive(model, tok, mixed, args.max_tokens)}
                 if pm is not None:
-                    res["peft"] = run_peft(pm, tok, mixed, args.max_tokens)
+                    modes["peft"] = lambda: run_peft(pm, tok, mixed, args.max_tokens)
+                order = list(modes)[r % len(modes):] + list(modes)[:r % len(modes)]  # no mode always first
+                res = {k: modes[k]() for k in order}
+                res = {k: res[k] for k in modes}
                 rounds.append(res)
                 print(f"round {r + 1}: " + "  ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in res.items()),
                       flush=True)
