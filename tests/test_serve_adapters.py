@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -148,8 +149,13 @@ def test_load_refuses_bad_adapter_folders_and_serving_goes_on(tiny, tmp_path):
     model_dir, ads = tiny
     eng, tok = _engine(model_dir, {"alpha": ads["alpha"]})
     want = reference_text(model_dir, ads["alpha"], tok.encode("keep going"), 6)
+    long_want = reference_text(model_dir, ads["alpha"], tok.encode("in flight"), 300)
+    slow = eng.model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.01))  # >= 3 s of steps
     with Server(eng, allow_adapter_loading=True) as srv:
         c = srv.client()
+        stream = iter(c.completions.create(model="alpha", prompt="in flight", max_tokens=300, temperature=0,
+                                           stream=True))
+        streamed = [next(stream).choices[0].text]   # running while the folders below are tried (and one loaded)
         for i, (spoil, words) in enumerate(BAD_FOLDERS):
             d = str(tmp_path / f"bad{i}")
             shutil.copytree(ads["beta"], d)
@@ -171,6 +177,10 @@ def test_load_refuses_bad_adapter_folders_and_serving_goes_on(tiny, tmp_path):
         assert r.status_code == 200, r.text
         got = c.completions.create(model="beta", prompt="keep going", max_tokens=6, temperature=0).choices[0].text
         assert got == reference_text(model_dir, ads["beta"], tok.encode("keep going"), 6)
+        assert eng.load_info()["running"] == 1   # the stream was running during all the loads
+        slow.remove()
+        streamed += [ch.choices[0].text for ch in stream]
+        assert "".join(streamed) == long_want
 
 
 def test_a_folder_changed_on_disk_is_not_served_under_the_old_name(tiny, tmp_path):
