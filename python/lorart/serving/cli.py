@@ -74,10 +74,8 @@ def _listen(host: str, port: int) -> socket.socket:
 def build(args):
     """The engine and ASGI app for parsed `lorart serve` arguments (model and adapters loaded; engine not
     started)."""
-    import torch
-
     from ..models import load_model
-    from ..training.setup import resolve_device
+    from ..training.setup import default_dtype, resolve_device
     from .api import create_app
     from .engine import Engine
 
@@ -90,7 +88,8 @@ def build(args):
         raise ValueError(f"argument --adapter: {base!r} is the base model's name (see --served-model-name)")
     dev = resolve_device(args.device)
     # qlora: every decoder linear in NF4 (bitsandbytes-exact, double quantization) as it is read
-    model, tok = load_model(args.model, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev,
+    # the dtype `lorart generate` uses: float32 on the CPU, bfloat16 on a GPU that computes in it, else float16
+    model, tok = load_model(args.model, dtype=default_dtype(dev), device=dev,
                             quantize="nf4" if args.method == "qlora" else None)
     if tok is None:
         raise ValueError(f"{args.model}: the model folder has no tokenizer.json")
