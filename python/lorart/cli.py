@@ -335,6 +335,8 @@ def add_subcommands(sub) -> None:
     add_compare(sub)
     from .export import add_subcommand as add_export
     add_export(sub)
+    from .serving.cli import add_subcommand as add_serve
+    add_serve(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):

@@ -15,12 +15,14 @@ EXTRAS = {
     "models": (("gguf", "gguf"), ("tokenizers", "tokenizers"), ("jinja2", "jinja2"), ("matplotlib", "matplotlib"),
                ("tqdm", "tqdm"), ("pyyaml", "yaml")),
     "data": (("pyarrow", "pyarrow"),),
+    "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client")),
     "tensorboard": (("tensorboard", "tensorboard"),),
     "wandb": (("wandb", "wandb"),),
     "mlflow": (("mlflow-skinny", "mlflow"),),
     "test": (("pytest", "pytest"), ("bitsandbytes", "bitsandbytes"), ("peft", "peft"),
              ("transformers", "transformers"), ("pyarrow", "pyarrow"), ("tensorboard", "tensorboard"),
-             ("wandb", "wandb"), ("mlflow-skinny", "mlflow")),
+             ("wandb", "wandb"), ("mlflow-skinny", "mlflow"), ("openai", "openai"), ("httpx", "httpx"),
+             ("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client")),
 }
 
 
