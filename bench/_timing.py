@@ -27,3 +27,33 @@ def timeit(fn, device: str, iters: int, warmup: int = 3) -> float:
             fn()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def interleaved(fns: dict, device: str, iters: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, timed round-robin (one call of each per round), so that a
+    change in machine load hits every contender alike and their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine_load() -> str:
+    """The 1-minute load average and the core count, for the record of how quiet a run was."""
+    import os
+
+    try:
+        la = os.getloadavg()[0]
+    except OSError:
+        return "load unknown"
+    return f"load {la:.2f} on {os.cpu_count()} cores"
