@@ -29,7 +29,8 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = {"lora": "peft", "qlora": "bnb"}
-NEEDS = {"lorart": [], "hf+lorart": ["transformers"],  # hf+lorart: transformers' Llama + lorart.inject (LoRA) "peft": ["transformers", "peft"],
+# hf+lorart: transformers' Llama + lorart.inject (LoRA only)
+NEEDS = {"lorart": [], "hf+lorart": ["transformers"], "peft": ["transformers", "peft"],
          "bnb": ["transformers", "peft", "bitsandbytes"]}
 # the model of the CUDA run: Llama-2-7B shapes (layers set by --layers), random weights
 LLAMA7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
