@@ -355,7 +355,7 @@ def main():
     sys.path.insert(0, HERE)
     from _timing import machine_load
 
-    from lorart._core import cpu_native_bf16
+    from lorart.sysinfo import cpu_info
 
     cuda = args.device == "cuda"
     if args.model:
@@ -367,7 +367,7 @@ def main():
     if args.precision:
         precisions = args.precision.split(",")
     else:
-        precisions = ["bf16"] if cuda else ["fp32"] + (["bf16"] if cpu_native_bf16() else [])
+        precisions = ["bf16"] if cuda else ["fp32"] + (["bf16"] if cpu_info()["native_bf16"] else [])
     skipped = [] if args.precision or cuda or "bf16" in precisions else [
         "bf16 (this CPU has no native bf16: torch emulates it; --precision bf16 forces it)"]
     configs = []

@@ -25,12 +25,6 @@ def test_info_cli():
     assert "CUDA kernels" in out.stdout and "GPU usable now" in out.stdout
 
 
-def test_view_roundtrip_shapes():
-    t = torch.randn(3, 4)[:, 1:]
-    v = _common.view(t)
-    assert v[2] == (3, 3) and v[3] == (4, 1) and v[4] == 0
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
 def test_cuda_tensor_error_without_gpu():
     fake = torch.empty(2, device="meta")
@@ -45,22 +39,49 @@ def test_num_threads_roundtrip():
     lorart._core._C.set_num_threads(n)
 
 
-def _cuda_view(shape, code):
-    """A view that claims to live on cuda:0 (a dangling pointer: it must never be dereferenced)."""
-    strides, st = [], 1
-    for s in reversed(shape):
-        strides.insert(0, st)
-        st *= s
-    return (0x1000, code, tuple(shape), tuple(strides), 1, 0)
+def test_info_reports_cpu_gpus_and_extras():
+    info = lorart.system_info()
+    assert set(info["cpu"]) >= {"name", "native_bf16", "avx512_bf16", "amx_bf16", "torch_isa"}
+    assert info["cpu"]["native_bf16"] == (info["cpu"]["avx512_bf16"] or info["cpu"]["amx_bf16"]
+                                          or info["cpu"]["arm_bf16"])
+    assert info["extras"]["test"]["installed"]  # this suite runs with the test extra
+    assert len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    text = lorart.format_build_info(info)
+    assert "native bf16: " in text and "AMX: " in text and "extra [data]: " in text
 
 
-@pytest.mark.skipif(lorart.cuda_usable(), reason="checks the error where no GPU is usable")
-def test_cuda_view_without_usable_gpu_is_a_clear_error():
-    """A CUDA tensor reaching the core on a machine without a usable GPU (or a build without CUDA kernels)
-    raises RuntimeError naming the cause; nothing is dereferenced."""
-    C = lorart._core._C
-    packed, absmax, out = _cuda_view([32, 1], 4), _cuda_view([1], 0), _cuda_view([8, 8], 0)
-    with pytest.raises(RuntimeError) as e:
-        C.nf4_dequantize(packed, absmax, None, None, 0.0, 64, 8, 8, out, 0)
-    msg = str(e.value)
-    assert ("CUDA driver" in msg or "GPU" in msg) if lorart.cuda_compiled() else "without CUDA kernels" in msg
+def test_info_names_a_missing_extra(monkeypatch):
+    import importlib.util
+
+    from lorart import sysinfo
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    ex = sysinfo.extras()
+    assert ex["data"] == {"installed": False, "missing": ["pyarrow"], "versions": {}}
+    text = "\n".join(sysinfo.format_info({"cpu": sysinfo.cpu_info(), "gpus": [], "extras": ex}))
+    assert 'extra [data]: missing pyarrow (pip install "lorart[data]")' in text
+
+
+def test_extras_table_matches_pyproject():
+    import os
+    import re
+
+    from lorart.sysinfo import EXTRAS
+    path = os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")
+    if not os.path.exists(path):
+        pytest.skip("no source tree")
+    text = open(path, encoding="utf-8").read()
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    declared = {m.group(1): sorted(re.findall(r'"([A-Za-z0-9_.-]+)', m.group(2)))
+                for m in re.finditer(r"^(\w+) = \[(.*?)\]", section, re.M)}
+    assert declared == {k: sorted(d for d, _ in v) for k, v in EXTRAS.items()}
+
+
+@pytest.mark.parametrize("cc, compiled, expected", [
+    (90, "80,90", "native"), (86, "80,90", "native"), (89, "80;90", "native"), (75, "80,90", "none"),
+    (120, "80,90", "ptx"), (100, "90-real", "none"), (100, "80-virtual", "ptx"), (90, "90a", "native"),
+    (100, "90a", "none"), (80, "86", "none"), (90, "", "none"),
+])
+def test_arch_support(cc, compiled, expected):
+    from lorart.sysinfo import arch_support
+    assert arch_support(cc, compiled) == expected

@@ -77,15 +77,18 @@ def test_chat_exits_on_eof(trained):
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/nonexistent/x.jsonl", "--model", "{model}"], "no such data file"),
     (["train", "--model", "/nonexistent/model"], "no such model folder or file"),
-    (["train", "--model", "{model}", "--lr", "-1"], "argument `lr`"),
+    (["train", "--model", "{model}", "--lr", "-1"], "argument --lr"),
     (["train", "--model", "{model}", "--data", "{bad}"], "bad.jsonl:1: invalid JSON"),
+    (["train", "--model", "{model}", "--data", "{latin1}"], "latin1.csv:3: not UTF-8 text (byte 0xe9 at column 4)"),
     (["generate", "--model", "{model}", "--adapter", "/nonexistent/ad", "hi"], "adapter_config.json"),
 ])
 def test_user_errors_are_one_line(trained, tmp_path, args, message):
     model, _, _ = trained
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n")
-    args = [a.format(model=model, bad=bad) for a in args]
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("prompt,completion\nhi,there\ncaf\u00e9,ok\n".encode("latin-1"))
+    args = [a.format(model=model, bad=bad, latin1=latin1) for a in args]
     p = lorart_cli(*args, "--output-dir", tmp_path / "o") if args[0] == "train" else lorart_cli(*args)
     assert p.returncode == 2, (p.stdout, p.stderr)
     err = p.stderr.strip().splitlines()

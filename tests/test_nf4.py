@@ -191,11 +191,9 @@ def test_cpp_checks_reach_python():
     q = nf4.quantize(torch.randn(8, 64), 64)
     out = torch.empty(8, 63)
     with pytest.raises(ValueError, match="out.*512 elements"):
-        lorart._core._C.nf4_dequantize(*[nf4_ops.view(t) if isinstance(t, torch.Tensor) else t
-                                         for t in q.op_args()], nf4_ops.view(out))
+        lorart._core._C.nf4_dequantize(*q.op_args(), out)
     with pytest.raises(ValueError, match="blocksize"):
-        lorart._core._C.nf4_quantize(nf4_ops.view(torch.ones(64)), 100, nf4_ops.view(torch.empty(32, dtype=torch.uint8)),
-                                     nf4_ops.view(torch.empty(1)))
+        lorart._core._C.nf4_quantize(torch.ones(64), 100, torch.empty(32, dtype=torch.uint8), torch.empty(1))
 
 
 @pytest.mark.cuda

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_cuda
-from lorart.ops._common import _C, view
+from lorart.ops._common import _C
 from lorart.ops.optim import adamw8_step_, dequantize_blockwise8, dynamic_map, quantize_blockwise8
 from lorart.optim import PagedAdamW
 
@@ -233,13 +233,13 @@ def test_c_level_checks():
     """The C++ API checks on its own (for callers that bypass the Python layer)."""
     p, q, a = torch.zeros(300), torch.zeros(300, dtype=torch.uint8), torch.zeros(2)
     with pytest.raises(ValueError, match=r"absmax_exp_avg_sqs\[0\]`: expected 2 elements"):
-        _C.adamw8_step([view(p)], [view(p)], [view(q)], [view(q)], [view(a)], [view(torch.zeros(3))], [1], 1e-3,
+        _C.adamw8_step([p], [p], [q], [q], [a], [torch.zeros(3)], [1], 1e-3,
                        0.9, 0.999, 1e-8, 0.0, False, 0)
     with pytest.raises(TypeError, match=r"q_exp_avgs\[0\]`: expected dtype uint8"):
-        _C.adamw8_step([view(p)], [view(p)], [view(p)], [view(q)], [view(a)], [view(a)], [1], 1e-3, 0.9, 0.999,
+        _C.adamw8_step([p], [p], [p], [q], [a], [a], [1], 1e-3, 0.9, 0.999,
                        1e-8, 0.0, False, 0)
     with pytest.raises(ValueError, match="`absmax`: expected 2 elements"):
-        _C.quantize_blockwise8(view(p), True, view(q), view(torch.zeros(1)))
+        _C.quantize_blockwise8(p, True, q, torch.zeros(1))
     # meta tensors take the fake implementation (shape checks only), as torch.compile traces the op
     meta = lambda n, dt=torch.float32: [torch.zeros(n, dtype=dt, device="meta")]  # noqa: E731
     adamw8_step_(meta(300), meta(300), meta(300, torch.uint8), meta(300, torch.uint8), meta(2), meta(2), [1], **HP)

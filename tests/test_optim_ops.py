@@ -98,13 +98,13 @@ def test_op_bad_tensors():
 
 def test_c_level_checks():
     """The C++ API checks on its own (for C++ callers that bypass the Python layer)."""
-    from lorart.ops._common import _C, view
+    from lorart.ops._common import _C
     t = torch.zeros(4)
     with pytest.raises(ValueError, match="`lr`"):
-        _C.adamw_step([view(t)], [view(t)], [view(t)], [view(t)], [1], -1.0, 0.9, 0.999, 1e-8, 0.0, False, 0)
+        _C.adamw_step([t], [t], [t], [t], [1], -1.0, 0.9, 0.999, 1e-8, 0.0, False, 0)
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\]"):
-        _C.adamw_step([view(t)], [view(t)], [view(t)], [view(torch.zeros(3))], [1], 1.0, 0.9, 0.999, 1e-8, 0.0,
+        _C.adamw_step([t], [t], [t], [torch.zeros(3)], [1], 1.0, 0.9, 0.999, 1e-8, 0.0,
                       False, 0)
     with pytest.raises(TypeError, match=r"params\[0\]"):
         d = torch.zeros(4, dtype=torch.float64)
-        _C.adamw_step([view(d)], [view(d)], [view(t)], [view(t)], [1], 1.0, 0.9, 0.999, 1e-8, 0.0, False, 0)
+        _C.adamw_step([d], [d], [t], [t], [1], 1.0, 0.9, 0.999, 1e-8, 0.0, False, 0)

@@ -124,8 +124,14 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     for s in (2, 3, 4):
         ckpt.save_checkpoint(str(tmp_path), s, state, keep=2)
     assert sorted(os.listdir(root)) == ["latest", "step-0000003", "step-0000004"]
+    good = (root / "step-0000004" / "state.pt").read_bytes()
     (root / "step-0000004" / "state.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable lorart checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="truncated or replaced"):
+        ckpt.load_checkpoint(str(root / "step-0000004"))
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1   # one bit of the tensor data: torch.load would not notice
+    (root / "step-0000004" / "state.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
         ckpt.load_checkpoint(str(root / "step-0000004"))
 
 
@@ -146,7 +152,7 @@ def test_bad_options_and_data(tiny, tmp_path):
     bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x"\n')
     with pytest.raises(lorart.data.DataError, match=r"bad.jsonl:2: invalid JSON"):
         lorart.train(tiny, bad, output_dir=tmp_path, **FAST)
-    bad.write_text('{"prompt": "hi"}\n')
+    bad.write_text('{"question": "hi"}\n')
     with pytest.raises(lorart.data.DataError, match="unknown record format"):
         lorart.train(tiny, bad, output_dir=tmp_path, **FAST)
     with pytest.raises(FileNotFoundError, match="no such model"):

@@ -1,9 +1,15 @@
 // Shared by the pybind11 binding files (one per capability, cpp/python/bind_<cap>.cpp).
 //
-// Tensors arrive from Python as the tuple made by lorart.ops._common.view(t):
-//   (data_ptr, dtype_code, shape, strides, device_type, device_index)
-// and are converted to lorart::TensorView by the type caster below. Streams arrive
-// as integers (torch.cuda.current_stream().cuda_stream, 0 on CPU).
+// Tensors arrive from Python as torch.Tensor objects themselves and are converted to
+// lorart::TensorView by the type caster below, which reads the pointer, dtype, shape,
+// strides and device from the tensor at call time. The tensor is an argument of the call,
+// so Python keeps it (and its storage) alive until the call returns: no view can outlive
+// its tensor, and nothing can hand the core a pointer without the tensor that owns it.
+// The core checks the layout a kernel assumes (contiguity, unit stride) and names the
+// argument when it does not hold. Streams arrive as integers (the raw cudaStream_t, 0 on CPU).
+//
+// No libtorch here: the torch Python objects the caster needs (torch.Tensor and the dtypes)
+// are looked up once, by import, the first time a tensor is converted.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -25,32 +31,19 @@ struct Registrar {
 
 inline Stream as_stream(uint64_t s) { return reinterpret_cast<Stream>(static_cast<uintptr_t>(s)); }
 
+// Reads a torch.Tensor into a view (throws TypeError/ValueError for what the core cannot take).
+// Returns false when `src` is not a torch.Tensor (pybind11 then reports the incompatible argument).
+bool tensor_to_view(py::handle src, TensorView& out);
+
 }  // namespace lorart::py
 
 namespace pybind11::detail {
 
 template <>
 struct type_caster<lorart::TensorView> {
-  PYBIND11_TYPE_CASTER(lorart::TensorView, const_name("TensorView"));
+  PYBIND11_TYPE_CASTER(lorart::TensorView, const_name("torch.Tensor"));
 
-  bool load(handle src, bool) {
-    if (!isinstance<tuple>(src)) return false;
-    auto t = reinterpret_borrow<tuple>(src);
-    if (t.size() != 6) return false;
-    auto shape = t[2].cast<tuple>();
-    auto strides = t[3].cast<tuple>();
-    if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(lorart::kMaxDims)) return false;
-    int64_t sh[lorart::kMaxDims], st[lorart::kMaxDims];
-    for (size_t i = 0; i < shape.size(); ++i) {
-      sh[i] = shape[i].cast<int64_t>();
-      st[i] = strides[i].cast<int64_t>();
-    }
-    lorart::Device dev{static_cast<lorart::DeviceType>(t[4].cast<int>()), t[5].cast<int>()};
-    value = lorart::TensorView(reinterpret_cast<void*>(static_cast<uintptr_t>(t[0].cast<uint64_t>())),
-                               static_cast<lorart::DType>(t[1].cast<int>()), static_cast<int>(shape.size()), sh,
-                               st, dev);
-    return true;
-  }
+  bool load(handle src, bool) { return lorart::py::tensor_to_view(src, value); }
 };
 
 }  // namespace pybind11::detail

@@ -68,8 +68,30 @@ TEST(config_parsing) {
   CHECK_THROWS(AdapterConfig::parse(R"({"r":0,"lora_alpha":8})", "c"), "positive integer");
   CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"use_dora":true})", "c"), "DoRA");
   CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"peft_type":"IA3"})", "c"), "expected \"LORA\"");
-  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"alpha_pattern":{"q":4}})", "c"), "per-module alphas");
   CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"modules_to_save":["lm_head"]})", "c"), "modules_to_save");
+  // types are exact, numbers finite (the rules shared with lorart's Python loader)
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":16.0,"lora_alpha":8})", "c"), "field \"r\": expected a JSON integer");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":16.5,"lora_alpha":8})", "c"), "field \"r\": expected a JSON integer");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":true,"lora_alpha":8})", "c"), "field \"r\": expected a JSON integer");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"use_rslora":"false"})", "c"),
+               "field \"use_rslora\": expected a JSON boolean, got string");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":NaN})", "c"), "json: at byte");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":1e309})", "c"), "number out of range");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":"8"})", "c"), "field \"lora_alpha\": expected a JSON number");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"use_dora":"true"})", "c"), "DoRA");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"lora_dropout":2})", "c"), "lora_dropout");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"rank_pattern":["q"]})", "c"),
+               "field \"rank_pattern\": expected a JSON object");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"rank_pattern":{"q":"4"}})", "c"), "rank_pattern.q");
+  CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"rank_pattern":{"q(":4}})", "c"), "regular expression");
+  // rank_pattern / alpha_pattern as PEFT reads them: first key (in file order) whose regex ends the path
+  AdapterConfig pat = AdapterConfig::parse(
+      R"({"r":8,"lora_alpha":16,"rank_pattern":{"v_proj":4,"layers.1.q_proj":2},"alpha_pattern":{"q_.roj":4}})", "c");
+  CHECK(pat.rank_for("model.layers.0.self_attn.v_proj") == 4 && pat.rank_for("model.layers.1.q_proj") == 2);
+  CHECK(pat.rank_for("model.layers.0.q_proj") == 8 && pat.rank_for("xv_proj") == 8);
+  CHECK_NEAR(pat.scaling_for("model.layers.0.q_proj"), 0.5, 0);
+  CHECK_NEAR(pat.scaling_for("model.layers.1.q_proj"), 2.0, 0);
+  CHECK_NEAR(pat.scaling_for("model.layers.0.k_proj"), 2.0, 0);
   CHECK_THROWS(AdapterConfig::parse(R"({"r":8,"lora_alpha":8,"bias":"all"})", "c"), "bias");
   CHECK_THROWS(AdapterConfig::parse("{r:8}", "c"), "json: at byte 1");
 }
@@ -119,6 +141,40 @@ TEST(load_apply_unload) {
                "unknown adapter 'zz'");
   CHECK_THROWS(store.apply_mixed({"a2"}, "m.q", TensorView(x, DType::F32, {2, 3}), TensorView(y, DType::F32, {2, 2})),
                "one adapter name per row");
+}
+
+TEST(strict_files) {
+  AdapterStore store;
+  // NaN / infinite weights are refused
+  std::string dn = make_adapter("nan", 0.f, kCfg);
+  {
+    float a[6] = {1, 0, std::nanf(""), 0, 1, -1}, b[4] = {1, 2, 0.5f, -1};
+    save_safetensors(dn + "/adapter_model.safetensors",
+                     {{"base_model.model.m.q.lora_A.weight", TensorView(a, DType::F32, {2, 3})},
+                      {"base_model.model.m.q.lora_B.weight", TensorView(b, DType::F32, {2, 2})}});
+  }
+  CHECK_THROWS(store.load("x", dn), "lora_A.weight': 1 of 6 values are not finite");
+  // target_modules must name the modules in the file
+  CHECK_THROWS(store.load("x", make_adapter("tg", 0.f, R"({"r":2,"lora_alpha":4,"target_modules":["k"]})")),
+               "does not list module 'm.q'");
+  // lorart_method.json: a known version that agrees with adapter_config.json
+  std::string dm = make_adapter("meta", 0.f, kCfg);
+  std::ofstream(dm + "/lorart_method.json") << R"({"format_version":99,"method":"lora","config":{"r":2}})";
+  CHECK_THROWS(store.load("x", dm), "\"format_version\": 99 is not a version");
+  std::ofstream(dm + "/lorart_method.json") << R"({"format_version":1,"method":"lora","config":{"r":2,"alpha":8.0}})";
+  CHECK_THROWS(store.load("x", dm), "\"config.alpha\" is 8 but adapter_config.json says 4");
+  std::ofstream(dm + "/lorart_method.json") << R"({"format_version":1,"method":"adapter","config":{}})";
+  CHECK_THROWS(store.load("x", dm), "not a LoRA adapter");
+  std::ofstream(dm + "/lorart_method.json") << R"({"format_version":1,"method":"qlora","config":{"r":2,"alpha":4}})";
+  store.load("meta", dm);
+  // per-module alpha: scaling 8 / 2 = 4 instead of the default 2
+  store.load("ap", make_adapter("ap", 0.f, R"({"r":2,"lora_alpha":4,"alpha_pattern":{"q":8}})"));
+  float x[3] = {0.5f, -1.f, 2.f}, y[2] = {0, 0}, r[2] = {0, 0};
+  store.apply("ap", "m.q", TensorView(x, DType::F32, {1, 3}), TensorView(y, DType::F32, {1, 2}));
+  reference(x, 0.f, 4.f, r, 1);
+  CHECK_NEAR(y[0], r[0], 1e-5);
+  CHECK_NEAR(y[1], r[1], 1e-5);
+  CHECK(store.names() == (std::vector<std::string>{"ap", "meta"}));
 }
 
 TEST(keep_dtype) {

@@ -15,9 +15,11 @@
 //   {"cmd": "list"}                                    -> {"adapters": [...], "in": K, "out": N}
 //   {"cmd": "unload", "adapter": "a1"}                 -> {"unloaded": true|false}
 //   {"cmd": "load", "adapter": "a3", "path": "DIR"}   -> {"loaded": "a3"}
-// Any error answers {"error": "..."} on that line and the service goes on.
+// Any error answers {"error": "..."} on that line and the service goes on; every line is strict JSON (an
+// input or output outside float32's finite range is an error, never "nan"/"inf").
 // y = base(x) + s * (x @ A.T) @ B.T (PEFT's formula), computed in float32; numbers are
 // printed with 9 significant digits (exact float32 round trip).
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -68,7 +70,13 @@ struct Service {
       if (static_cast<int64_t>(row.size()) != K)
         throw lorart::Error("\"x\"" + std::string(batched ? " row " + std::to_string(m) : "") + ": expected " +
                             std::to_string(K) + " numbers (in_features), got " + std::to_string(row.size()));
-      for (int64_t k = 0; k < K; ++k) x.ptr<float>()[m * K + k] = static_cast<float>(row[k].as_double("\"x\" value"));
+      for (int64_t k = 0; k < K; ++k) {
+        float v = static_cast<float>(row[k].as_double("\"x\" value"));
+        if (!std::isfinite(v))
+          throw lorart::Error("\"x\"" + std::string(batched ? " row " + std::to_string(m) : "") + " value " +
+                              std::to_string(k) + ": out of float32 range");
+        x.ptr<float>()[m * K + k] = v;
+      }
     }
     std::vector<std::string> names(static_cast<size_t>(M));
     const json::Value* ad = req.find("adapter");
@@ -84,6 +92,9 @@ struct Service {
     }
     base.forward(x.view(), y.view());
     store.apply_mixed(names, module, x.view(), y.view());
+    for (int64_t i = 0; i < M * N; ++i)  // JSON has no NaN / Infinity: say so instead of printing "-nan"
+      if (!std::isfinite(y.ptr<float>()[i]))
+        throw lorart::Error("the output row " + std::to_string(i / N) + " is not finite (float32 overflow)");
     auto row_of = [&](int64_t m) {
       json::Value::Array r;
       for (int64_t n = 0; n < N; ++n) r.emplace_back(static_cast<double>(y.ptr<float>()[m * N + n]));
@@ -110,9 +121,10 @@ struct Service {
 // which for float32 values may print 17 digits).
 std::string dump_f32(const json::Value& v) {
   if (v.is_number() && !v.is_integer()) {
+    if (!std::isfinite(v.as_double())) throw lorart::Error("a non-finite number cannot be written as JSON");
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.9g", v.as_double());
-    return std::strpbrk(buf, ".eEn") ? std::string(buf) : std::string(buf) + ".0";
+    return std::strpbrk(buf, ".eE") ? std::string(buf) : std::string(buf) + ".0";
   }
   if (v.is_array()) {
     std::string s = "[";

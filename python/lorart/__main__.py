@@ -8,7 +8,7 @@ import sys
 def _cmd_info(args: argparse.Namespace) -> int:
     import lorart
 
-    print(lorart.format_build_info())
+    print(lorart.format_build_info(lorart.system_info()))
     return 0
 
 
@@ -22,11 +22,14 @@ def cmake_dir() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorart", description="Parameter-efficient fine-tuning on a C++/CUDA core.")
+    from .cli import Parser
+
+    p = Parser(prog="lorart", description="Parameter-efficient fine-tuning on a C++/CUDA core.")
     p.add_argument("--cmake-dir", action="store_true",
                    help="print the folder of lorartConfig.cmake (cmake -Dlorart_DIR=...) and exit")
     sub = p.add_subparsers(dest="command")
-    info = sub.add_parser("info", help="version, CUDA kernels compiled, GPU usable now")
+    info = sub.add_parser("info", help="version, CUDA kernels compiled and the GPUs', CPU bf16/AMX support, extras "
+                                        "installed")
     info.set_defaults(func=_cmd_info)
     from .cli import add_subcommands
     add_subcommands(sub)

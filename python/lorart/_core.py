@@ -29,29 +29,6 @@ def cuda_usable() -> bool:
     return cuda_status()[0] > 0
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from the
-    kernel's CPU flags. Without it torch emulates bf16 matmuls on the CPU, far slower than float32
-    (measured on an AVX2 EPYC: 0.9 GFLOP/s bf16 vs 94 fp32), so CPU training defaults to float32 there."""
-    import os
-
-    env = os.environ.get("LORART_CPU_BF16")
-    if env in ("0", "1"):  # an override for tests and for CPUs whose flags the kernel does not report
-        return env == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(val.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def build_info() -> dict:
     """Version, whether CUDA kernels were compiled, for which architectures, and
     whether a GPU is usable now."""
@@ -66,7 +43,18 @@ def build_info() -> dict:
     info["torch_version"] = torch.__version__
     info["torch_cuda"] = torch.cuda.is_available()
     info["cpu_threads"] = _C.get_num_threads()
-    info["cpu_native_bf16"] = cpu_native_bf16()
+    return info
+
+
+def system_info() -> dict:
+    """build_info() plus the machine and installation: the CPU (native bf16 / AMX), each GPU torch sees with
+    how lorart's kernels run on it, and the optional extras installed."""
+    from . import sysinfo
+
+    info = build_info()
+    info["cpu"] = sysinfo.cpu_info()
+    info["gpus"] = sysinfo.gpu_info(info.get("cuda_architectures", "") if info["cuda_compiled"] else "")
+    info["extras"] = sysinfo.extras()
     return info
 
 
@@ -87,6 +75,7 @@ def format_build_info(info: dict | None = None) -> str:
         lines.append(f"  GPU usable now: no ({info.get('gpu_unusable_reason', '')})")
     lines.append(f"  torch {info['torch_version']} (torch.cuda available: {info['torch_cuda']})")
     lines.append(f"  CPU kernel threads: {info['cpu_threads']}")
-    if "cpu_native_bf16" in info:
-        lines.append(f"  CPU bfloat16: {'native' if info['cpu_native_bf16'] else 'emulated (CPU training defaults to float32)'}")
+    if "cpu" in info:
+        from .sysinfo import format_info
+        lines += format_info(info)
     return "\n".join(lines)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._atomic import atomic_dir
+from .errors import FileFormatError, InputError
+from .fileformats import Fields, read_json, read_method_file, read_safetensors
 from .inject import lora_layers
 from .nn.lora import LoRALinear, nf4_weight_of
 
@@ -21,7 +25,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(FileFormatError):
     """A bad adapter file; the message names the file and the key."""
 
 
@@ -84,79 +88,177 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     cfg = adapter_config(model, adapter_name, base_model_name_or_path, task_type)
     sd = adapter_state_dict(model, adapter_name)
+    for k, t in sd.items():   # never write a file the loader would refuse
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"lorart: save_adapter: refusing to write {directory}: `{k}` holds NaN or infinite "
+                             "values (did the training diverge?)")
     directory = os.path.abspath(directory)
     with atomic_dir(directory) as tmp:
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+            json.dump(cfg, f, indent=2, sort_keys=True, allow_nan=False)
     return directory
 
 
-def _read_config(directory: str) -> dict:
+# Options of a PEFT LoRA config that change the math lorart (and its C++ store) would apply: refused when set.
+MATH_CHANGING = {
+    "use_dora": "DoRA adapters are not supported",
+    "fan_in_fan_out": "transposed (Conv1D) bases are not supported",
+    "lora_bias": "LoRA biases (lora_B with a bias) are not supported",
+    "use_qalora": "QA-LoRA is not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "layer_replication": "layer replication is not supported",
+    "target_parameters": "LoRA on parameters (not modules) is not supported",
+    "trainable_token_indices": "trainable tokens are not supported",
+    "alora_invocation_tokens": "activated LoRA is not supported",
+    "modules_to_save": "adapters with fully trained modules are not supported",
+    "arrow_config": "Arrow routing is not supported",
+    "kasa_config": "KaSA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "velora_config": "VeLoRA is not supported",
+}
+
+
+@dataclass
+class LoraFileConfig:
+    """A checked PEFT LoRA `adapter_config.json` (the rules the C++ AdapterConfig::parse applies too)."""
+    path: str
+    r: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    targets: object            # list of names (PEFT suffix rule), a regex string, or None
+    rank_pattern: dict
+    alpha_pattern: dict
+    base_model_name_or_path: str | None
+
+    def rank(self, module: str) -> int:
+        return _pattern_value(self.rank_pattern, module, self.r)
+
+    def alpha_of(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.alpha))
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key, in file
+    order, that matches the module path as the regex `(.*[.])?(KEY)` (so a plain name matches as a suffix)."""
+    for key, v in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
+            return v
+    return default
+
+
+def read_lora_config(directory: str) -> LoraFileConfig:
+    """Read and check `adapter_config.json` of a PEFT LoRA folder (types exact, numbers finite)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise AdapterFileError(f"lorart: {path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"lorart: {path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterFileError(f"lorart: {path}: expected a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"lorart: {path}: key `peft_type`: expected 'LORA', got {cfg.get('peft_type')!r}")
-    for k in ("r", "lora_alpha"):
-        if k not in cfg:
-            raise AdapterFileError(f"lorart: {path}: key `{k}` is missing")
-    if cfg.get("use_dora"):
-        raise AdapterFileError(f"lorart: {path}: key `use_dora`: DoRA adapters are not supported")
-    if cfg.get("fan_in_fan_out"):
-        raise AdapterFileError(f"lorart: {path}: key `fan_in_fan_out`: transposed (Conv1D) bases are not supported")
-    return cfg
+    f = Fields(read_json(path, AdapterFileError), path, error=AdapterFileError)
+    f.str("peft_type", "LORA", choices=("LORA",))
+    r = f.int("r", min=1)
+    alpha = f.number("lora_alpha")
+    for key, why in MATH_CHANGING.items():
+        f.refuse_set(key, why)
+    if f.str("bias", "none") != "none":
+        f.fail("bias", "'none' (trained biases are not supported)", f.obj["bias"])
+    targets = f.obj.get("target_modules")
+    if targets is not None and not isinstance(targets, str):
+        targets = f.str_list("target_modules")
+    ranks = f.obj_of("rank_pattern", "int", min=1)
+    alphas = f.obj_of("alpha_pattern", "number")
+    for key in list(ranks) + list(alphas):
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise AdapterFileError(f"lorart: {path}: key `{'rank' if key in ranks else 'alpha'}_pattern.{key}`: not "
+                                   f"a valid regular expression ({e})") from None
+    return LoraFileConfig(path=path, r=r, alpha=float(alpha), rslora=f.bool("use_rslora", False),
+                          dropout=float(f.number("lora_dropout", 0.0, lo=0.0, hi=1.0)), targets=targets,
+                          rank_pattern=ranks, alpha_pattern=alphas,
+                          base_model_name_or_path=f.str("base_model_name_or_path", None))
 
 
-def _read_tensors(directory: str) -> dict[str, torch.Tensor]:
+LORA_METHOD_KEYS = ("targets", "r", "alpha", "dropout", "rslora", "blocksize", "double_quant")
+
+
+def check_method_file(directory: str, cfg: LoraFileConfig) -> None:
+    """A lorart LoRA folder also holds lorart_method.json: it must be a known format, its config typed as
+    lorart's LoRAConfig / QLoRAConfig, and agree with the PEFT config (a file that says one thing and a config
+    that says another is refused, not guessed). The C++ store applies the same rules."""
+    meta = read_method_file(directory, AdapterFileError)
+    if meta is None:
+        return
+    mpath, c = meta["path"], meta["config"]
+    if meta["method"] not in ("lora", "qlora"):
+        raise AdapterFileError(f"lorart: {mpath}: key `method`: a {meta['method']!r} artifact, not a LoRA adapter")
+    f = Fields(c, mpath, "config.", AdapterFileError)
+    unknown = sorted(set(c) - set(LORA_METHOD_KEYS))
+    if unknown:
+        raise AdapterFileError(f"lorart: {mpath}: key `config.{unknown[0]}`: not an option of a LoRA method")
+    if c.get("targets") is not None and not isinstance(c["targets"], str):
+        f.str_list("targets")
+    got = {"r": f.int("r", None, min=1), "alpha": f.number("alpha", None), "rslora": f.bool("rslora", None)}
+    f.number("dropout", None, lo=0.0, hi=1.0)
+    f.int("blocksize", None, min=1)
+    f.bool("double_quant", None)
+    for key, want in (("r", cfg.r), ("alpha", cfg.alpha), ("rslora", cfg.rslora)):
+        if got[key] is not None and got[key] != want:
+            raise AdapterFileError(f"lorart: {mpath}: key `config.{key}` is {c[key]!r} but {cfg.path} says "
+                                   f"{want!r}: the two files disagree")
+
+
+def read_lora_tensors(directory: str) -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> {"lora_A": A, "lora_B": B}, from `adapter_model.safetensors` (float32/bf16/fp16, finite)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         pickles = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(directory, f))]
         why = (f"; found {pickles[0]}, a pickle, which lorart never loads (it can run code): convert it to "
                "safetensors with a tool you trust") if pickles else ""
         raise AdapterFileError(f"lorart: {path}: missing{why}")
-    from safetensors import safe_open
-
-    try:
-        out = {}
-        with safe_open(path, framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
-    except Exception as e:  # truncated / corrupt header or data
-        raise AdapterFileError(f"lorart: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module path exactly or as a suffix."""
-    for key, v in (patterns or {}).items():
-        if path == key or path.endswith("." + key):
-            return v
-    return default
-
-
-def _module_pairs(tensors: dict, wpath: str) -> dict[str, dict[str, torch.Tensor]]:
+    tensors = read_safetensors(path, AdapterFileError)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        parts = k.split(".")
-        if "lora_A" in parts or "lora_B" in parts:
-            i = parts.index("lora_A") if "lora_A" in parts else parts.index("lora_B")
-            # "<path>.lora_A.weight" or "<path>.lora_A.<adapter>.weight"
-            if parts[-1] != "weight" or len(parts) - i not in (2, 3):
-                raise AdapterFileError(f"lorart: {wpath}: key `{key}`: not a LoRA weight name")
-            pairs.setdefault(".".join(parts[:i]), {})[parts[i]] = t
-        else:
-            raise AdapterFileError(f"lorart: {wpath}: key `{key}`: unsupported tensor (only LoRA A/B weights, e.g. no "
-                                   "modules_to_save, DoRA magnitudes or embedding adapters)")
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        if m is None:
+            what = ("unsupported tensor (only LoRA A/B weights, e.g. no modules_to_save, DoRA magnitudes or "
+                    "embedding adapters)") if ".lora_" not in key else (
+                "not a LoRA weight name (expected base_model.model.<module>.lora_A.weight / .lora_B.weight)")
+            raise AdapterFileError(f"lorart: {path}: key `{key}`: {what}")
+        if t.dim() != 2 or 0 in t.shape:
+            raise AdapterFileError(f"lorart: {path}: key `{key}`: expected a non-empty 2-d tensor, got shape "
+                                   f"{list(t.shape)}")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    if not pairs:
+        raise AdapterFileError(f"lorart: {path}: holds no LoRA weights")
     return pairs
+
+
+def read_lora_folder(directory: str) -> tuple[LoraFileConfig, dict[str, dict[str, torch.Tensor]]]:
+    """The one strict reader of a PEFT LoRA folder: config, lorart_method.json agreement, tensors, and every
+    rule that needs no model (pairs complete, ranks = r / rank_pattern, target_modules lists every module)."""
+    cfg = read_lora_config(directory)
+    check_method_file(directory, cfg)
+    pairs = read_lora_tensors(directory)
+    wpath = os.path.join(directory, WEIGHTS_NAME)
+    for mod, ab in sorted(pairs.items()):
+        for part in ("lora_A", "lora_B"):
+            if part not in ab:
+                raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{mod}.{part}.weight` is missing (the "
+                                       f"other half of module {mod!r} is present)")
+        A, B = ab["lora_A"], ab["lora_B"]
+        r = cfg.rank(mod)
+        if A.shape[0] != r:
+            raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{mod}.lora_A.weight`: rank {A.shape[0]} "
+                                   f"disagrees with the config's r / rank_pattern ({r})")
+        if B.shape[1] != r:
+            raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{mod}.lora_B.weight`: expected shape "
+                                   f"[out, {r}], got {list(B.shape)}")
+    if isinstance(cfg.targets, list):
+        unknown = sorted(m for m in pairs if not any(m == t or m.endswith("." + t) for t in cfg.targets))
+        if unknown:
+            raise AdapterFileError(f"lorart: {cfg.path}: key `target_modules` {cfg.targets} does not list modules "
+                                   f"with weights in the file: {sorted({_leaf(m) for m in unknown})}")
+    return cfg, pairs
 
 
 def load_adapter(model: nn.Module, directory: str, name: str = "default", dropout: float | None = None,
@@ -165,18 +267,10 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
     file that have no LoRA yet are wrapped in LoRALinear. All checks run before anything is changed. The
     loaded weights are frozen unless `trainable`.
     Returns the module paths that received the adapter."""
-    cfg = _read_config(directory)
-    tensors = _read_tensors(directory)
+    cfg, pairs = read_lora_folder(directory)
     wpath = os.path.join(directory, WEIGHTS_NAME)
-    pairs = _module_pairs(tensors, wpath)
-    if not pairs:
-        raise AdapterFileError(f"lorart: {wpath}: holds no LoRA weights")
     plan = []
     for path, ab in sorted(pairs.items()):
-        for part in ("lora_A", "lora_B"):
-            if part not in ab:
-                raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{path}.{part}.weight` is missing (the "
-                                       f"other half of module {path!r} is present)")
         try:
             m = model.get_submodule(path)
         except AttributeError:
@@ -188,29 +282,16 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
         if isinstance(m, LoRALinear) and name in m.adapter_names:
             raise ValueError(f"lorart: load_adapter: module {path!r} already has an adapter named {name!r}")
         A, B = ab["lora_A"], ab["lora_B"]
-        r = int(_pattern_value(cfg.get("rank_pattern"), path, cfg["r"]))
-        if A.dim() != 2 or A.shape != (A.shape[0], m.in_features) or A.shape[0] == 0:
+        r = A.shape[0]
+        if A.shape[1] != m.in_features:
             raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{path}.lora_A.weight`: expected shape "
                                    f"[r, {m.in_features}], got {list(A.shape)}")
-        if B.dim() != 2 or B.shape != (m.out_features, A.shape[0]):
+        if B.shape[0] != m.out_features:
             raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{path}.lora_B.weight`: expected shape "
-                                   f"[{m.out_features}, {A.shape[0]}], got {list(B.shape)}")
-        if r != A.shape[0]:
-            raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{path}.lora_A.weight`: rank {A.shape[0]} "
-                                   f"disagrees with the config's r / rank_pattern ({r})")
-        for key, t in ((f"{path}.lora_A.weight", A), (f"{path}.lora_B.weight", B)):
-            if not t.dtype.is_floating_point or not torch.isfinite(t).all():
-                raise AdapterFileError(f"lorart: {wpath}: key `{PREFIX}{key}`: expected finite floats")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg["lora_alpha"]))
-        plan.append((path, m, A, B, r, alpha))
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        unknown = sorted({_leaf(p) for p, *_ in plan} - set(targets))
-        if unknown:
-            raise AdapterFileError(f"lorart: {os.path.join(directory, CONFIG_NAME)}: key `target_modules` "
-                                   f"{targets} does not list modules with weights in the file: {unknown}")
-    p = float(cfg.get("lora_dropout", 0.0) if dropout is None else dropout)
-    rs = bool(cfg.get("use_rslora", False))
+                                   f"[{m.out_features}, {r}], got {list(B.shape)}")
+        plan.append((path, m, A, B, r, cfg.alpha_of(path)))
+    p = float(cfg.dropout if dropout is None else dropout)
+    rs = cfg.rslora
     done = []
     for path, m, A, B, r, alpha in plan:
         if isinstance(m, LoRALinear):
@@ -219,7 +300,7 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
             if not activate and prev is not None:
                 m.active_adapter = prev
         else:
-            m = LoRALinear(m, r, alpha, p, rs, name, init=False)
+            m = LoRALinear(m, r, alpha, p, rs, name, init=False).train(m.training)   # the replaced layer's mode
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, m)
         with torch.no_grad():
@@ -233,4 +314,4 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
 
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "adapter_config", "AdapterFileError",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "read_lora_config", "read_lora_folder", "LoraFileConfig"]

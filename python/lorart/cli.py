@@ -1,14 +1,20 @@
-"""The `lorart` subcommands train / generate / chat / eval (`info` lives in __main__).
+"""The `lorart` subcommands train / generate / chat / eval / export (`info` lives in __main__).
 
-User mistakes (missing files, bad options, bad data) end with one line `lorart: error: ...` and exit code 2
-(LORART_DEBUG=1 shows the traceback instead).
+Every failure ends as one line on stderr:
+- `lorart: error: ...` and exit code 2 for bad input or environment: options, missing or lying files, bad data,
+  a full disk, a read-only or forbidden output folder, out of memory;
+- `lorart: error: internal error: ...` and exit code 1 for a bug in lorart (report it).
+`LORART_DEBUG=1` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 
+from .errors import InputError, write_error
 from .training.options import TrainOptions
 
 # `lorart train` with neither --model nor --data: the embedded model on the bundled data, a few minutes on CPU
@@ -16,8 +22,55 @@ QUICK_DEFAULTS = {"max_steps": 30, "batch_size": 8, "max_seq_len": 160, "lr": 1e
                   "warmup": 3, "num_samples": 8, "sample_max_new_tokens": 24}
 
 
-class UserError(Exception):
+class UserError(InputError):
     """A mistake in the command line or the inputs: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with lorart's error style: one line `lorart: error: ...`, exit code 2."""
+
+    def error(self, message: str):
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        where = f"{sub}: " if sub else ""
+        print(f"lorart: error: {where}{message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number: {s!r}") from None
+        low_ok = lo is None or (v > lo if lo_open else v >= lo)
+        if not math.isfinite(v) or not low_ok or (hi is not None and v > hi):
+            rng = "" if lo is None and hi is None else (
+                f" in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None else f" {'>' if lo_open else '>='} {lo:g}")
+            raise argparse.ArgumentTypeError(f"expected a finite number{rng}, got {s!r}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def regex(s: str) -> str:
+    try:
+        re.compile(s)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {s!r}: {e}") from None
+    return s
 
 
 def _int_or_none(s):
@@ -55,12 +108,16 @@ def _key_value(s):
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainOptions()
-    p.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="training JSONL (instruction / chat / text records; default: the bundled set)")
-    p.add_argument("--eval-data", help="held-out JSONL (default: --eval-fraction of --data)")
+    p.add_argument("--model", help="HF model folder (dense or bitsandbytes 4-bit NF4) or .gguf file (default: the "
+                                   "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training data: a .jsonl/.json/.parquet/.csv file, a folder or a glob of them "
+                                  "(instruction, prompt/completion, chat, ShareGPT or text records; default: the "
+                                  "bundled set)")
+    p.add_argument("--eval-data", help="held-out data, as --data (default: --eval-fraction of --data)")
     p.add_argument("--output-dir", default="lorart-output", help="where the adapter and reports go")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir")
     p.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("training options (lorart.train keywords; None = library default)")
@@ -70,12 +127,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="an option of the method (repeatable), e.g. bottleneck=64, num_virtual_tokens=20, "
                         "projection=true, init_text='Answer briefly'")
     g.add_argument("--r", type=int)
-    g.add_argument("--alpha", type=float)
-    g.add_argument("--dropout", type=float)
+    g.add_argument("--alpha", type=finite_float())
+    g.add_argument("--dropout", type=finite_float(0, 1))
     g.add_argument("--targets", type=_targets, help=f"comma-separated module names, a regex or all-linear "
                                                     f"(default {','.join(d.targets)})")
     g.add_argument("--rslora", action="store_true", default=None)
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
+    g.add_argument("--lr", type=finite_float(0, lo_open=True), help=f"peak learning rate (default {d.lr:g})")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int)
     g.add_argument("--batch-size", type=int)
@@ -83,20 +140,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int)
     g.add_argument("--warmup", type=_warmup, help="steps (>= 1) or a fraction of the steps (< 1)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"])
-    g.add_argument("--min-lr-ratio", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--max-grad-norm", type=float)
+    g.add_argument("--min-lr-ratio", type=finite_float(0, 1))
+    g.add_argument("--weight-decay", type=finite_float(0))
+    g.add_argument("--max-grad-norm", type=finite_float())
+    g.add_argument("--skip-nonfinite", type=int_at_least(0), metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is not finite (default 0: stop at the first)")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--early-stopping-patience", type=int)
-    g.add_argument("--early-stopping-min-delta", type=float)
+    g.add_argument("--early-stopping-min-delta", type=finite_float(0))
     g.add_argument("--gradient-checkpointing", action="store_true", default=None)
     g.add_argument("--packing", action="store_true", default=None)
     g.add_argument("--seed", type=int)
-    g.add_argument("--eval-fraction", type=float)
+    g.add_argument("--eval-fraction", type=finite_float(0, 1))
     g.add_argument("--num-samples", type=int, help="held-out prompts generated before/after (samples.md)")
     g.add_argument("--sample-max-new-tokens", type=int)
-    g.add_argument("--format-regex", help="regex a generated answer must fully match (format_accuracy)")
+    g.add_argument("--format-regex", type=regex, help="regex a generated answer must fully match (format_accuracy)")
     g.add_argument("--log-every", type=int)
     g.add_argument("--keep-checkpoints", type=int)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -112,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, v in QUICK_DEFAULTS.items():
             opts.setdefault(k, v)
     train(args.model, args.data, eval_data=args.eval_data, output_dir=args.output_dir, device=args.device,
-          resume=bool(args.resume), general_data=not args.no_general, progress=not args.quiet, **opts)
+          resume=bool(args.resume), overwrite=bool(args.overwrite), general_data=not args.no_general,
+          progress=not args.quiet, **opts)
     return 0
 
 
@@ -121,7 +181,10 @@ def _load_for_inference(args):
 
     from .models import load_model
     from .training.setup import resolve_device
-    dev = resolve_device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e).replace("lorart.train: argument `device`", "argument --device")) from None
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, tok = load_model(args.model, dtype=dtype, device=dev)
     if tok is None:
@@ -179,11 +242,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    from ._atomic import strict_json
     from .training.evaluate import eval_loss, format_accuracy, generate_samples
     from .training.options import DEFAULT_FORMAT_REGEX
-    from .training.setup import _load
+    from .data import load_examples
     model, tok, dev, dtype = _load_for_inference(args)
     data = args.data
     regex = args.format_regex
@@ -191,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import default_dataset_paths
         data = default_dataset_paths()["heldout"]
         regex = regex or DEFAULT_FORMAT_REGEX
-    examples = _load(data, tok, args.max_seq_len, "data")
+    examples = load_examples(data, tok, args.max_seq_len).examples
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     ev = eval_loss(model, examples, pad, dev, dtype, args.batch_size)
     res = {"data": data, "examples": len(examples), "tokens": ev["tokens"], "loss": ev["loss"], "ppl": ev["ppl"]}
@@ -200,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    args.batch_size)
         res["format_accuracy"] = format_accuracy(samples, regex)
         res["format_prompts"] = len(samples)
-    print(json.dumps(res, indent=2))
+    print(strict_json(res, indent=2))
     return 0
 
 
@@ -209,8 +271,10 @@ def add_subcommands(sub) -> None:
                                      "model on the bundled data)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
-    from .methods.compare import add_subcommand as add_compare
+    from .training.compare import add_subcommand as add_compare
     add_compare(sub)
+    from .export import add_subcommand as add_export
+    add_export(sub)
     for name, fn, hlp in (("generate", cmd_generate, "answer one prompt"),
                           ("chat", cmd_chat, "interactive chat (EOF exits)"),
                           ("eval", cmd_eval, "held-out loss / perplexity (and format accuracy) of a model")):
@@ -219,41 +283,68 @@ def add_subcommands(sub) -> None:
         c.add_argument("--adapter", help="a trained method folder (e.g. lorart-output/adapter): any lorart method, or "
                                          "a PEFT LoRA / prompt / prefix folder")
         c.add_argument("--device", default="auto")
-        c.add_argument("--max-new-tokens", type=int, default=128 if name != "eval" else 32)
+        c.add_argument("--max-new-tokens", type=int_at_least(0), default=128 if name != "eval" else 32)
         if name == "eval":
-            c.add_argument("--data", help="JSONL to evaluate on (default: the bundled held-out set)")
-            c.add_argument("--max-seq-len", type=int, default=512)
-            c.add_argument("--batch-size", type=int, default=8)
-            c.add_argument("--num-samples", type=int, default=8,
+            c.add_argument("--data", help="data to evaluate on, as train's --data (default: the bundled held-out set)")
+            c.add_argument("--max-seq-len", type=int_at_least(2), default=512)
+            c.add_argument("--batch-size", type=int_at_least(1), default=8)
+            c.add_argument("--num-samples", type=int_at_least(0), default=8,
                            help="prompts generated for format_accuracy (with --format-regex or the default data)")
-            c.add_argument("--format-regex")
+            c.add_argument("--format-regex", type=regex)
         else:
-            c.add_argument("--temperature", type=float, default=0.0)
-            c.add_argument("--top-p", type=float, default=1.0)
+            c.add_argument("--temperature", type=finite_float(0), default=0.0)
+            c.add_argument("--top-p", type=finite_float(0, 1, lo_open=True), default=1.0)
             c.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
         if name == "generate":
             c.add_argument("prompt", nargs="+")
         c.set_defaults(func=fn)
 
 
+def _oserror_message(e: OSError) -> str:
+    named = write_error(e.filename or "", e)
+    if named is not None:
+        return str(named)
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what.lower()}" if e.filename else what
+
+
+def describe_error(e: BaseException) -> tuple[str, int]:
+    """(the one line after `lorart: error: `, exit code) for an exception that ended a command."""
+    import torch
+
+    if isinstance(e, OSError) and not isinstance(e, InputError):
+        msg, code = _oserror_message(e), 2
+    elif isinstance(e, ValueError):   # InputError and lorart's other argument checks; UnicodeDecodeError
+        msg, code = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e), 2
+    elif isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        msg, code = f"out of memory ({type(e).__name__}: {e}); try a smaller batch, sequence length or model", 2
+    else:
+        where = ""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        msg = (f"internal error: {type(e).__name__}: {e}{where}. This is a bug in lorart: please report it with "
+               f"the command and the traceback that `LORART_DEBUG=1 lorart ...` prints")
+        code = 1
+    msg = " ".join(str(msg).split())
+    if msg.startswith("lorart: "):
+        msg = msg[len("lorart: "):]
+    return msg, code
+
+
 def run(func, args) -> int:
-    """Call a subcommand; user mistakes become one line on stderr and exit code 2."""
-    from .adapters import AdapterFileError
-    from .data import DataError
+    """Call a subcommand; every failure becomes one line on stderr (see the module docstring)."""
     try:
         return int(func(args) or 0)
-    except (UserError, DataError, AdapterFileError, FileNotFoundError, IsADirectoryError, PermissionError,
-            ValueError, TypeError, KeyError) as e:
-        if os.environ.get("LORART_DEBUG"):
-            raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        msg = " ".join(msg.split())
-        for prefix in ("lorart: ",):
-            if msg.startswith(prefix):
-                msg = msg[len(prefix):]
-        print(f"lorart: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\nlorart: interrupted (a run with checkpoints continues with `lorart train --resume`)",
               file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("LORART_DEBUG"):
+            raise
+        msg, code = describe_error(e)
+        print(f"lorart: error: {msg}", file=sys.stderr)
+        return code

@@ -74,6 +74,7 @@ int64_t TensorView::size(int dim) const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // no element to misplace (torch agrees)
   int64_t st = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     if (shape[d] != 1 && strides[d] != st) return false;

@@ -1,12 +1,14 @@
 // PEFT adapter folders -> lorart::Adapter, and the thread-safe AdapterStore.
 #include <sys/stat.h>
 
+#include <cmath>
 #include <fstream>
 #include <mutex>
 #include <sstream>
 
 #include "common/check.h"
 #include "lorart/adapter_store.h"
+#include "lorart/json.h"
 #include "lorart/safetensors.h"
 #include "store/apply.h"
 
@@ -31,6 +33,90 @@ const std::string kA = ".lora_A.weight", kB = ".lora_B.weight";
 
 bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+
+// A folder written by lorart also holds lorart_method.json: a known format that agrees with the PEFT config.
+void check_method_file(const std::string& name, const std::string& folder, const AdapterConfig& cfg) {
+  const std::string path = folder + "/lorart_method.json";
+  if (!file_exists(path)) return;
+  const std::string w = detail::cat("adapter '", name, "': '", path, "'");
+  json::Value v;
+  try {
+    v = json::parse(read_text(path));
+  } catch (const Error& e) {
+    LORART_CHECK(false, w, ": ", e.what());
+  }
+  LORART_CHECK(v.is_object(), w, ": expected a JSON object, got ", v.type_name());
+  const json::Value* fv = v.find("format_version");
+  LORART_CHECK(fv && fv->is_integer(), w, ": field \"format_version\": expected the integer 1, got ",
+               fv ? fv->type_name() : "nothing");
+  LORART_CHECK(fv->as_int() == 1, w, ": field \"format_version\": ", fv->as_int(),
+               " is not a version this lorart reads (it reads 1)");
+  const json::Value* m = v.find("method");
+  LORART_CHECK(m && m->is_string(), w, ": field \"method\": expected a string");
+  if (const json::Value* b = v.find("base_model"); b && !b->is_null()) {
+    for (const auto& kv : b->as_object((w + ": field \"base_model\"").c_str())) {
+      std::string f = w + ": field \"base_model." + kv.first + "\"";
+      LORART_CHECK(kv.second.as_int(f.c_str()) >= 0, f, ": expected an integer >= 0");
+    }
+  }
+  if (const json::Value* b = v.find("base_model_name_or_path"); b && !b->is_null())
+    b->as_string((w + ": field \"base_model_name_or_path\"").c_str());
+  LORART_CHECK(m->as_string() == "lora" || m->as_string() == "qlora", w, ": field \"method\": a '", m->as_string(),
+               "' artifact, not a LoRA adapter");
+  const json::Value* c = v.find("config");
+  if (!c || c->is_null()) return;
+  LORART_CHECK(c->is_object(), w, ": field \"config\": expected an object, got ", c->type_name());
+  // typed as lorart's LoRAConfig / QLoRAConfig (null reads as absent)
+  static const char* kKeys[] = {"targets", "r", "alpha", "dropout", "rslora", "blocksize", "double_quant"};
+  for (const auto& kv : c->as_object()) {
+    bool known = false;
+    for (const char* k : kKeys) known = known || kv.first == k;
+    LORART_CHECK(known, w, ": field \"config.", kv.first, "\": not an option of a LoRA method");
+    if (kv.second.is_null()) continue;
+    std::string f = w + ": field \"config." + kv.first + "\"";
+    if (kv.first == "targets" && !kv.second.is_string()) {
+      for (const auto& t : kv.second.as_array(f.c_str())) t.as_string(f.c_str());
+    } else if (kv.first == "dropout") {
+      double d = kv.second.as_double(f.c_str());
+      LORART_CHECK(d >= 0.0 && d <= 1.0, f, ": expected a number in [0, 1], got ", d);
+    } else if (kv.first == "blocksize") {
+      LORART_CHECK(kv.second.as_int(f.c_str()) >= 1, f, ": expected an integer >= 1");
+    } else if (kv.first == "double_quant") {
+      kv.second.as_bool(f.c_str());
+    }
+  }
+  if (const json::Value* r = c->find("r"); r && !r->is_null()) {
+    int64_t k = r->as_int((w + ": field \"config.r\"").c_str());
+    LORART_CHECK(k == cfg.r, w, ": field \"config.r\" is ", k, " but adapter_config.json says ", cfg.r,
+                 ": the two files disagree");
+  }
+  if (const json::Value* a = c->find("alpha"); a && !a->is_null()) {
+    double x = a->as_double((w + ": field \"config.alpha\"").c_str());
+    LORART_CHECK(x == cfg.lora_alpha, w, ": field \"config.alpha\" is ", x, " but adapter_config.json says ",
+                 cfg.lora_alpha, ": the two files disagree");
+  }
+  if (const json::Value* b = c->find("rslora"); b && !b->is_null()) {
+    bool x = b->as_bool((w + ": field \"config.rslora\"").c_str());
+    LORART_CHECK(x == cfg.use_rslora, w, ": field \"config.rslora\" is ", x ? "true" : "false",
+                 " but adapter_config.json says ", cfg.use_rslora ? "true" : "false", ": the two files disagree");
+  }
+}
+
+// Every value of a float tensor is finite.
+void check_finite(const Tensor& t, const std::string& what) {
+  Tensor f = t.dtype() == DType::F32 ? t : t.to(DType::F32);
+  const float* p = f.ptr<float>();
+  int64_t bad = 0, n = f.numel();
+  for (int64_t i = 0; i < n; ++i) bad += std::isfinite(p[i]) ? 0 : 1;
+  LORART_CHECK(bad == 0, what, ": ", bad, " of ", n, " values are not finite (NaN or infinity)");
+}
+
+bool targeted(const AdapterConfig& c, const std::string& module) {
+  if (c.target_modules.empty() && !c.target_modules_regex.empty()) return true;  // regex form: not checked
+  for (const auto& t : c.target_modules)
+    if (module == t || ends_with(module, "." + t)) return true;
+  return c.target_modules.empty() && c.target_modules_regex.empty();  // null: nothing to check
 }
 }  // namespace
 
@@ -62,6 +148,7 @@ std::shared_ptr<const Adapter> load_peft_adapter(const std::string& name, const 
   a->folder = folder;
   a->config = AdapterConfig::parse(read_text(cfg_path), cfg_path);
   a->scaling = static_cast<float>(a->config.scaling());
+  check_method_file(name, folder, a->config);
 
   SafetensorsFile f = SafetensorsFile::open(st_path);
   for (const auto& e : f.entries()) {
@@ -84,15 +171,22 @@ std::shared_ptr<const Adapter> load_peft_adapter(const std::string& name, const 
                         "': expected dtype F32|BF16|F16, got ", x->dtype_name);
       LORART_CHECK(x->shape.size() == 2, "adapter '", name, "': file '", st_path, "': tensor '", x->name,
                    "': expected a 2-d tensor, got ", x->shape.size(), " dimensions");
+      LORART_CHECK(x->shape[0] > 0 && x->shape[1] > 0, "adapter '", name, "': file '", st_path, "': tensor '",
+                   x->name, "': expected a non-empty 2-d tensor, got shape [", x->shape[0], ", ", x->shape[1], "]");
     }
-    const int64_t r = a->config.r;
+    LORART_CHECK(targeted(a->config, module), "adapter '", name, "': adapter config '", cfg_path,
+                 "': field \"target_modules\" does not list module '", module, "', which has weights in the file");
+    const int64_t r = a->config.rank_for(module);
     LORART_CHECK(ea.shape[0] == r, "adapter '", name, "': file '", st_path, "': tensor '", ea.name, "' has shape [",
-                 ea.shape[0], ", ", ea.shape[1], "] but adapter_config.json says r = ", r, " (expected [", r, ", in])");
+                 ea.shape[0], ", ", ea.shape[1], "] but adapter_config.json says r = ", r, " (r / rank_pattern; expected [", r, ", in])");
     LORART_CHECK(eb.shape[1] == r, "adapter '", name, "': file '", st_path, "': tensor '", eb.name, "' has shape [",
                  eb.shape[0], ", ", eb.shape[1], "] but r = ", r, " (expected [out, ", r, "])");
     LoraPair p;
     p.A = f.tensor(ea.name);
     p.B = f.tensor(eb.name);
+    check_finite(p.A, detail::cat("adapter '", name, "': file '", st_path, "': tensor '", ea.name, "'"));
+    check_finite(p.B, detail::cat("adapter '", name, "': file '", st_path, "': tensor '", eb.name, "'"));
+    p.scaling = static_cast<float>(a->config.scaling_for(module));
     if (!opts.keep_dtype) {
       if (p.A.dtype() != DType::F32) p.A = p.A.to(DType::F32);
       if (p.B.dtype() != DType::F32) p.B = p.B.to(DType::F32);

@@ -35,7 +35,7 @@ void apply_rows(const Adapter& a, const std::string& module, const LoraPair& p, 
   if (A.dtype() != x.dtype) A = A.to(x.dtype);
   if (B.dtype() != x.dtype) B = B.to(x.dtype);
   int32_t rank = static_cast<int32_t>(r);
-  float scale = a.scaling;
+  float scale = p.scaling.value_or(a.scaling);
   Tensor ws(DType::F32, {M, r});
   TensorView A3(A.data(), A.dtype(), {1, r, K}), B3(B.data(), B.dtype(), {1, N, r});
   lora_grouped_add(y, x, A3, B3, TensorView(&rank, DType::I32, {1}), TensorView(&scale, DType::F32, {1}),

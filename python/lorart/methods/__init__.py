@@ -11,11 +11,13 @@ Each method's options are the fields of its Config dataclass (`lorart.methods.ME
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterMethod
+from ..fileformats import Fields, read_method_file
 from .base import METHOD_FILE, Method, MethodError, dir_size, make_config, read_json
 from .bitfit import BitFitConfig, BitFitMethod
 from .full import FullConfig, FullMethod
@@ -51,7 +53,6 @@ def prepare(model: nn.Module, method: str, cfg=None, tokenizer=None, **options) 
 
 
 def _takes_add_bos(tok) -> bool:
-    import inspect
     try:
         return "add_bos" in inspect.signature(tok.encode).parameters
     except (TypeError, ValueError):
@@ -64,20 +65,16 @@ def load(model: nn.Module, directory: str, trainable: bool = False) -> Method:
     if not os.path.isdir(directory):
         raise MethodError(f"lorart: {directory}: not a directory (a trained method folder holds {METHOD_FILE} "
                           "or PEFT's adapter_config.json)")
-    if os.path.isfile(os.path.join(directory, METHOD_FILE)):
-        meta = read_json(os.path.join(directory, METHOD_FILE))
-        try:
-            cls = method_class(meta.get("method"))
-        except MethodError:
-            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: key `method`: expected one of "
-                              f"{', '.join(METHODS)}, got {meta.get('method')!r}") from None
-        return cls.load(model, directory, trainable=trainable)
+    meta = read_method_file(directory, MethodError)
+    if meta is not None:
+        if meta["method"] not in METHODS:
+            raise MethodError(f"lorart: {meta['path']}: key `method`: expected one of {', '.join(METHODS)}, got "
+                              f"{meta['method']!r}")
+        return METHODS[meta["method"]].load(model, directory, trainable=trainable)
     peft_cfg = os.path.join(directory, "adapter_config.json")
     if os.path.isfile(peft_cfg):
-        ptype = read_json(peft_cfg).get("peft_type", "LORA")
-        if ptype not in PEFT_TYPES:
-            raise MethodError(f"lorart: {peft_cfg}: key `peft_type`: expected one of {', '.join(PEFT_TYPES)}, "
-                              f"got {ptype!r}")
+        f = Fields(read_json(peft_cfg), peft_cfg, error=MethodError)
+        ptype = f.str("peft_type", "LORA", choices=PEFT_TYPES)
         return PEFT_TYPES[ptype].from_peft(model, directory, trainable=trainable)
     raise MethodError(f"lorart: {directory}: holds neither {METHOD_FILE} nor a PEFT adapter_config.json")
 

@@ -10,26 +10,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .._atomic import atomic_dir
+from ..errors import FileFormatError, InputError
+from ..fileformats import METHOD_FILE, Fields, read_method_file
+from ..fileformats import METHOD_FORMAT_VERSION as FORMAT_VERSION
+from ..fileformats import read_json as strict_read_json
+from ..fileformats import read_safetensors as strict_read_safetensors
+from ..nn.lora import nf4_weight_of
 
-METHOD_FILE = "lorart_method.json"
 WEIGHTS_FILE = "weights.safetensors"
-FORMAT_VERSION = 1
 
 
-class MethodError(ValueError):
+class MethodError(FileFormatError):
     """A bad method configuration or artifact; the message names the argument or the file."""
 
 
 def base_param_count(model: nn.Module) -> int:
     """Parameters of the model as the literature counts them (tied weights once, NF4 weights by element)."""
-    from ..nn.lora import nf4_weight_of
-
     n = sum(p.numel() for p in model.parameters())
     return n + sum(int(torch.Size(w.shape).numel()) for m in model.modules()
                    if (w := nf4_weight_of(m)) is not None and not isinstance(w, nn.Parameter))
@@ -49,41 +53,35 @@ def dir_size(directory: str) -> int:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """Strict JSON (a NaN / Infinity in a config is refused with ValueError, never written bare)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write(text + "\n")
 
 
 def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise MethodError(f"lorart: {path}: missing")
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MethodError(f"lorart: {path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise MethodError(f"lorart: {path}: expected a JSON object")
-    return obj
+    """A JSON object file, read strictly (lorart.fileformats)."""
+    return strict_read_json(path, MethodError)
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an artifact's weights file: float32/bfloat16/float16 and finite, or MethodError."""
     if not os.path.isfile(path):
         pick = [f for f in ("adapter_model.bin", "pytorch_model.bin") if os.path.exists(
             os.path.join(os.path.dirname(path), f))]
         why = f"; found {pick[0]}, a pickle, which lorart never loads" if pick else ""
         raise MethodError(f"lorart: {path}: missing{why}")
-    from safetensors import safe_open
+    return strict_read_safetensors(path, MethodError)
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise MethodError(f"lorart: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for k, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"lorart: refusing to write the {what}: `{k}` holds NaN or infinite values (did the "
+                             "training diverge?)")
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
@@ -106,13 +104,21 @@ class Method:
     - `Method.load(model, dir)` (or `lorart.methods.load`): attaches the saved method to a base model.
     - `merge()`/`unmerge()`: fold the method into the base weights where it can (returns False if it cannot).
     - `remove()`: detach the method, restoring the base model's function.
+
+    What a training run asks of a method, each class answers (lorart.train and lorart.compare never compare
+    method names): `base_linear_factory` (is the base quantized while it loads?), `train_options` (which
+    lorart.train options configure it), `keeps_dtypes` (do its weights stay in their layer's dtype rather than
+    float32 masters?), `starts_as_base` (is the model unchanged before training?), `default_lr`.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     weights_file: ClassVar[str] = WEIGHTS_FILE
     optimizer: ClassVar[str] = "adamw"   # the optimizer the literature uses with it; "paged_adamw" for full
-    default_lr: ClassVar[float] = 1e-3
+    default_lr: ClassVar[float] = 1e-3   # a learning rate in the literature's range, for a few dozen steps
+    train_options: ClassVar[tuple] = ()  # TrainOptions fields that are options of this method (r, alpha, ...)
+    keeps_dtypes: ClassVar[bool] = False  # True: trainable tensors keep the dtype of the layer they live in
+    starts_as_base: ClassVar[bool] = True  # the model computes exactly the base model's function before training
     base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
 
     def __init__(self, model: nn.Module, config, init: bool = True):
@@ -155,8 +161,23 @@ class Method:
         return self.named_trainable_parameters()
 
     # -- shared -------------------------------------------------------------------------------------------
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """The `linear_factory` of lorart.models.load_model for this method's base model, or None (plain
+        nn.Linear). QLoRA quantizes each linear layer to NF4 as soon as its weight is read."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())
+
+    def use_float32_masters(self) -> None:
+        """Make the trainable tensors float32 master weights (the modules cast them to the compute dtype),
+        unless the method `keeps_dtypes` (BitFit's biases are added by their linear layer, in its dtype)."""
+        if self.keeps_dtypes:
+            return
+        for p in self.trainable_parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def report(self) -> dict:
         n = sum(p.numel() for p in self.trainable_parameters())
@@ -167,6 +188,9 @@ class Method:
         return dataclasses.asdict(self.config)
 
     def save(self, directory: str) -> str:
+        """Write the artifact atomically; a non-finite trainable tensor is refused (nothing is written): lorart
+        never writes a file its own loaders would refuse."""
+        refuse_non_finite(self.state_dict(), f"{self.name} artifact {directory}")
         meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.config_dict(),
                 "base_model": model_shape(self.model), "base_model_name_or_path": self.base_model_name}
         with atomic_dir(directory) as tmp:
@@ -181,15 +205,22 @@ class Method:
     @classmethod
     def load(cls, model: nn.Module, directory: str, trainable: bool = False) -> "Method":
         """Attach the method saved in `directory` to `model` (a base model of the same shape)."""
-        meta = read_json(os.path.join(directory, METHOD_FILE))
-        if meta.get("method") != cls.name:
-            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: key `method`: expected "
-                              f"{cls.name!r}, got {meta.get('method')!r}")
-        check_shape(model, meta.get("base_model"), os.path.join(directory, METHOD_FILE))
-        method = cls(model, make_config(cls, meta.get("config") or {}), init=False)
-        method._read(directory)
+        meta = read_method_file(directory, MethodError)
+        if meta is None:
+            raise MethodError(f"lorart: {os.path.join(directory, METHOD_FILE)}: missing")
+        if meta["method"] != cls.name:
+            raise MethodError(f"lorart: {meta['path']}: key `method`: expected {cls.name!r}, got {meta['method']!r}")
+        check_shape(model, meta["base_model"], meta["path"])
+        method = cls._from_folder(model, directory, make_config(cls, meta["config"], where=meta["path"]))
         for p in method.trainable_parameters():
             p.requires_grad_(trainable)
+        return method
+
+    @classmethod
+    def _from_folder(cls, model: nn.Module, directory: str, config) -> "Method":
+        """Attach the method with `config` and read its weights file (what `load` does after the checks)."""
+        method = cls(model, config, init=False)
+        method._read(directory)
         return method
 
     def merge(self) -> bool:
@@ -217,8 +248,10 @@ def check_shape(model: nn.Module, saved: dict | None, where: str) -> None:
                               f"{k}={v}, this model has {have[k]}")
 
 
-def make_config(cls: type, cfg, **kw):
-    """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys raise."""
+def make_config(cls: type, cfg, where: str | None = None, **kw):
+    """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys and values of
+    the wrong type raise (an int field takes an int, not 16.5 or "16"; a bool field a bool). `where` names the
+    file the dict came from."""
     if cfg is None:
         cfg = {}
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -229,12 +262,41 @@ def make_config(cls: type, cfg, **kw):
     if not isinstance(cfg, dict):
         raise MethodError(f"lorart: method {cls.name!r}: argument `cfg`: expected a dict, got {type(cfg).__name__}")
     merged = {**cfg, **kw}
+    hints = typing.get_type_hints(cls.Config)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(merged) - fields)
     if unknown:
-        raise MethodError(f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`; valid options: "
-                          f"{', '.join(sorted(fields))}")
+        at = f"lorart: {where}: key `config.{unknown[0]}`" if where else \
+            f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`"
+        raise MethodError(f"{at}: not an option of method {cls.name!r}; valid options: {', '.join(sorted(fields))}")
     for k, v in list(merged.items()):
-        if isinstance(v, list):
-            merged[k] = tuple(v)
+        merged[k] = _typed(cls, k, v, hints[k], where)
     return cls.Config(**merged)
+
+
+def _typed(cls: type, key: str, v, hint, where: str | None):
+    """`v` checked against the Config field's type (lists become tuples)."""
+    f = Fields({key: v}, where, "config.", MethodError) if where else \
+        Fields({key: v}, f"method {cls.name!r}", error=MethodError, noun="option")
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if v is None:
+        if not optional:
+            f.fail(key, f"a value of type {getattr(base, '__name__', base)}", None)
+        return None
+    if base is bool:
+        return f.bool(key)
+    if base is int:
+        return f.int(key)
+    if base is float:
+        return float(f.number(key))
+    if base is str:
+        return f.str(key)
+    if base is tuple:
+        if isinstance(v, str):      # targets: a regex or "all-linear"
+            return v
+        if not isinstance(v, (list, tuple)) or not all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in v):
+            f.fail(key, "a list of strings or integers, or a string", v)
+        return tuple(v)
+    return v

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..inject import match_targets
+from ..nn.nf4_linear import NF4Linear
 from .base import Method, MethodError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,10 +28,12 @@ class BitFitMethod(Method):
     name = "bitfit"
     Config = BitFitConfig
     default_lr = 3e-3
+    keeps_dtypes = True   # the biases are added by their linear layer, in its dtype
 
     def _attach(self) -> None:
         targets = self.config.targets if isinstance(self.config.targets, str) else list(self.config.targets)
-        paths = [p for p in match_targets(self.model, targets) if isinstance(self.model.get_submodule(p), nn.Linear)]
+        paths = [p for p in match_targets(self.model, targets)
+                 if isinstance(self.model.get_submodule(p), (nn.Linear, NF4Linear))]
         if not paths:
             raise MethodError(f"lorart: method 'bitfit': option `targets`: {self.config.targets!r} matched no "
                               f"nn.Linear layer of {type(self.model).__name__} (BitFit needs linear layers whose "
@@ -41,8 +44,9 @@ class BitFitMethod(Method):
         for path in paths:
             m = self.model.get_submodule(path)
             if m.bias is None:
-                w = m.weight
-                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
+                w = m.weight  # an NF4Linear (4-bit base) adds its bias in its compute dtype
+                dtype = w.dtype if isinstance(m, nn.Linear) else (m.compute_dtype or w.dtype)
+                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=dtype, device=w.device))
                 self.added.append(path)
             m.bias.requires_grad_(True)
 

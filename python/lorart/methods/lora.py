@@ -10,9 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict
+from ..adapters import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state_dict, load_adapter,
+                        read_lora_folder)
 from ..inject import inject, lora_layers, match_targets, merge, unmerge
-from .base import Method, MethodError, save_tensors, write_json
+from ..models.hub import nf4_factory
+from ..nn.nf4_linear import NF4Linear
+from .base import Method, MethodError, base_param_count, save_tensors, write_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -37,6 +40,7 @@ class LoRAMethod(Method):
     Config = LoRAConfig
     weights_file = WEIGHTS_NAME
     default_lr = 1e-3
+    train_options = ("targets", "r", "alpha", "dropout", "rslora")
     quantize = None
 
     def _attach(self) -> None:
@@ -78,31 +82,36 @@ class LoRAMethod(Method):
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "LoRAMethod":
         """Attach a PEFT LoRA folder written by any tool (no lorart_method.json)."""
-        from ..adapters import _read_config, load_adapter
+        method = cls._from_folder(model, directory, None)
+        for p in method.trainable_parameters():
+            p.requires_grad_(trainable)
+        return method
 
-        cfg = _read_config(directory)
+    @classmethod
+    def _from_folder(cls, model: nn.Module, directory: str, config) -> "LoRAMethod":
+        """PEFT's files are the truth (lorart.adapters.read_lora_folder: adapter_config.json, and its agreement
+        with lorart_method.json); for qlora the adapted layers are quantized first, as in training."""
+        cfg, pairs = read_lora_folder(directory)
         self = cls.__new__(cls)
         self.model, self.init = model, False
-        from .base import base_param_count
         self.base_params = base_param_count(model)
         if cls.quantize:
-            _quantize_targets(model, list(cfg.get("target_modules") or []))
-        load_adapter(model, directory, trainable=trainable)
-        self.config = cls.Config(targets=tuple(cfg.get("target_modules") or ()), r=int(cfg["r"]),
-                                 alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                                 rslora=bool(cfg.get("use_rslora", False)))
+            c = config or cls.Config()
+            _quantize_targets(model, sorted(pairs), blocksize=c.blocksize, double_quant=c.double_quant)
+        load_adapter(model, directory)
+        targets = cfg.targets if isinstance(cfg.targets, str) else tuple(cfg.targets or sorted(pairs))
+        self.config = config or cls.Config(targets=targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                           rslora=cfg.rslora)
         return self
 
 
 def _quantize_targets(model: nn.Module, targets, blocksize: int = 64, double_quant: bool = True) -> None:
-    from ..nn.nf4_linear import NF4Linear
-
     for path in match_targets(model, targets):
         m = model.get_submodule(path)
         if isinstance(m, nn.Linear):
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf,
-                    NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant))
+                    NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant).train(m.training))
 
 
 class QLoRAMethod(LoRAMethod):
@@ -111,6 +120,13 @@ class QLoRAMethod(LoRAMethod):
     Config = QLoRAConfig
     quantize = "nf4"
     default_lr = 1e-3
+    starts_as_base = False   # the base is quantized: its outputs already differ before training
+
+    @classmethod
+    def base_linear_factory(cls, config, dtype: torch.dtype):
+        """Every linear layer of the base becomes an NF4Linear as soon as its weight is read, so the
+        full-precision model is never held at once (the layers LoRA targets get wrapped afterwards)."""
+        return nf4_factory(dtype, blocksize=config.blocksize, double_quant=config.double_quant)
 
     def merge(self) -> bool:
         merge(self.model)   # builds dequant(W4) + s*B@A in the compute dtype (the packed base is kept)

@@ -13,7 +13,8 @@ import os
 import torch
 from torch import nn
 
-from .base import MethodError, read_json
+from ..fileformats import Fields
+from .base import MethodError, expect_tensor, read_json, read_safetensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,20 +47,35 @@ def prompt_learning_config(model: nn.Module, peft_type: str, num_virtual_tokens:
 
 
 def read_prompt_learning_config(directory: str, peft_type: str, model: nn.Module) -> dict:
+    """`adapter_config.json` of a PEFT PROMPT_TUNING / PREFIX_TUNING folder, checked (types exact)."""
     path = os.path.join(directory, PEFT_CONFIG)
     cfg = read_json(path)
-    if cfg.get("peft_type") != peft_type:
-        raise MethodError(f"lorart: {path}: key `peft_type`: expected {peft_type!r}, got {cfg.get('peft_type')!r}")
-    n = cfg.get("num_virtual_tokens")
-    if not isinstance(n, int) or n < 1:
-        raise MethodError(f"lorart: {path}: key `num_virtual_tokens`: expected an int >= 1, got {n!r}")
-    if cfg.get("num_transformer_submodules", 1) not in (1, None):
-        raise MethodError(f"lorart: {path}: key `num_transformer_submodules`: expected 1 (decoder-only), got "
-                          f"{cfg.get('num_transformer_submodules')!r}")
-    if cfg.get("num_layers") not in (None, model.config.num_hidden_layers):
-        raise MethodError(f"lorart: {path}: key `num_layers`: the model has {model.config.num_hidden_layers} layers, "
-                          f"the file {cfg.get('num_layers')}")
+    f = Fields(cfg, path, error=MethodError)
+    f.str("peft_type", choices=(peft_type,))
+    f.int("num_virtual_tokens", min=1)
+    if f.int("num_transformer_submodules", 1, min=1) != 1:
+        f.fail("num_transformer_submodules", "1 (decoder-only)", cfg["num_transformer_submodules"])
+    layers = model.config.num_hidden_layers
+    if f.int("num_layers", layers, min=1) != layers:
+        raise MethodError(f"lorart: {path}: key `num_layers`: the model has {layers} layers, the file "
+                          f"{cfg['num_layers']}")
+    for key in ("prefix_projection", "inference_mode"):
+        f.bool(key, None)
+    for key in ("token_dim", "num_attention_heads", "encoder_hidden_size"):
+        f.int(key, None, min=1)
     return cfg
+
+
+def read_prompt_embeddings(directory: str, cfg: dict, width: int) -> torch.Tensor:
+    """The one tensor of a prompt-learning folder, `prompt_embeddings` [num_virtual_tokens, width] (float, finite;
+    no other key)."""
+    path = os.path.join(directory, PEFT_WEIGHTS)
+    tensors = read_safetensors(path)
+    extra = sorted(set(tensors) - {"prompt_embeddings"})
+    if extra:
+        raise MethodError(f"lorart: {path}: key `{extra[0]}`: unexpected (a {cfg['peft_type']} folder holds only "
+                          "`prompt_embeddings`)")
+    return expect_tensor(tensors, "prompt_embeddings", (cfg["num_virtual_tokens"], width), path)
 
 
 def prefix_to_layers(flat: torch.Tensor, num_layers: int, n_kv: int, head_dim: int) -> list:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ._hooks import bind_forward, default_positions, past_len, seq_info
-from .base import Method, MethodError, expect_tensor, read_safetensors, save_tensors, write_json
-from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, layers_to_prefix, prefix_to_layers, prompt_learning_config
+from .base import METHOD_FILE, Method, MethodError, save_tensors, write_json
+from .peft_io import (PEFT_CONFIG, PEFT_WEIGHTS, layers_to_prefix, prefix_to_layers, prompt_learning_config,
+                      read_prompt_embeddings, read_prompt_learning_config)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class PrefixMethod(Method):
     name = "prefix"
     Config = PrefixConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 1e-2
 
     def _attach(self) -> None:
@@ -137,16 +139,17 @@ class PrefixMethod(Method):
                                                                               self.base_model_name))
 
     def _read(self, folder: str) -> None:
-        path = os.path.join(folder, PEFT_WEIGHTS)
+        cfg = read_prompt_learning_config(folder, "PREFIX_TUNING", self.model)
+        if cfg["num_virtual_tokens"] != self.config.num_virtual_tokens:
+            raise MethodError(f"lorart: {os.path.join(folder, PEFT_CONFIG)}: key `num_virtual_tokens` is "
+                              f"{cfg['num_virtual_tokens']} but {METHOD_FILE} says {self.config.num_virtual_tokens}")
         w = self.model.prefix_encoder.embedding.weight
-        val = expect_tensor(read_safetensors(path), "prompt_embeddings", tuple(w.shape), path)
+        val = read_prompt_embeddings(folder, cfg, w.shape[1])
         with torch.no_grad():
             w.copy_(val.to(w.dtype))
 
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "PrefixMethod":
-        from .peft_io import read_prompt_learning_config
-
         cfg = read_prompt_learning_config(directory, "PREFIX_TUNING", model)
         if cfg.get("prefix_projection") and not cfg.get("inference_mode", True):
             raise MethodError(f"lorart: {os.path.join(directory, PEFT_CONFIG)}: key `prefix_projection`: a "

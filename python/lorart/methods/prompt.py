@@ -20,8 +20,9 @@ from torch import nn
 
 from ..data.formats import IGNORE_INDEX
 from ._hooks import bind_forward, extend_mask_front, extend_mask_square, past_len, seq_info
-from .base import Method, MethodError, expect_tensor, read_safetensors, save_tensors, write_json
-from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS, prompt_learning_config
+from .base import METHOD_FILE, Method, MethodError, save_tensors, write_json
+from .peft_io import (PEFT_CONFIG, PEFT_WEIGHTS, prompt_learning_config, read_prompt_embeddings,
+                      read_prompt_learning_config)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PromptMethod(Method):
     name = "prompt"
     Config = PromptConfig
     weights_file = PEFT_WEIGHTS
+    starts_as_base = False   # the initial virtual tokens already change the outputs
     default_lr = 3e-2
 
     def _attach(self) -> None:
@@ -128,17 +130,17 @@ class PromptMethod(Method):
                                                                               self.base_model_name))
 
     def _read(self, folder: str) -> None:
-        path = os.path.join(folder, PEFT_WEIGHTS)
-        t = read_safetensors(path)
+        cfg = read_prompt_learning_config(folder, "PROMPT_TUNING", self.model)
+        if cfg["num_virtual_tokens"] != self.config.num_virtual_tokens:
+            raise MethodError(f"lorart: {os.path.join(folder, PEFT_CONFIG)}: key `num_virtual_tokens` is "
+                              f"{cfg['num_virtual_tokens']} but {METHOD_FILE} says {self.config.num_virtual_tokens}")
         w = self.model.prompt_encoder.embedding.weight
-        val = expect_tensor(t, "prompt_embeddings", tuple(w.shape), path)
+        val = read_prompt_embeddings(folder, cfg, w.shape[1])
         with torch.no_grad():
             w.copy_(val.to(w.dtype))
 
     @classmethod
     def from_peft(cls, model: nn.Module, directory: str, trainable: bool = False) -> "PromptMethod":
-        from .peft_io import read_prompt_learning_config
-
         cfg = read_prompt_learning_config(directory, "PROMPT_TUNING", model)
         self = cls(model, PromptConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"])), init=False)
         self._read(directory)

@@ -7,15 +7,43 @@ transformers 4 layout (`rope_theta` + `rope_scaling`) and the transformers 5 lay
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from ..errors import FileFormatError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_FINITE = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window")
+
+
+def _check_types(d: dict) -> None:
+    """The keys lorart uses have their JSON types (a bool is a bool, sizes are positive integers)."""
+    def bad(k, what):
+        raise ValueError(f"key `{k}`: expected {what}, got {d[k]!r} ({type(d[k]).__name__})")
+    for k in _POSITIVE_INTS:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            bad(k, "an integer >= 1")
+    for k in _FINITE:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            bad(k, "a finite number > 0")
+    for k in _BOOLS:
+        if d.get(k) is not None and not isinstance(d[k], bool):
+            bad(k, "true or false")
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = d.get(k)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            bad(k, "a token id (an integer >= 0), a list of them, or null")
+    if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], dict):
+        bad("rope_scaling", "an object or null")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -83,6 +111,7 @@ class LlamaConfig:
                     "num_attention_heads"):
             if req not in d:
                 raise ValueError(f"config.json is missing required key {req!r}")
+        _check_types(d)
         rope_theta = d.get("rope_theta", 10000.0)
         scaling = d.get("rope_scaling")
         params = d.get("rope_parameters")
@@ -119,20 +148,19 @@ class LlamaConfig:
             kwargs[k] = d.get(k)
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known and k not in (
             "rope_parameters", "layer_types", "use_sliding_window", "max_window_layers",
-            "transformers_version", "torch_dtype", "dtype", "architectures")}
+            "transformers_version", "torch_dtype", "dtype", "architectures",
+            "quantization_config")}  # the weights' storage form: read and written by models/bnb4.py
         return cls(**kwargs)
 
     @classmethod
     def from_json_file(cls, path: str) -> "LlamaConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        from ..fileformats import read_json
+
+        d = read_json(path)
         try:
             return cls.from_hf_dict(d)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise FileFormatError(f"lorart: {path}: {e}") from None
 
     def to_hf_dict(self, dtype: Optional[torch.dtype] = None) -> dict:
         d = dict(self.extra)
@@ -192,6 +220,3 @@ class LlamaConfig:
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         return torch.where(medium, smoothed, scaled)
 
-    def save(self, folder: str, dtype: Optional[torch.dtype] = None) -> None:
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(dtype), f, indent=2, sort_keys=True)

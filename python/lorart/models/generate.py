@@ -48,8 +48,13 @@ def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got {tuple(input_ids.shape)}")
-    if max_new_tokens < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
-        raise ValueError("need max_new_tokens >= 0, 0 < top_p <= 1, temperature >= 0")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"lorart: generate: argument `max_new_tokens`: expected an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:   # NaN fails both comparisons
+        raise ValueError(f"lorart: generate: argument `top_p`: expected a number in (0, 1], got {top_p!r}")
+    if not isinstance(temperature, (int, float)) or not 0.0 <= temperature < float("inf"):
+        raise ValueError(f"lorart: generate: argument `temperature`: expected a finite number >= 0, got "
+                         f"{temperature!r}")
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
                                            else list(eos_token_id))
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

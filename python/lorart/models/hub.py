@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loading import LinearFactory, _as_dtype, load_hf_folder, save_hf_folder
+from .loading import LinearFactory, as_dtype, load_hf_folder, save_hf_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -38,6 +38,20 @@ def default_model_path() -> str:
         "are not needed by lorart)")
 
 
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_id(path: Optional[str]) -> Optional[str]:
+    """What an adapter records as `base_model_name_or_path`: a name the user can resolve. The embedded default
+    becomes its Hugging Face Hub id (the GGUF lorart ships is a Q4_1 quantization of it, so PEFT's
+    AutoPeftModelForCausalLM finds the base, with weights a rounding away from the ones trained on; for the exact
+    weights merge with `lorart export`); a local path becomes absolute; anything else is kept as given."""
+    if path is None or path == "default":
+        return DEFAULT_HUB_ID
+    path = os.fspath(path)
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def cache_dir() -> str:
     return os.environ.get("LORART_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorart")
 
@@ -56,15 +70,35 @@ def _apply_linear_factory(model: nn.Module, factory: LinearFactory) -> None:
             setattr(model.get_submodule(parent), child, factory(name, mod))
 
 
+def nf4_factory(compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> LinearFactory:
+    """A `linear_factory` quantizing each decoder linear to NF4 (bitsandbytes-exact) as soon as it is read."""
+    from ..nn.nf4_linear import NF4Linear
+
+    def factory(name, linear):
+        return NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                     compute_dtype=compute_dtype)
+    return factory
+
+
 def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
-               linear_factory: Optional[LinearFactory] = None, cache: bool = True):
+               linear_factory: Optional[LinearFactory] = None, cache: bool = True, quantize: Optional[str] = None):
     """Load `(model, tokenizer)` from an HF folder, a `.gguf` file, or the default (`path=None`
     or "default"). The GGUF is dequantized; its conversion is cached unless `cache=False`
-    (cached in the requested dtype: fp32 keeps the dequantized values exactly)."""
+    (cached in the requested dtype: fp32 keeps the dequantized values exactly).
+
+    A bitsandbytes 4-bit folder (NF4) loads with its 4-bit layers as NF4Linear, as stored. `quantize="nf4"`
+    quantizes every other decoder linear while loading (NF4, blocksize 64, double quantization; a shortcut
+    for `linear_factory=nf4_factory(dtype)`); `save_hf_folder` then writes a bitsandbytes 4-bit folder."""
+    if quantize is not None:
+        if quantize != "nf4":
+            raise ValueError(f"load_model: argument `quantize`: expected None or 'nf4', got {quantize!r}")
+        if linear_factory is not None:
+            raise ValueError("load_model: pass either `quantize` or `linear_factory`, not both")
+        linear_factory = nf4_factory(as_dtype(dtype))
     if path is None or path == "default":
         path = default_model_path()
     path = os.fspath(path)
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if os.path.isdir(path):
         return load_hf_folder(path, dtype=dtype, device=device, linear_factory=linear_factory)
     if not os.path.exists(path):

@@ -1,12 +1,17 @@
 """Tokenizer wrapper: a `tokenizers.Tokenizer` plus special ids and a jinja2 chat template."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from datetime import datetime
 from typing import Optional, Sequence, Union
 
 import tokenizers
+
+from ..errors import FileFormatError, InputError
+from ..fileformats import read_json
 
 
 def _token_str(t) -> Optional[str]:
@@ -36,6 +41,7 @@ class Tokenizer:
         self.pad_id = self._id(self.pad_token)
         self.eos_ids = sorted({i for i in [self.eos_id, *extra_eos_ids] if i is not None})
         self._template = None
+        self._max_token_chars = None
 
     def _id(self, token: Optional[str]) -> Optional[int]:
         if token is None:
@@ -51,6 +57,14 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @property
+    def max_token_chars(self) -> int:
+        """Length of the longest vocabulary entry (byte-level entries count bytes): no token covers more
+        characters of the input text, so `n` tokens never need more than `n * max_token_chars` of it."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_bos: Optional[bool] = None) -> list:
@@ -79,9 +93,9 @@ class Tokenizer:
         _check_messages(messages)
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                     **kwargs)
+        text = render_bounded(self._template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                                   **kwargs))
         return self.encode(text, add_bos=False) if tokenize else text
 
     # ------------------------------------------------------------------ files
@@ -92,7 +106,11 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
             return None
-        tk = tokenizers.Tokenizer.from_file(path)
+        try:
+            tk = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:   # the tokenizers library raises a bare Exception for a corrupt file
+            raise FileFormatError(f"lorart: {path}: not a readable tokenizer.json ({' '.join(str(e).split())[:300]})"
+                                  ) from None
         cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
         smap = _read_json(os.path.join(folder, "special_tokens_map.json"))
         gen = _read_json(os.path.join(folder, "generation_config.json"))
@@ -116,26 +134,28 @@ class Tokenizer:
                    chat_template=template, add_bos_token=bool(add_bos), extra_eos_ids=extra)
 
     def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        self.tk.save(os.path.join(folder, "tokenizer.json"))
+        """tokenizer.json, tokenizer_config.json (with the chat template) and, for transformers >= 5,
+        chat_template.jinja; each written atomically."""
+        from .._atomic import atomic_file
+
+        with atomic_file(os.path.join(folder, "tokenizer.json")) as tmp:
+            self.tk.save(tmp)
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
                "eos_token": self.eos_token, "pad_token": self.pad_token,
                "add_bos_token": self.add_bos_token, "add_eos_token": False,
                "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, ensure_ascii=False)
+            with atomic_file(os.path.join(folder, "chat_template.jinja")) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(self.chat_template)
+        with atomic_file(os.path.join(folder, "tokenizer_config.json")) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, ensure_ascii=False)
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path, missing_ok=True)
 
 
 def _check_messages(messages) -> None:
@@ -147,12 +167,118 @@ def _check_messages(messages) -> None:
             raise ValueError(f"messages[{i}] must be a dict with str 'role' and 'content', got {m!r}")
 
 
+# A chat template is code from the model folder: it renders in jinja2's sandbox under a work budget, so a
+# template with nested loops (or a huge repeat) ends with an error instead of hanging or filling memory.
+TEMPLATE_MAX_STEPS = 1_000_000       # lines of template code executed per render
+TEMPLATE_MAX_SECONDS = 10.0
+TEMPLATE_MAX_CHARS = 16 << 20        # the rendered text, and any one string or list built on the way
+
+
+class _OverBudget(BaseException):     # BaseException: no `except Exception` in the template runtime eats it
+    pass
+
+
+def _check_size(value, what: str):
+    n = len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
+    if n > TEMPLATE_MAX_CHARS:
+        raise _OverBudget(f"{what} built a value of {n} items (the limit is {TEMPLATE_MAX_CHARS})")
+    return value
+
+
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{8,}|\{[^{}]*?\d{8,}[^{}]*\}")   # "%0999999999d", "{:>999999999}"
+
+
+def _check_args(args, what: str) -> None:
+    for x in args:
+        if isinstance(x, int) and not isinstance(x, bool) and abs(x) > TEMPLATE_MAX_CHARS:
+            raise _OverBudget(f"{what} was given the number {x} (the limit is {TEMPLATE_MAX_CHARS})")
+        if isinstance(x, str) and _WIDE_FORMAT.search(x):
+            raise _OverBudget(f"{what} was given a format with a huge width")
+
+
+def render_bounded(template, variables: dict) -> str:
+    """Render a compiled chat template within TEMPLATE_MAX_STEPS / _SECONDS / _CHARS (a ValueError beyond)."""
+    import sys
+    import time
+
+    steps = [0]
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def local(frame, event, arg):
+        if event == "line":
+            steps[0] += 1
+            if steps[0] > TEMPLATE_MAX_STEPS or (steps[0] % 1024 == 0 and time.monotonic() > deadline):
+                raise _OverBudget(f"it ran more than {TEMPLATE_MAX_STEPS} steps or {TEMPLATE_MAX_SECONDS:g} s")
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        out, total = [], 0
+        for chunk in template.generate(**variables):
+            total += len(chunk)
+            if total > TEMPLATE_MAX_CHARS:
+                raise _OverBudget(f"its output passed {TEMPLATE_MAX_CHARS} characters")
+            out.append(chunk)
+        return "".join(out)
+    except _OverBudget as e:
+        raise InputError(f"lorart: chat_template: stopped, over its work budget ({e}); is the model's template "
+                         "meant to do that?") from None
+    except RecursionError:
+        raise InputError("lorart: chat_template: stopped, it recursed too deeply") from None
+    except Exception as e:
+        import jinja2
+        if isinstance(e, (jinja2.exceptions.TemplateError, jinja2.exceptions.SecurityError)):
+            raise InputError(f"lorart: chat_template: {type(e).__name__}: {e}") from None
+        raise
+    finally:
+        sys.settrace(previous)
+
+
 def _compile_template(source: str):
     try:
         import jinja2
+        from jinja2.compiler import CodeGenerator
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover
         raise ImportError("chat templates need jinja2: pip install jinja2") from e
+
+    class BoundedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node, frame):   # `a ~ b`: its result is checked too
+            self.write("environment.bounded_concat(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+        code_generator_class = BoundedCodeGenerator
+
+        @staticmethod
+        def bounded_concat(value):
+            return _check_size(value, "`~`")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "+" and all(isinstance(x, (str, list, tuple)) for x in (left, right)) and \
+                    len(left) + len(right) > TEMPLATE_MAX_CHARS:
+                raise _OverBudget("`+` built a value that is too large")
+            if operator == "%":
+                _check_args([left], "`%`")
+            if operator == "**" and all(isinstance(x, int) and not isinstance(x, bool) for x in (left, right)) \
+                    and abs(left) > 1 and right * abs(left).bit_length() > 64 * TEMPLATE_MAX_CHARS:
+                raise _OverBudget(f"`{left} ** {right}` is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise _OverBudget(f"repeating a value of length {len(seq)} {n} times is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja2's own signature)
+            bound = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)   # "...".format(...)
+            _check_args([bound] + list(args) + list(kwargs.values()), "a call")
+            return _check_size(super().call(__context, __obj, *args, **kwargs), "a call")
 
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
@@ -161,12 +287,21 @@ def _compile_template(source: str):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    def bounded(name, f):
+        @functools.wraps(f)
+        def g(*args, **kwargs):
+            _check_args(list(args) + list(kwargs.values()), f"the filter `{name}`")
+            return _check_size(f(*args, **kwargs), f"the filter `{name}`")
+        return g
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    env.filters = {k: bounded(k, f) for k, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"invalid chat_template: {e}") from None
+        raise FileFormatError(f"lorart: invalid chat_template: {e}") from None
+    except _OverBudget as e:   # jinja2 folds constant filter calls while compiling
+        raise InputError(f"lorart: chat_template: stopped, over its work budget ({e})") from None

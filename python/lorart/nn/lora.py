@@ -178,6 +178,7 @@ class LoRALinear(nn.Module):
             nf4 = nf4_weight_of(base)
             nf4 = None if nf4 is None else nf4.op_args()
         bias = base.bias
+        xdt = x.dtype
         if nf4 is not None:
             dt = x.dtype if x.dtype != torch.float64 else torch.float32
             if x.dtype != dt:
@@ -193,8 +194,9 @@ class LoRALinear(nn.Module):
             A = A.to(dt)
         if B.dtype != dt:
             B = B.to(dt)
-        if nf4 is not None:
-            return lops.lora_linear_nf4(x, *nf4, bias, A, B, self.scaling[name], p, seed)
+        if nf4 is not None:  # the result in the input's dtype, as NF4Linear and bnb's Linear4bit (which PEFT keeps)
+            y = lops.lora_linear_nf4(x, *nf4, bias, A, B, self.scaling[name], p, seed)
+            return y if y.dtype == xdt else y.to(xdt)
         return lops.lora_linear(x, W, bias, A, B, self.scaling[name], p, seed)
 
     def _forward_special(self, x: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""Glue between torch tensors and lorart._C: views, streams, device checks.
+"""Glue between torch tensors and lorart._C: streams, device checks.
 
-Every op in lorart.ops converts its tensors with `view(t)` (a tuple that the
-pybind11 type caster turns into a lorart::TensorView) and passes `stream(t)`.
+Ops pass torch tensors to lorart._C as they are: the pybind11 type caster (cpp/python/bind.h) reads each
+tensor's pointer, dtype, shape, strides and device at call time, and the tensor, an argument of the call,
+stays alive until the call returns. The core checks the layout its kernels assume (contiguity, unit stride)
+and names the argument when it does not hold. CUDA work goes to `stream(t)`.
 """
 from __future__ import annotations
 
@@ -9,32 +11,7 @@ import torch
 
 from .._core import _C, cuda_compiled, cuda_status
 
-_DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.uint8: 4,
-    torch.int32: 5,
-    torch.int64: 6,
-    torch.int8: 7,
-    torch.bool: 8,
-}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def view(t: torch.Tensor) -> tuple:
-    """A tensor as (data_ptr, dtype code, shape, strides, device type, device index)."""
-    code = _DTYPE_CODES.get(t.dtype)
-    if code is None:
-        raise TypeError(f"lorart: unsupported dtype {t.dtype}")
-    if t.is_cuda:
-        dt, di = 1, t.get_device()
-    elif t.is_cpu:
-        dt, di = 0, 0
-    else:
-        raise RuntimeError(f"lorart: tensors on {t.device} are not supported (cpu or cuda)")
-    return (t.data_ptr(), code, t.shape, t.stride(), dt, di)  # torch.Size is a tuple
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -97,4 +74,4 @@ def runs_on(t: torch.Tensor) -> bool:
 _cuda_ok: dict = {}
 
 
-__all__ = ["_C", "view", "stream", "check_device", "check_dtype", "check_same_device", "FLOAT_DTYPES", "runs_on"]
+__all__ = ["_C", "stream", "check_device", "check_dtype", "check_same_device", "FLOAT_DTYPES", "runs_on"]

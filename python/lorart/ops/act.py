@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from . import _autocast as _ac
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -29,7 +30,7 @@ def _check(gate: Tensor, up: Tensor) -> None:
 def _impl(gate: Tensor, up: Tensor) -> Tensor:
     g, u = gate.contiguous(), up.contiguous()
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    _C.swiglu(view(g), view(u), view(out), stream(out))
+    _C.swiglu(g, u, out, stream(out))
     return out
 
 
@@ -37,7 +38,7 @@ def _backward_impl(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, 
     g, u, go = gate.contiguous(), up.contiguous(), grad_out.contiguous().to(gate.dtype)
     dg = torch.empty_like(g, memory_format=torch.contiguous_format)
     du = torch.empty_like(g, memory_format=torch.contiguous_format)
-    _C.swiglu_backward(view(g), view(u), view(go), view(dg), view(du), stream(g))
+    _C.swiglu_backward(g, u, go, dg, du, stream(g))
     return dg, du
 
 
@@ -78,6 +79,9 @@ def _backward(ctx, grad_out):
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
+_AUTOCAST = _ac.Promote(0, 1)  # gate, up: `F.silu(gate) * up` promotes
+_ac.register("swiglu", _AUTOCAST)
+_ac.register("swiglu_backward", _ac.Keep())
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -101,6 +105,9 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up in one pass; gradients to both (see the module docstring)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.swiglu(gate, up)
+    dev = _ac.device_on(gate)
+    if dev is not None:
+        gate, up = _AUTOCAST.cast((gate, up), dev)
     _check(gate, up)
     check_device(gate, "gate")
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):

@@ -19,8 +19,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import _autocast as _ac
 from . import nf4 as _nf4ops
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 FUSED_MAX_ROWS = int(_C.lora_fused_max_rows())
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -103,7 +104,7 @@ def lora_dropout(x: Tensor, p: float, seed: int) -> Tensor:
     check_device(x, "x")
     x2 = _rows(x)
     out = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
+    _C.lora_dropout(x2, out, p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
     return out.view(x.shape)
 
 
@@ -123,6 +124,7 @@ def _dropout_backward(ctx, grad):
 
 
 lora_dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+_ac.register("lora_dropout", _ac.Keep())
 
 
 def _drop(x2: Tensor, p: float, seed: int) -> Tensor:
@@ -134,15 +136,14 @@ def _drop_raw(x2: Tensor, p: float, seed: int) -> Tensor:
     if p == 0.0:
         return x2
     out = torch.empty_like(x2)  # x2's strides when dense, else contiguous: unit stride along K either way
-    _C.lora_dropout(view(x2), view(out), p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
+    _C.lora_dropout(x2, out, p, seed & 0xFFFFFFFFFFFFFFFF, stream(out))
     return out
 
 
 def _drop_raw_(t: Tensor, p: float, seed: int) -> Tensor:
     """_drop_raw in place on a fresh [M, K] tensor (the kernels are elementwise: out may alias x)."""
     if p != 0.0:
-        v = view(t)
-        _C.lora_dropout(v, v, p, seed & 0xFFFFFFFFFFFFFFFF, stream(t))
+        _C.lora_dropout(t, t, p, seed & 0xFFFFFFFFFFFFFFFF, stream(t))
     return t
 
 
@@ -198,10 +199,10 @@ def _dense_impl(x, weight, bias, A, B, scale, dropout, seed):
     seed &= 0xFFFFFFFFFFFFFFFF
     if _use_fused(x2, nf4=False):
         xa = torch.empty(x2.shape[0], A.shape[0], dtype=_acc_dtype(x), device=x.device)
-        _C.lora_shrink(view(x2), view(A.contiguous()), dropout, seed, view(xa), stream(x))
+        _C.lora_shrink(x2, A.contiguous(), dropout, seed, xa, stream(x))
         y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-        _C.lora_fused_linear(view(x2), view(weight.contiguous()), None if bias is None else view(bias.contiguous()),
-                             view(xa), view(B.contiguous()), scale, view(y), stream(x))
+        _C.lora_fused_linear(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
+                             xa, B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
     else:
         y = _linear(x2, weight, bias)
@@ -266,12 +267,12 @@ def _nf4_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
     seed &= 0xFFFFFFFFFFFFFFFF
     if _use_fused(x2, nf4=True):
         xa = torch.empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x.device)
-        _C.lora_shrink(view(x2), view(A.contiguous()), dropout, seed, view(xa), stream(x))
+        _C.lora_shrink(x2, A.contiguous(), dropout, seed, xa, stream(x))
         y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
-        opt = lambda t: None if t is None else view(t.contiguous())  # noqa: E731
-        _C.lora_fused_linear_nf4(view(x2), view(packed.contiguous()), view(absmax.contiguous()), opt(nested_absmax),
-                                 opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), view(xa),
-                                 view(B.contiguous()), scale, view(y), stream(x))
+        opt = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        _C.lora_fused_linear_nf4(x2, packed.contiguous(), absmax.contiguous(), opt(nested_absmax),
+                                 opt(nested_code), float(offset), blocksize, rows, cols, opt(bias), xa,
+                                 B.contiguous(), scale, y, stream(x))
         xa = xa.to(x.dtype)
     else:  # lorart.ops.nf4's path: dequantised into a reused workspace, never saved for backward
         y = _nf4ops._linear_impl(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
@@ -339,6 +340,8 @@ def _backward_dense(ctx, gy, gxa):
 
 
 _lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
+_DENSE_AUTOCAST = _ac.Lower(0, 1, 2, 3, 4)  # x, weight, bias, A, B: as F.linear under autocast
+_ac.register("lora_linear", _DENSE_AUTOCAST)
 
 
 def _setup_nf4(ctx, inputs, output):
@@ -366,6 +369,8 @@ def _backward_nf4(ctx, gy, gxa):
 
 
 _lora_linear_nf4.register_autograd(_backward_nf4, setup_context=_setup_nf4)
+_NF4_AUTOCAST = _ac.Lower(0, 9, 10, 11)  # x, bias, A, B (the NF4 weight computes in x's dtype)
+_ac.register("lora_linear_nf4", _NF4_AUTOCAST)
 
 
 # ---- eager fast path ----------------------------------------------------------------------------------------
@@ -447,12 +452,21 @@ def _records(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, weight: Tenso
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 dropout: float = 0.0, seed: int = 0) -> Tensor:
     """y = x @ weight.T + bias + scale * dropout(x) @ A.T @ B.T (dense base; see the module docstring)."""
+    args = (x, weight, bias, A, B, float(scale), float(dropout), int(seed))
     if _eager():
-        _check_dense(x, weight, bias, A, B, dropout)
-        if _records(x, A, B, bias, weight):
-            return _DenseFn.apply(x, weight, bias, A, B, float(scale), float(dropout), int(seed))
-        return _dense_impl(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
-    return torch.ops.lorart.lora_linear(x, weight, bias, A, B, float(scale), float(dropout), int(seed))[0]
+        dev = _ac.device_on(x)
+        if dev is None:
+            return _dense_eager(*args)
+        with _ac.excluded(dev):
+            return _dense_eager(*_DENSE_AUTOCAST.cast(args, dev))
+    return torch.ops.lorart.lora_linear(*args)[0]
+
+
+def _dense_eager(x, weight, bias, A, B, scale, dropout, seed):
+    _check_dense(x, weight, bias, A, B, dropout)
+    if _records(x, A, B, bias, weight):
+        return _DenseFn.apply(x, weight, bias, A, B, scale, dropout, seed)
+    return _dense_impl(x, weight, bias, A, B, scale, dropout, seed)[0]
 
 
 def lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
@@ -463,11 +477,20 @@ def lora_linear_nf4(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Te
     args = (x, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(rows), int(cols), bias,
             A, B, float(scale), float(dropout), int(seed))
     if _eager():
-        _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout)
-        if _records(x, A, B, bias):
-            return _NF4Fn.apply(*args)
-        return _nf4_impl(*args)[0]
+        dev = _ac.device_on(x)
+        if dev is None:
+            return _nf4_eager(*args)
+        with _ac.excluded(dev):
+            return _nf4_eager(*_NF4_AUTOCAST.cast(args, dev))
     return torch.ops.lorart.lora_linear_nf4(*args)[0]
+
+
+def _nf4_eager(*args):
+    x, packed, absmax, _, _, _, _, rows, cols, bias, A, B, _, dropout, _ = args
+    _check_nf4_all(x, packed, absmax, rows, cols, bias, A, B, dropout)
+    if _records(x, A, B, bias):
+        return _NF4Fn.apply(*args)
+    return _nf4_impl(*args)[0]
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:

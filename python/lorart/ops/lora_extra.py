@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from . import _autocast as _ac
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -52,6 +53,10 @@ def lora_grouped_add(y: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, ran
     """lora_grouped_add_ without the dispatcher in eager mode (the op under torch.compile)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.lora_grouped_add_(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
+    dev = _ac.device_on(x)
+    if dev is not None:
+        y, x, A_stack, B_stack, ranks, scales, adapter_idx = _GROUPED_AUTOCAST.cast(
+            (y, x, A_stack, B_stack, ranks, scales, adapter_idx), dev)
     _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
     _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
 
@@ -63,8 +68,8 @@ def _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx):
     x = x if x.stride(-1) == 1 else x.contiguous()
     ws = torch.empty(x.shape[0], A_stack.shape[1], device=x.device,
                      dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _C.lora_grouped_add(view(y), view(x), view(A_stack.contiguous()), view(B_stack.contiguous()),
-                        view(ranks.contiguous()), view(scales.contiguous()), view(adapter_idx), view(ws), stream(x))
+    _C.lora_grouped_add(y, x, A_stack.contiguous(), B_stack.contiguous(),
+                        ranks.contiguous(), scales.contiguous(), adapter_idx, ws, stream(x))
 
 
 @lora_grouped_add_.register_fake
@@ -93,7 +98,7 @@ def lora_merge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     """W += scale * B @ A in place, each element computed in float32 and rounded once (B @ A is never formed)."""
     _check_merge(W, A, B)
     check_device(W, "W")
-    _C.lora_merge(view(W), view(A.contiguous()), view(B.contiguous()), scale, stream(W))
+    _C.lora_merge(W, A.contiguous(), B.contiguous(), scale, stream(W))
 
 
 @lora_merge_.register_fake
@@ -107,7 +112,7 @@ def lora_unmerge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     saved original instead (docs/lora.md)."""
     _check_merge(W, A, B)
     check_device(W, "W")
-    _C.lora_merge(view(W), view(A.contiguous()), view(B.contiguous()), -scale, stream(W))
+    _C.lora_merge(W, A.contiguous(), B.contiguous(), -scale, stream(W))
 
 
 @lora_unmerge_.register_fake
@@ -122,7 +127,7 @@ def lora_merge_nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
     _check_merge(W, A, B)
     check_device(W, "W")
     count = torch.zeros(1, dtype=torch.int32, device=W.device)
-    _C.lora_merge_count_nonfinite(view(W), view(A.contiguous()), view(B.contiguous()), scale, view(count), stream(W))
+    _C.lora_merge_count_nonfinite(W, A.contiguous(), B.contiguous(), scale, count, stream(W))
     return count
 
 
@@ -130,3 +135,10 @@ def lora_merge_nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
 def _(W, A, B, scale):
     _check_merge(W, A, B)
     return W.new_empty(1, dtype=torch.int32)
+
+
+# autocast: the in-place ops compute in the dtype of what they write (y, W); nothing else changes
+_GROUPED_AUTOCAST = _ac.Like(0, 1, 2, 3)
+_ac.register("lora_grouped_add_", _GROUPED_AUTOCAST)
+for _name in ("lora_merge_", "lora_unmerge_", "lora_merge_nonfinite"):
+    _ac.register(_name, _ac.Like(0, 1, 2))

@@ -12,13 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, _C, check_device, check_dtype, check_same_device, stream, view
+from . import _autocast as _ac
+from ._common import FLOAT_DTYPES, _C, check_device, check_dtype, check_same_device, stream
 
 NESTED_BLOCKSIZE = 256
-
-
-def _opt(t: Optional[Tensor]):
-    return None if t is None else view(t)
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -89,7 +86,7 @@ def nf4_quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     n = w.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=w.device)
-    _C.nf4_quantize(view(w), blocksize, view(packed), view(absmax), stream(w))
+    _C.nf4_quantize(w, blocksize, packed, absmax, stream(w))
     if w.is_cuda and not bool(torch.isfinite(absmax).all()):  # the CPU kernel raises by itself
         b = int((~torch.isfinite(absmax)).nonzero()[0, 0])
         raise ValueError(
@@ -129,7 +126,7 @@ def nf4_double_quant(absmax: Tensor, offset: Tensor, code: Tensor) -> tuple[Tens
     nb = absmax.numel()
     q = torch.empty((nb,), dtype=torch.uint8, device=absmax.device)
     nested = torch.empty((-(-nb // NESTED_BLOCKSIZE),), dtype=torch.float32, device=absmax.device)
-    _C.nf4_double_quant(view(absmax), view(offset), view(code), view(q), view(nested), stream(absmax))
+    _C.nf4_double_quant(absmax, offset, code, q, nested, stream(absmax))
     return q, nested
 
 
@@ -163,8 +160,8 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols,
 
 
 def _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, out: Tensor) -> None:
-    _C.nf4_dequantize(view(packed.contiguous()), view(absmax.contiguous()), _opt(_c(nested_absmax)),
-                      _opt(_c(nested_code)), float(offset), blocksize, rows, cols, view(out), stream(out))
+    _C.nf4_dequantize(packed.contiguous(), absmax.contiguous(), _c(nested_absmax),
+                      _c(nested_code), float(offset), blocksize, rows, cols, out, stream(out))
 
 
 # ---- linear --------------------------------------------------------------------------
@@ -219,8 +216,8 @@ def _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksiz
         return x.new_zeros((*lead, rows))
     if m <= GEMV_MAX_ROWS.get(x.device.type, 0):
         out = x2.new_empty((m, rows))
-        _C.nf4_gemv(view(x2), view(packed.contiguous()), view(absmax.contiguous()), _opt(_c(nested_absmax)),
-                    _opt(_c(nested_code)), float(offset), blocksize, rows, cols, _opt(_c(bias)), view(out), stream(x))
+        _C.nf4_gemv(x2, packed.contiguous(), absmax.contiguous(), _c(nested_absmax),
+                    _c(nested_code), float(offset), blocksize, rows, cols, _c(bias), out, stream(x))
         return out if flat else out.reshape(*lead, rows)
     w = _workspace(x.device, x.dtype, rows * cols).view(rows, cols)
     _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, w)
@@ -294,6 +291,10 @@ def _backward(ctx, dy):
 
 
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
+_LINEAR_AUTOCAST = _ac.Lower(0, 9)  # x, bias: as F.linear under autocast (the weight decodes to x's dtype)
+_ac.register("nf4_linear", _LINEAR_AUTOCAST)
+for _name in ("nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear_grad_input"):
+    _ac.register(_name, _ac.Keep())
 
 
 # ---- eager fast path ----------------------------------------------------------------------------------------
@@ -327,6 +328,11 @@ def nf4_linear_eager(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: O
     if torch.compiler.is_compiling():
         return torch.ops.lorart.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
                                            cols, bias)
+    dev = _ac.device_on(x)
+    if dev is not None:
+        args = (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
+        with _ac.excluded(dev):
+            return nf4_linear_eager(*_LINEAR_AUTOCAST.cast(args, dev))
     _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
     check_device(x, "x")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

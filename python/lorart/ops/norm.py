@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream, view
+from . import _autocast as _ac
+from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 MAX_HIDDEN_CUDA = int(_C.rms_norm_max_hidden())
@@ -43,7 +44,7 @@ def _impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     x2 = _rows(x)
     out = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=_stat_dtype(x), device=x.device)
-    _C.rms_norm(view(x2), view(weight.contiguous()), float(eps), view(out), view(rstd), stream(x2))
+    _C.rms_norm(x2, weight.contiguous(), float(eps), out, rstd, stream(x2))
     return out.view(x.shape), rstd
 
 
@@ -52,8 +53,8 @@ def _backward_impl(x: Tensor, weight: Tensor, rstd: Tensor, grad_out: Tensor, wa
     go = _rows(grad_out.to(x.dtype))
     dx = torch.empty_like(x2)
     dw = torch.empty(x2.shape[1], dtype=_stat_dtype(x), device=x.device) if want_w else None
-    _C.rms_norm_backward(view(x2), view(weight.contiguous()), view(rstd), view(go), view(dx),
-                         None if dw is None else view(dw), stream(x2))
+    _C.rms_norm_backward(x2, weight.contiguous(), rstd, go, dx,
+                         None if dw is None else dw, stream(x2))
     return dx.view(x.shape), (None if dw is None else dw.to(weight.dtype))
 
 
@@ -96,6 +97,9 @@ def _backward(ctx, grad_out, _grad_rstd):
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup)
+_AUTOCAST = _ac.Promote(0, 1)  # x, weight: LlamaRMSNorm's `weight * h.to(x.dtype)` promotes
+_ac.register("rms_norm", _AUTOCAST)
+_ac.register("rms_norm_backward", _ac.Keep())
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -119,6 +123,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)) in LlamaRMSNorm's arithmetic (see the module docstring)."""
     if torch.compiler.is_compiling():
         return torch.ops.lorart.rms_norm(x, weight, float(eps))[0]
+    dev = _ac.device_on(x)
+    if dev is not None:
+        x, weight, eps = _AUTOCAST.cast((x, weight, eps), dev)
     _check(x, weight, eps)
     check_device(x, "x")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

@@ -8,7 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import _C, check_device, stream, view
+from . import _autocast as _ac
+from ._common import _C, check_device, stream
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 256  # elements per absmax of the 8-bit states
@@ -105,8 +106,7 @@ def _run(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, wei
         return
     check_device(params[0], "params[0]")
     _C.adamw_step(
-        [view(t) for t in params], [view(t) for t in grads], [view(t) for t in exp_avgs],
-        [view(t) for t in exp_avg_sqs], [int(s) for s in steps], float(lr), float(beta1), float(beta2),
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [int(s) for s in steps], float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), bool(maximize), stream(params[0]),
     )
 
@@ -166,8 +166,7 @@ def _run8(params, grads, q1, q2, a1, a2, steps, lr, beta1, beta2, eps, weight_de
         return
     check_device(params[0], "params[0]")
     _C.adamw8_step(
-        [view(t) for t in params], [view(t) for t in grads], [view(t) for t in q1], [view(t) for t in q2],
-        [view(t) for t in a1], [view(t) for t in a2], [int(s) for s in steps], float(lr), float(beta1),
+        list(params), list(grads), list(q1), list(q2), list(a1), list(a2), [int(s) for s in steps], float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), bool(maximize), stream(params[0]),
     )
 
@@ -193,6 +192,10 @@ def _(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_
     return None
 
 
+for _name in ("adamw_step_", "adamw8_step_"):
+    _ac.register(_name, _ac.Keep())
+
+
 # ---- the 8-bit states' maps and conversions (host side) ---------------------------------
 _MAPS: dict[bool, Tensor] = {}
 
@@ -211,7 +214,7 @@ def quantize_blockwise8(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
     q = torch.empty(x.shape, dtype=torch.uint8)
     absmax = torch.empty(_blocks(x.numel()), dtype=torch.float32)
-    _C.quantize_blockwise8(view(x), bool(signed), view(q), view(absmax))
+    _C.quantize_blockwise8(x, bool(signed), q, absmax)
     return q, absmax
 
 
@@ -220,7 +223,7 @@ def dequantize_blockwise8(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     q = q.detach().cpu().contiguous()
     absmax = absmax.detach().to(device="cpu", dtype=torch.float32).contiguous()
     out = torch.empty(q.shape, dtype=torch.float32)
-    _C.dequantize_blockwise8(view(q), view(absmax), bool(signed), view(out))
+    _C.dequantize_blockwise8(q, absmax, bool(signed), out)
     return out
 
 

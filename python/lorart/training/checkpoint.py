@@ -1,27 +1,50 @@
-"""Training checkpoints: trainable weights, optimizer, scheduler, step, data position, RNG states, history.
+"""Training checkpoints. `checkpoints/step-NNNNNNN/` holds
 
-Each checkpoint is a folder `checkpoints/step-NNNNNNN/state.pt` written into a temporary folder beside it,
-fsynced, then renamed into place; `checkpoints/latest` (a one-line file naming the folder) is replaced
-atomically afterwards. A crash at any moment leaves either the previous or the new checkpoint, never a
-partial one. Loaded with `torch.load(weights_only=True)` (no pickled code runs).
+- `state.pt`: trainable weights, optimizer and scheduler states, RNG states and the run's state (step, data
+  position, history, early stopping, ...); read with `torch.load(weights_only=True)` (no pickled code runs);
+- `adapter/`: the method's artifact at that step (PEFT format for lora, qlora, prompt, prefix), usable on its own;
+- `checkpoint.json`: format version, step, the run's fingerprint (model, data, options) and the size and
+  SHA-256 of every file above, checked before a resume.
+
+The folder is built beside its final name, fsynced and renamed (`lorart._atomic.atomic_dir`); `checkpoints/latest`
+then names it (replaced atomically). A crash at any moment leaves complete checkpoints only, and a checkpoint
+damaged later (truncated, bit flips, deleted files) is detected by its manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
-import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from .._atomic import atomic_dir, atomic_file, save_torch, strict_json
+
 STATE_NAME = "state.pt"
+MANIFEST = "checkpoint.json"
+ADAPTER = "adapter"
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or of another format."""
 
 
 def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
+
+
+def step_of(name: str) -> Optional[int]:
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -39,85 +62,118 @@ def set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def _fsync_file(path: str) -> None:
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _write_atomic_text(path: str, text: str) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+def _files(folder: str) -> dict:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            rel = os.path.relpath(p, folder).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+    return out
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Checkpoint folders, newest step first (whatever their state)."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    steps = [(step_of(d), d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+    return [os.path.join(root, d) for s, d in sorted((s, d) for s, d in steps if s is not None)[::-1]]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The folder `checkpoints/latest` names if it holds a manifest, else the newest folder that does, or None
+    (not verified: see verify_checkpoint)."""
+    root = checkpoint_root(output_dir)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with open(os.path.join(root, LATEST)) as f:
+            name = f.read().strip()
+        if step_of(name) is not None and os.path.isfile(os.path.join(root, name, MANIFEST)):
+            return os.path.join(root, name)
+    except OSError:
+        pass
+    return next((c for c in list_checkpoints(output_dir) if os.path.isfile(os.path.join(c, MANIFEST))), None)
 
 
-def save_checkpoint(output_dir: str, step: int, state: dict, keep: int = 2) -> str:
-    """Write `state` as checkpoint `step` atomically; keep the newest `keep` checkpoints."""
+def save_checkpoint(output_dir: str, step: int, state: dict, *, run: Optional[dict] = None,
+                    write_adapter: Optional[Callable[[str], object]] = None, keep: int = 2) -> str:
+    """Write checkpoint `step` atomically (state.pt, `write_adapter(folder)`'s artifact, the manifest with `run`,
+    the run's fingerprint), point `latest` at it, keep the newest `keep` checkpoints."""
     root = checkpoint_root(output_dir)
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:07d}"
     final = os.path.join(root, name)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + name + "-", dir=root)
-    try:
-        path = os.path.join(tmp, STATE_NAME)
-        torch.save({"format_version": FORMAT_VERSION, **state}, path)
-        _fsync_file(path)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic_text(os.path.join(root, LATEST), name + "\n")
-    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
-    for old in done[:-keep] if keep > 0 else []:
-        if old != name:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        save_torch({"format_version": FORMAT_VERSION, **state}, os.path.join(tmp, STATE_NAME))
+        if write_adapter is not None:
+            write_adapter(os.path.join(tmp, ADAPTER))
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "run": run, "files": _files(tmp)}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            f.write(strict_json(manifest, indent=2) + "\n")
+    with atomic_file(os.path.join(root, LATEST)) as tmp, open(tmp, "w") as f:
+        f.write(name + "\n")
+    if keep > 0:
+        for old in list_checkpoints(output_dir)[keep:]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The folder named by `checkpoints/latest` (else the highest complete step folder), or None."""
-    root = checkpoint_root(output_dir)
-    if not os.path.isdir(root):
-        return None
-    p = os.path.join(root, LATEST)
-    if os.path.isfile(p):
-        with open(p) as f:
-            name = f.read().strip()
-        if name and os.path.isfile(os.path.join(root, name, STATE_NAME)):
-            return os.path.join(root, name)
-    done = sorted(d for d in os.listdir(root)
-                  if d.startswith("step-") and os.path.isfile(os.path.join(root, d, STATE_NAME)))
-    return os.path.join(root, done[-1]) if done else None
+def verify_checkpoint(folder: str) -> dict:
+    """The manifest of a checkpoint whose files are all there with their recorded size and SHA-256."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            man = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {MANIFEST} (not a lorart checkpoint of format {FORMAT_VERSION}: "
+                              "older lorart versions wrote none)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(man, dict) or man.get("format_version") != FORMAT_VERSION or not isinstance(
+            man.get("files"), dict):
+        raise CheckpointError(f"{path}: not a lorart checkpoint manifest of format {FORMAT_VERSION}")
+    for rel, want in man["files"].items():
+        p = os.path.join(folder, rel)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{folder}: {rel} is missing")
+        if os.path.getsize(p) != want.get("bytes"):
+            raise CheckpointError(f"{folder}: {rel} has {os.path.getsize(p)} bytes, the manifest says "
+                                  f"{want.get('bytes')} (truncated or replaced)")
+        if _sha256(p) != want.get("sha256"):
+            raise CheckpointError(f"{folder}: {rel} does not match its SHA-256 in {MANIFEST} (corrupt)")
+    if STATE_NAME not in man["files"]:
+        raise CheckpointError(f"{path}: lists no {STATE_NAME}")
+    return man
 
 
-def load_checkpoint(folder: str) -> dict:
+def load_checkpoint(folder: str) -> tuple:
+    """(manifest, state) of a verified checkpoint; CheckpointError says what is wrong with a bad one."""
+    man = verify_checkpoint(folder)
     path = os.path.join(folder, STATE_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"lorart.train: argument `resume`: {folder} holds no {STATE_NAME}")
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"lorart.train: argument `resume`: {path} is not a readable lorart checkpoint "
-                         f"({type(e).__name__}: {e})") from None
+    except Exception as e:  # a foreign file with a matching manifest
+        raise CheckpointError(f"{path}: not a readable lorart checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(st, dict) or st.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"lorart.train: argument `resume`: {path} is not a lorart checkpoint of format "
-                         f"{FORMAT_VERSION}")
-    return st
+        raise CheckpointError(f"{path}: not a lorart checkpoint of format {FORMAT_VERSION}")
+    return man, st
 
 
-def check_compatible(saved: dict, current: dict, folder: str) -> None:
-    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    if diff:
-        items = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"lorart.train: argument `resume`: the checkpoint {folder} was written with other "
-                         f"training options ({items}); use the same options or a new output_dir")
+def remove_checkpoints_after(output_dir: str, step: int) -> list:
+    """Delete checkpoints of steps after `step` (a resume from `step` rewrites that future); their names."""
+    gone = []
+    for c in list_checkpoints(output_dir):
+        if step_of(os.path.basename(c)) > step:
+            shutil.rmtree(c, ignore_errors=True)
+            gone.append(os.path.basename(c))
+    return gone

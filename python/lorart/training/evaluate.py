@@ -10,12 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, collate
+from ..models.generate import generate, left_pad
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch is trained to predict: position t's label is predicted from tokens < t, so position 0
+    never counts, even when its label is a target (text records)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
@@ -35,7 +42,7 @@ def batch_nll_sum(model, batch: dict, device: torch.device) -> tuple:
         if "position_ids" in batch:
             kw["position_ids"] = batch["position_ids"].to(device)
         out = model(**kw)
-        return out.loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return out.loss, target_tokens(batch["labels"])
     return token_nll_sum(forward_logits(model, batch, device), batch["labels"])
 
 
@@ -44,7 +51,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     tgt = labels[:, 1:].reshape(-1).to(logits.device)
     total = F.cross_entropy(shift, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((tgt != IGNORE_INDEX).sum())
+    return total, target_tokens(labels)
 
 
 @torch.no_grad()
@@ -85,7 +92,6 @@ def prompt_and_reference(ex) -> tuple:
 def generate_samples(model, tokenizer, examples: list, n: int, max_new_tokens: int, device, dtype,
                      is_lorart: bool, batch_size: int = 8) -> list:
     """Greedy answers to the first `n` held-out prompts: [{"prompt", "reference", "output"}]."""
-    from ..models.generate import generate, left_pad
     items = [prompt_and_reference(e) for e in examples[:n]]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     outs = []

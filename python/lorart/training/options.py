@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence, Union
+
+from ..methods import METHODS
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # the answer format of the bundled default data (python/lorart/data/default)
@@ -30,6 +33,7 @@ class TrainOptions:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
+    skip_nonfinite: int = 0                  # steps with a non-finite loss / gradient norm skipped before stopping
     eval_every: Optional[int] = None         # None: a quarter of the steps
     save_every: Optional[int] = None         # None: at every evaluation
     early_stopping_patience: Optional[int] = None
@@ -51,7 +55,6 @@ class TrainOptions:
         def bad(name, expected, got):
             raise ValueError(f"lorart.train: argument `{name}`: expected {expected}, got {got!r}")
 
-        from ..methods import METHODS
         if self.method not in METHODS:
             bad("method", "one of " + ", ".join(METHODS), self.method)
         if self.method_options is not None and not isinstance(self.method_options, dict):
@@ -62,6 +65,9 @@ class TrainOptions:
                 bad(name, "an int >= 1", v)
         if self.max_seq_len < 8:
             bad("max_seq_len", "an int >= 8", self.max_seq_len)
+        if isinstance(self.skip_nonfinite, bool) or not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            bad("skip_nonfinite", "an int >= 0 (steps with a non-finite loss or gradient norm to skip)",
+                self.skip_nonfinite)
         for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -98,12 +104,20 @@ class TrainOptions:
         elif not isinstance(self.targets, str) or not self.targets:
             bad("targets", "module names, a regex or 'all-linear'", self.targets)
         if self.format_regex is not None:
-            import re
             try:
                 re.compile(self.format_regex)
             except re.error as e:
                 raise ValueError(f"lorart.train: argument `format_regex`: invalid regex: {e}") from None
         return self
+
+    @classmethod
+    def from_keywords(cls, options: dict) -> "TrainOptions":
+        """Validated options from lorart.train's keywords; an unknown keyword is a TypeError listing the valid ones."""
+        unknown = sorted(set(options) - set(option_names()))
+        if unknown:
+            raise TypeError(f"lorart.train: unknown argument(s) {', '.join(map(repr, unknown))}; expected one of "
+                            f"{', '.join(option_names())}")
+        return cls(**options).validate()
 
     def warmup_steps(self, total: int) -> int:
         w = self.warmup
@@ -117,7 +131,8 @@ class TrainOptions:
     # options that change the training trajectory: a checkpoint only resumes a run with the same ones
     TRAJECTORY = ("method", "method_options", "r", "alpha", "dropout", "targets", "rslora", "lr", "epochs", "max_steps",
                   "batch_size", "grad_accum", "max_seq_len", "warmup", "schedule", "min_lr_ratio", "weight_decay",
-                  "max_grad_norm", "packing", "seed", "eval_fraction", "dtype")
+                  "max_grad_norm", "packing", "seed", "eval_fraction", "dtype", "early_stopping_patience",
+                  "early_stopping_min_delta")
 
     def fingerprint(self) -> dict:
         d = self.to_dict()

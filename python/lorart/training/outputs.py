@@ -1,34 +1,13 @@
-"""Files a run leaves in output_dir: metrics.jsonl, loss.png, samples.md, summary.json."""
+"""Reports a run leaves in output_dir: loss.png, samples.md, the before/after table, peak memory."""
 from __future__ import annotations
 
-import json
-import os
 import resource
-import tempfile
 from typing import Optional
 
 import torch
 
+from .._atomic import atomic_file
 from .evaluate import short_prompt
-
-
-def write_json_atomic(path: str, obj, lines: bool = False) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if lines:
-                for rec in obj:
-                    f.write(json.dumps(rec) + "\n")
-            else:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -59,11 +38,11 @@ def write_plot(path: str, history: list) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -87,10 +66,9 @@ def samples_markdown(before: list, after: list, acc_before=None, acc_after=None)
 
 
 def write_samples(path: str, before: list, after: list, acc_before=None, acc_after=None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(samples_markdown(before, after, acc_before, acc_after))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(samples_markdown(before, after, acc_before, acc_after))
 
 
 def comparison_table(before: dict, after: dict) -> str:

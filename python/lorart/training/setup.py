@@ -1,22 +1,24 @@
-"""Resolve the device, load (or adopt) the model and tokenizer, add LoRA / QLoRA, load the data."""
+"""What a run starts from: the device and dtype, the base model and tokenizer, the method attached to it, the data."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .._core import cuda_usable
+from ..data import default_dataset_paths, load_examples, pack_examples, split_examples
+from ..methods import Method, prepare
+from ..models import LlamaForCausalLM, Tokenizer, base_model_id, load_model
+from ..models.loading import as_dtype
 from .options import DEFAULT_FORMAT_REGEX, TrainOptions
 
 
 def resolve_device(device) -> torch.device:
     if device is None or device == "auto":
-        import lorart
-        if torch.cuda.is_available() and lorart.cuda_usable():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and cuda_usable() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -32,13 +34,11 @@ def resolve_device(device) -> torch.device:
 def resolve_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype:
     if opts.dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    from ..models.loading import _as_dtype
-    return _as_dtype(opts.dtype)
+    return as_dtype(opts.dtype)
 
 
 def as_lorart_tokenizer(tok):
     """A lorart Tokenizer from a lorart one or a transformers fast tokenizer (same vocabulary and template)."""
-    from ..models.tokenizer import Tokenizer
     if tok is None or isinstance(tok, Tokenizer):
         return tok
     backend = getattr(tok, "backend_tokenizer", None)
@@ -52,43 +52,22 @@ def as_lorart_tokenizer(tok):
 
 
 @dataclass
-class Loaded:
+class Base:
+    """The base model a run fine-tunes, before a method is attached."""
     model: nn.Module
-    tokenizer: object
-    model_name: Optional[str]
-    is_lorart: bool
-    method: object = None   # the lorart.methods.Method attached to `model`
+    tokenizer: Tokenizer
+    name: Optional[str]      # the path or name given (recorded in the artifacts), None for an unnamed module
+    is_lorart: bool          # lorart's LlamaForCausalLM (chunked loss, packing, lorart.models.generate)
 
 
-def _nf4_factory(dtype: torch.dtype):
-    from ..nn.nf4_linear import NF4Linear
-
-    def factory(name, linear):
-        return NF4Linear.from_linear(linear, compute_dtype=dtype)
-    return factory
-
-
-def method_config(opts: TrainOptions) -> dict:
-    """The lorart.methods options of this run: r/alpha/dropout/targets/rslora for lora and qlora, then
-    `method_options` (which may override them)."""
-    cfg = {}
-    if opts.method in ("lora", "qlora"):
-        cfg = {"targets": opts.targets, "r": opts.r, "alpha": opts.alpha, "dropout": opts.dropout,
-               "rslora": opts.rslora}
-    return {**cfg, **(opts.method_options or {})}
-
-
-def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device, dtype: torch.dtype) -> Loaded:
-    """Load the model (streamed through NF4 for qlora), move it, attach the method (lorart.methods.prepare);
-    trainable weights stay float32."""
-    from .. import methods
-    from ..models import LlamaForCausalLM, load_model
-
-    name = None
+def load_base(model, tokenizer, opts: TrainOptions, device: torch.device, dtype: torch.dtype,
+              linear_factory=None) -> Base:
+    """Load `model` (None/"default", a path) with `linear_factory` (QLoRA: NF4 while reading), or adopt a
+    loaded nn.Module (moved to `device`, cast to `dtype` on CUDA or when `opts.dtype` is set); frozen."""
     if model is None or isinstance(model, (str, os.PathLike)):
         name = "default" if model is None else os.fspath(model)
-        factory = _nf4_factory(dtype) if opts.method == "qlora" else None
-        m, tok = load_model(None if name == "default" else name, dtype=dtype, device=device, linear_factory=factory)
+        m, tok = load_model(None if name == "default" else name, dtype=dtype, device=device,
+                            linear_factory=linear_factory)
     elif isinstance(model, nn.Module):
         m, tok = model, tokenizer
         m.to(device)
@@ -99,9 +78,7 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
     else:
         raise TypeError(f"lorart.train: argument `model`: expected None, 'default', a path or an nn.Module, "
                         f"got {type(model).__name__}")
-    if tokenizer is not None:
-        tok = tokenizer
-    tok = as_lorart_tokenizer(tok)
+    tok = as_lorart_tokenizer(tokenizer if tokenizer is not None else tok)
     if tok is None:
         raise ValueError("lorart.train: argument `tokenizer`: the model came without a tokenizer "
                          "(no tokenizer.json in its folder); pass tokenizer=")
@@ -109,30 +86,39 @@ def load_and_prepare(model, tokenizer, opts: TrainOptions, device: torch.device,
         raise ValueError("lorart.train: argument `tokenizer`: the tokenizer has no EOS token")
     for p in m.parameters():
         p.requires_grad_(False)
+    return Base(m, tok, name, isinstance(m, LlamaForCausalLM))
+
+
+def method_config(opts: TrainOptions, cls: type[Method]) -> dict:
+    """The method's options of this run: the TrainOptions fields it takes (`cls.train_options`: r, alpha,
+    dropout, targets, rslora for lora and qlora), then `method_options` (which may override them)."""
+    return {**{k: getattr(opts, k) for k in cls.train_options}, **(opts.method_options or {})}
+
+
+def attach_method(base: Base, cls: type[Method], config, opts: TrainOptions) -> Method:
+    """Attach the method (its initialisation seeded by `opts.seed`), make its weights float32 masters unless
+    it keeps dtypes, turn on gradient checkpointing if asked."""
+    m = base.model
     torch.manual_seed(opts.seed)  # LoRA A / adapter / prompt init
     try:
-        method = methods.prepare(m, opts.method, method_config(opts), tokenizer=tok)
+        method = prepare(m, cls.name, config, tokenizer=base.tokenizer)
     except (ValueError, TypeError) as e:
         raise ValueError(str(e).replace("lorart: inject:", "lorart.train:")) from None
-    for p in m.parameters():
-        # fp32 master weights (LoRALinear, adapters, prompts and prefixes cast to the compute dtype); BitFit's
-        # biases stay in the dtype of their linear layer, which adds them natively
-        if p.requires_grad and p.dtype != torch.float32 and opts.method != "bitfit":
-            p.data = p.data.float()
+    method.use_float32_masters()
     if opts.gradient_checkpointing:
         enable = getattr(m, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ValueError(f"lorart.train: argument `gradient_checkpointing`: {type(m).__name__} has no "
                              "gradient_checkpointing_enable()")
-        if isinstance(m, LlamaForCausalLM):
+        if base.is_lorart:
             enable()
         else:
             try:
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             except TypeError:
                 enable()
-    method.base_model_name = name
-    return Loaded(m, tok, name, isinstance(m, LlamaForCausalLM), method)
+    method.base_model_name = base_model_id(base.name) if base.name is not None else None  # resolvable
+    return method
 
 
 @dataclass
@@ -142,71 +128,52 @@ class Data:
     general: list
     train_path: str
     eval_path: Optional[str]
+    general_path: Optional[str]
     is_default: bool
+    files: list = field(default_factory=list)  # per source: path, container, format, counts (and role)
 
 
-def _load_records(records: list, tokenizer, max_seq_len: int, what: str) -> list:
-    from ..data.formats import DataError, encode_record
-    if not records:
-        raise DataError(f"lorart.train: argument `{what}`: the list of records is empty")
-    out = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DataError(f"lorart.train: argument `{what}`: record {i} must be a dict, got {type(rec).__name__}")
-        ex = encode_record(rec, tokenizer, where=f"{what}[{i}]")
-        if len(ex) > max_seq_len:
-            ex.input_ids, ex.labels = ex.input_ids[:max_seq_len], ex.labels[:max_seq_len]
-            if ex.num_target_tokens == 0:
-                continue
-        out.append(ex)
-    if not out:
-        raise DataError(f"lorart.train: argument `{what}`: no usable examples after truncation to max_seq_len")
-    return out
+def _load(src, tokenizer, max_seq_len: int, what: str, files: list) -> list:
+    """Examples of `src` (lorart.data.load_examples); the sources' descriptions are appended to `files`."""
+    try:
+        loaded = load_examples(src, tokenizer, max_seq_len, what=what)
+    except TypeError as e:
+        raise TypeError(f"lorart.train: {e}") from None
+    files += [dict(d, role=what) for d in loaded.describe()]
+    return loaded.examples
 
 
-def _load(src, tokenizer, max_seq_len: int, what: str) -> list:
-    from ..data import load_jsonl
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if os.path.isdir(path):
-            raise ValueError(f"lorart.train: argument `{what}`: {path} is a folder; expected a .jsonl file")
-        return load_jsonl(path, tokenizer, max_seq_len)
-    if isinstance(src, (list, tuple)):
-        return _load_records(list(src), tokenizer, max_seq_len, what)
-    raise TypeError(f"lorart.train: argument `{what}`: expected a .jsonl path or a list of records, "
-                    f"got {type(src).__name__}")
+def _source(src) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<records>"
 
 
 def load_data(data, eval_data, tokenizer, opts: TrainOptions, general_data=True) -> Data:
-    from ..data import default_dataset_paths, split_examples
     is_default = data is None or data == "default"
+    files: list = []
     paths = default_dataset_paths() if (is_default or general_data is True) else {}
     if is_default:
-        train = _load(paths["train"], tokenizer, opts.max_seq_len, "data")
-        train_path = paths["train"]
+        data = paths["train"]
         if eval_data is None:
             eval_data = paths["heldout"]
-    else:
-        train = _load(data, tokenizer, opts.max_seq_len, "data")
-        train_path = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<records>"
+    train = _load(data, tokenizer, opts.max_seq_len, "data", files)
+    train_path = _source(data)
     if eval_data is not None:
-        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data")
-        eval_path = os.fspath(eval_data) if isinstance(eval_data, (str, os.PathLike)) else "<records>"
+        ev = _load(eval_data, tokenizer, opts.max_seq_len, "eval_data", files)
+        eval_path = _source(eval_data)
     elif opts.eval_fraction > 0 and len(train) >= 2:
         train, ev = split_examples(train, opts.eval_fraction, seed=opts.seed)
         eval_path = f"{opts.eval_fraction:g} of {train_path}"
     else:
         ev, eval_path = [], None
     if general_data is True:
-        general = _load(paths["general"], tokenizer, opts.max_seq_len, "general_data")
-    elif general_data in (False, None):
-        general = []
-    else:
-        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data")
+        general_data = paths["general"]
+    general, general_path = [], None
+    if general_data not in (False, None):
+        general = _load(general_data, tokenizer, opts.max_seq_len, "general_data", files)
+        general_path = _source(general_data)
     if opts.packing:
-        from ..data import pack_examples
         train = pack_examples(train, opts.max_seq_len)
-    return Data(train, ev, general, train_path, eval_path, is_default)
+    return Data(train, ev, general, train_path, eval_path, general_path, is_default, files)
 
 
 def format_regex_for(opts: TrainOptions, data: Data) -> Optional[str]:

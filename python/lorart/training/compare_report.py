@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
+import statistics
 from typing import Optional
 
-IDENTITY_AT_INIT = ("lora", "adapter", "bitfit", "full")
+from .._atomic import strict_json
+from ..methods import METHODS
 
 COLUMNS = [  # (header, key, format)
     ("method", "method", "{}"),
@@ -34,9 +35,9 @@ def _size(n: int) -> str:
 
 
 def base_row(rows: list) -> Optional[dict]:
-    """The base model's metrics: the 'before' of a method that starts as the identity."""
+    """The base model's metrics: the 'before' of a method that starts as the base model."""
     for r in rows:
-        if r["method"] in IDENTITY_AT_INIT and r["before"].get("eval_loss") is not None:
+        if METHODS[r["method"]].starts_as_base and r["before"].get("eval_loss") is not None:
             return r
     return None
 
@@ -46,7 +47,6 @@ def flatten(rows: list) -> list:
     gen_base = base["before"].get("general_ppl") if base else None
     out = []
     if base is not None:
-        import statistics
         # each method's overhead is against the base measured in its own process; the base row shows the median
         decode = statistics.median(r["base_decode_ms_per_token"] for r in rows)
         out.append({"method": "base model", "trainable_params": 0, "trainable_percent": 0.0,
@@ -156,5 +156,5 @@ def write_reports(rows: list, settings: dict, out: str) -> dict:
         f.write(md)
     write_csv(flat, paths["csv"])
     with open(paths["json"], "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=2)
+        f.write(strict_json({"settings": settings, "rows": rows}, indent=2) + "\n")
     return paths

@@ -1,5 +1,5 @@
 """One method of `lorart compare`, run in its own process (so its peak memory is its own):
-`python -m lorart.methods._compare_worker SPEC.json RESULT.json`."""
+`python -m lorart.training.compare_worker SPEC.json RESULT.json`."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,11 @@ import sys
 import time
 
 import torch
+
+from .._atomic import strict_json
+from ..models import generate, load_model
+from .run import train
+from .setup import resolve_device
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -24,8 +29,6 @@ def _median_ms(fn, reps: int) -> float:
 @torch.no_grad()
 def measure_latency(model, vocab: int, device, prefill_len: int = 64, decode_tokens: int = 16, reps: int = 5) -> dict:
     """Median forward time of one `prefill_len`-token sequence, and greedy decode time per token (KV cache)."""
-    from ..models import generate
-
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (1, prefill_len), generator=g).to(device)
     was = model.training
@@ -47,10 +50,6 @@ def _exact(samples: list) -> float | None:
 
 
 def run(spec: dict) -> dict:
-    from ..models import load_model
-    from ..training import train
-    from ..training.setup import resolve_device
-
     dev = resolve_device(spec.get("device", "auto"))
     torch.manual_seed(spec["seed"])
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -66,7 +65,7 @@ def run(spec: dict) -> dict:
                 batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], seed=spec["seed"],
                 warmup=spec.get("warmup", 2), eval_every=spec["max_steps"], save_every=spec["max_steps"],
                 num_samples=spec["num_samples"], sample_max_new_tokens=spec.get("sample_max_new_tokens", 24),
-                keep_checkpoints=1, eval_before=spec.get("eval_before", True))
+                keep_checkpoints=1, eval_before=spec.get("eval_before", True), overwrite=True)
     meth = res.method
     rep = meth.report()
     merged = bool(meth.merge())
@@ -93,7 +92,7 @@ def main(argv: list[str]) -> int:
         spec = json.load(f)
     out = run(spec)
     with open(out_path, "w") as f:
-        json.dump(out, f, indent=2)
+        f.write(strict_json(out, indent=2))
     return 0
 
 

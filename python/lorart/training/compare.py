@@ -11,11 +11,12 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import METHODS, MethodError
+from .._atomic import strict_json
+from ..methods import METHODS, MethodError
+from .compare_report import write_reports
 
-# learning rates in the range the literature uses for each method, scaled for a few dozen steps
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2,
-              "bitfit": 3e-3}
+# each method's learning rate in the range the literature uses, scaled for a few dozen steps (Method.default_lr)
+DEFAULT_LR = {name: cls.default_lr for name, cls in METHODS.items()}
 DEFAULTS = {"max_steps": 20, "batch_size": 4, "max_seq_len": 96, "num_samples": 16, "seed": 0}
 
 
@@ -54,8 +55,8 @@ def compare(methods: Sequence[str] | str = tuple(METHODS), model: Optional[str] 
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     rows = []
-    # the evaluation before training is the base model's for methods that start as the identity: run it once
-    first_identity = next((m for m in methods if m in ("lora", "adapter", "bitfit", "full")), None)
+    # the evaluation before training is the base model's for methods that start as the base: run it once
+    first_identity = next((m for m in methods if METHODS[m].starts_as_base), None)
     for i, m in enumerate(methods):
         spec = {"method": m, "model": model, "data": data, "eval_data": eval_data, "max_steps": max_steps,
                 "batch_size": batch_size, "max_seq_len": max_seq_len, "seed": seed, "num_samples": num_samples,
@@ -69,12 +70,13 @@ def compare(methods: Sequence[str] | str = tuple(METHODS), model: Optional[str] 
         rows[-1]["wall_s"] = time.perf_counter() - t0
         if progress:
             r = rows[-1]
-            print(f"    held-out loss after {r['after']['eval_loss']:.3f}, {r['step_time_s']:.2f} s/step, "
-                  f"{r['wall_s']:.0f} s in all", file=sys.stderr, flush=True)
+            loss = r["after"]["eval_loss"]
+            loss = "-" if loss is None else f"{loss:.3f}"
+            print(f"    held-out loss after {loss}, {r['step_time_s']:.2f} s/step, {r['wall_s']:.0f} s in all",
+                  file=sys.stderr, flush=True)
     settings = {"methods": methods, "model": model or "default (SmolLM2-135M-Instruct)", "data": data or "default",
                 "max_steps": max_steps, "batch_size": batch_size, "max_seq_len": max_seq_len, "seed": seed,
                 "num_samples": num_samples, "lr": {m: lrs[m] for m in methods}}
-    from .report import write_reports
     paths = write_reports(rows, settings, out)
     return {"rows": rows, "paths": paths, "settings": settings}
 
@@ -85,13 +87,13 @@ def _run_worker(spec: dict, out: str) -> dict:
     spec_path = os.path.join(work, f"{spec['method']}.spec.json")
     res_path = os.path.join(work, f"{spec['method']}.result.json")
     with open(spec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+        f.write(strict_json(spec, indent=2))
     if os.path.exists(res_path):
         os.remove(res_path)
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-m", "lorart.methods._compare_worker", spec_path, res_path], env=env,
+    proc = subprocess.run([sys.executable, "-m", "lorart.training.compare_worker", spec_path, res_path], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not os.path.exists(res_path):
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])

@@ -1,0 +1,119 @@
+"""torch.autocast for lorart's ops: one rule per op, applied the same way by the dispatcher (torch.ops.lorart.*,
+which torch.compile traces) and by the eager fast paths (which bypass the dispatcher).
+
+A rule says which tensor arguments are cast, and to what, when autocast is on for their device:
+
+- ``Lower(i, ...)``: to the autocast dtype, as torch does for its linear-algebra ops (``F.linear``, ``mm``):
+  floating tensors other than float64 on the autocast device. The LoRA and NF4 linears.
+- ``Promote(i, ...)``: to the promoted dtype of those arguments, as torch's elementwise ops do with mixed
+  inputs (``F.silu(gate) * up``; LlamaRMSNorm's ``weight * h.to(dtype)``). SwiGLU and RMSNorm.
+- ``Like(ref, i, ...)``: to the dtype of argument ``ref`` (an in-place op's output). Merge, the grouped add.
+- ``Keep()``: nothing is cast.
+
+Either way the op then runs with autocast excluded, so that torch ops inside an implementation (a matmul
+after a dequantisation) compute in the dtypes the op chose and the fake kernel's output dtypes stay true.
+"""
+from __future__ import annotations
+
+import torch
+
+_any_enabled = torch._C._is_any_autocast_enabled
+_KEYS = {dev: torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + key))
+         for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument (CUDA only)
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    get = getattr(torch, "get_autocast_dtype", None)
+    if get is not None:
+        return get(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def excluded(device_type: str):
+    """A context in which autocast does not apply to ops on `device_type`."""
+    return torch._C._ExcludeDispatchKeyGuard(_KEYS[device_type])
+
+
+def _eligible(t, device_type: str) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+        and t.device.type == device_type
+
+
+class Keep:
+    def cast(self, args: tuple, device_type: str) -> tuple:
+        return args
+
+
+class Lower(Keep):
+    def __init__(self, *idx: int):
+        self.idx = idx
+
+    def cast(self, args, device_type):
+        dt = autocast_dtype(device_type)
+        a = list(args)
+        for i in self.idx:
+            if _eligible(a[i], device_type) and a[i].dtype != dt:
+                a[i] = a[i].to(dt)
+        return tuple(a)
+
+
+class Promote(Keep):
+    def __init__(self, *idx: int):
+        self.idx = idx
+
+    def cast(self, args, device_type):
+        ts = [args[i] for i in self.idx if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
+        if not ts:
+            return args
+        dt = ts[0].dtype
+        for t in ts[1:]:
+            dt = torch.promote_types(dt, t.dtype)
+        a = list(args)
+        for i in self.idx:
+            if isinstance(a[i], torch.Tensor) and a[i].is_floating_point() and a[i].dtype != dt:
+                a[i] = a[i].to(dt)
+        return tuple(a)
+
+
+class Like(Keep):
+    def __init__(self, ref: int, *idx: int):
+        self.ref, self.idx = ref, idx
+
+    def cast(self, args, device_type):
+        dt = args[self.ref].dtype
+        a = list(args)
+        for i in self.idx:
+            if _eligible(a[i], device_type) and a[i].dtype != dt:
+                a[i] = a[i].to(dt)
+        return tuple(a)
+
+
+_lib = torch.library.Library("lorart", "IMPL")
+
+
+def register(name: str, rule: Keep) -> None:
+    """The dispatcher's autocast kernels of lorart::<name> (CPU and CUDA): cast by `rule`, run excluded."""
+    op = getattr(torch.ops.lorart, name).default
+    for dev, keyset in _KEYS.items():
+        def kernel(_keyset, *args, _dev=dev, _ks=keyset):
+            with torch._C._ExcludeDispatchKeyGuard(_ks):
+                return op(*rule.cast(args, _dev))
+        _lib.impl(name, kernel, "Autocast" + ("CPU" if dev == "cpu" else "CUDA"), with_keyset=True)
+
+
+def device_on(t: torch.Tensor) -> str | None:
+    """The device type of `t` when autocast is on for it (the eager paths' check; one C call when it is off)."""
+    if not _any_enabled():
+        return None
+    dev = t.device.type
+    return dev if dev in _KEYS and enabled(dev) else None
+
+
+__all__ = ["Keep", "Lower", "Promote", "Like", "register", "device_on", "excluded", "enabled", "autocast_dtype"]

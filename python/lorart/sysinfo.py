@@ -1,0 +1,138 @@
+"""What this machine and installation offer lorart: optional extras, the CPU's bf16 support, the GPUs and
+whether the CUDA kernels were compiled for them (`lorart info`)."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+# pyproject.toml's optional extras: extra -> (distribution, module) pairs (tests check the two agree)
+EXTRAS = {
+    "models": (("gguf", "gguf"), ("tokenizers", "tokenizers"), ("jinja2", "jinja2"), ("matplotlib", "matplotlib"),
+               ("tqdm", "tqdm")),
+    "data": (("pyarrow", "pyarrow"),),
+    "test": (("pytest", "pytest"), ("bitsandbytes", "bitsandbytes"), ("peft", "peft"),
+             ("transformers", "transformers"), ("pyarrow", "pyarrow")),
+}
+
+
+def _version(dist: str, module: str):
+    """The installed version of `dist`, or None when its module cannot be imported (not installed)."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def extras() -> dict:
+    """extra -> {"installed": bool, "missing": [distributions], "versions": {dist: version}}."""
+    out = {}
+    for extra, pkgs in EXTRAS.items():
+        versions = {d: _version(d, m) for d, m in pkgs}
+        missing = [d for d, v in versions.items() if v is None]
+        out[extra] = {"installed": not missing, "missing": missing,
+                      "versions": {d: v for d, v in versions.items() if v is not None}}
+    return out
+
+
+def _cpu_flags() -> set:
+    """The CPU feature flags from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(val.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_info() -> dict:
+    """name, cores, the vector ISA torch's kernels use, and native bf16 support: AVX512-BF16 / AMX-BF16 on x86,
+    the BF16 extension on Arm. Without it bf16 math on the CPU is emulated (often slower than fp32)."""
+    import torch
+    caps = {}
+    get = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if get is not None:
+        try:
+            caps = dict(get())
+        except Exception:  # noqa: BLE001 - an informational probe
+            caps = {}
+    flags = _cpu_flags()
+    has = lambda cap, flag: bool(caps.get(cap)) if cap in caps else flag in flags  # noqa: E731
+    info = {"name": caps.get("cpu_name") or platform.processor() or platform.machine(),
+            "architecture": platform.machine(), "logical_cores": os.cpu_count(),
+            "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": has("avx512_bf16", "avx512_bf16"), "amx_bf16": has("amx_bf16", "amx_bf16"),
+            "arm_bf16": "bf16" in flags}
+    info["native_bf16"] = info["avx512_bf16"] or info["amx_bf16"] or info["arm_bf16"]
+    return info
+
+
+def _parse_archs(spec: str) -> list:
+    """CMAKE_CUDA_ARCHITECTURES entries ("80", "90a", "86-real", "90-virtual") -> [(cc, sass, ptx, exact)]."""
+    out = []
+    for a in (spec or "").replace(";", ",").split(","):
+        a = a.strip()
+        if not a:
+            continue
+        base, _, kind = a.partition("-")
+        exact = base.endswith(("a", "f"))
+        digits = base.rstrip("af")
+        if not digits.isdigit():
+            continue
+        out.append((int(digits), kind != "virtual", kind != "real", exact))
+    return out
+
+
+def arch_support(cc: int, compiled: str) -> str:
+    """How lorart's kernels run on a GPU of compute capability `cc` (e.g. 86) given the compiled architectures:
+    "native" (a binary for it or an earlier one of the same major version), "ptx" (JIT-compiled by the driver
+    from an earlier architecture's PTX at first use) or "none"."""
+    archs = _parse_archs(compiled)
+    if any(sass and (a == cc if exact else a // 10 == cc // 10 and a <= cc) for a, sass, _, exact in archs):
+        return "native"
+    if any(ptx and not exact and a <= cc for a, _, ptx, exact in archs):
+        return "ptx"
+    return "none"
+
+
+def gpu_info(compiled: str) -> list:
+    """One dict per GPU torch sees: index, name, compute capability, memory, how lorart's kernels run on it."""
+    import torch
+    out = []
+    if not torch.cuda.is_available():
+        return out
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        cc = p.major * 10 + p.minor
+        out.append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1), "kernels": arch_support(cc, compiled)})
+    return out
+
+
+def format_info(info: dict) -> list:
+    """The lines `lorart info` adds for the CPU, the GPUs and the extras."""
+    lines = []
+    c = info["cpu"]
+    bf16 = ("yes (" + ", ".join(k for k in ("avx512_bf16", "amx_bf16", "arm_bf16") if c[k]) + ")" if c["native_bf16"]
+            else "no: bf16 math is emulated on this CPU (fp32 is usually as fast or faster)")
+    lines.append(f"  CPU: {c['name']} ({c['architecture']}, {c['logical_cores']} logical cores, torch kernels "
+                 f"{c['torch_isa']}); native bf16: {bf16}; AMX: {'yes' if c['amx_bf16'] else 'no'}")
+    how = {"native": "lorart kernels compiled for it",
+           "ptx": "no binary for it: the driver JIT-compiles the PTX of an earlier architecture at first use",
+           "none": "lorart's CUDA kernels were NOT compiled for it (rebuild with CUDAARCHS=<its sm>)"}
+    for g in info["gpus"]:
+        sm = g["compute_capability"].replace(".", "")
+        lines.append(f"  GPU {g['index']}: {g['name']} (sm_{sm}, {g['memory_gib']} GiB): {how[g['kernels']]}")
+    if not info["gpus"]:
+        lines.append("  GPUs visible to torch: none")
+    for extra, e in info["extras"].items():
+        state = "installed" if e["installed"] else (f"missing {', '.join(e['missing'])} "
+                                                    f"(pip install \"lorart[{extra}]\")")
+        lines.append(f"  extra [{extra}]: {state}")
+    return lines

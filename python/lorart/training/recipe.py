@@ -1,0 +1,445 @@
+"""The fine-tuning recipe behind `lorart.train` and `lorart train` (shaped like torchtune's recipes).
+
+    recipe = Recipe(TrainOptions(method="lora", max_steps=30).validate(), "out")
+    recipe.setup(model, data)    # output folder, base model + method, data, optimizer; resume; evaluation before
+    recipe.train()               # step() after step(); evaluate_step() and save_checkpoint() on their schedule
+    result = recipe.finish()     # best weights, final evaluation, adapter and reports -> TrainResult
+    recipe.close()
+
+`recipe.state` (RunState) is what a checkpoint restores besides the weights, optimizer, scheduler and RNG
+states; `recipe.fingerprint` says which run this is (model, data, trajectory options: fingerprint.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
+
+import torch
+
+from .._atomic import strict_json
+from ..data import batch_indices, collate
+from ..methods import method_class
+from ..methods.base import make_config
+from ..optim import PagedAdamW
+from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
+from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples, target_tokens
+from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint
+from .folder import RunFolder, TrainingError
+from .options import TrainOptions
+from .outputs import comparison_table, peak_memory, write_plot, write_samples
+from .progress import Progress
+from .result import TrainResult, format_metrics
+from .setup import attach_method, format_regex_for, load_base, load_data, method_config, resolve_device, resolve_dtype
+
+
+class NonFiniteError(TrainingError):
+    """A non-finite loss, gradient norm or weight stopped the run; nothing non-finite was written."""
+
+
+@dataclass
+class RunState:
+    """The progress of a run, saved in every checkpoint."""
+    step: int = 0                  # optimizer steps done
+    epoch: int = 0
+    pos: int = 0                   # micro-batches of this epoch's order consumed
+    tokens: int = 0
+    train_time_s: float = 0.0
+    history: list = field(default_factory=list)         # the metrics.jsonl records
+    before: Optional[dict] = None                       # metrics before training
+    samples_before: list = field(default_factory=list)
+    best_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    bad_evals: int = 0
+    best_weights: Optional[dict] = None                 # with early stopping: the trainable weights of best_step
+    stopped_early: bool = False
+    skipped: list = field(default_factory=list)         # steps skipped for a non-finite loss / gradient norm
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunState":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def lr_lambda(opts: TrainOptions, total: int, warmup: int) -> Callable[[int], float]:
+    floor = opts.min_lr_ratio
+
+    def f(step: int) -> float:  # `step` optimizer steps done; the factor applies to the next one
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if opts.schedule == "constant" or total <= warmup:
+            return 1.0
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        if opts.schedule == "linear":
+            return floor + (1 - floor) * (1 - prog)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+    return f
+
+
+class Recipe:
+    def __init__(self, opts: TrainOptions, output_dir="lorart-output", *, device="auto", progress: bool = True,
+                 stream=None, callback: Optional[Callable[[dict], Optional[bool]]] = None):
+        self.opts = opts
+        self.folder = RunFolder(output_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(opts, self.device)
+        self.callback = callback
+        self.progress = Progress(0, stream=stream if stream is not None else sys.stderr, log_every=opts.log_every,
+                                 enabled=progress)
+        self.state = RunState()
+        self.notes: list = []
+        self._order: dict = {}
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self, model=None, data=None, *, tokenizer=None, eval_data=None, general_data=True, resume=False,
+              overwrite: bool = False) -> "Recipe":
+        """Load everything, then take the output folder: resume its run, replace it (`overwrite`) or start one;
+        evaluate before training."""
+        t0 = time.perf_counter()
+        self.folder.check_allowed(resume, overwrite)   # before any loading: a refused folder fails fast
+        self._setup_model(model, tokenizer)
+        self._setup_data(data, eval_data, general_data)
+        self._setup_optimizer()
+        self._take_folder(resume, overwrite)
+        o, d = self.opts, self.data
+        self.progress.message(
+            f"lorart train: {o.method} r={o.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
+            f"{str(self.dtype).replace('torch.', '')}); {len(d.train)} train / {len(d.eval)} eval examples; "
+            f"{self.total} steps of {o.batch_size}x{o.grad_accum}; setup {time.perf_counter() - t0:.1f} s")
+        self.evaluate_before()
+        return self
+
+    def _setup_model(self, model, tokenizer) -> None:
+        opts = self.opts
+        cls = method_class(opts.method)
+        config = make_config(cls, method_config(opts, cls))
+        base = load_base(model, tokenizer, opts, self.device, self.dtype, cls.base_linear_factory(config, self.dtype))
+        if opts.packing and not base.is_lorart:
+            raise ValueError("lorart.train: argument `packing`: packing needs lorart's LlamaForCausalLM (its "
+                             "block-diagonal masks); pass packing=False for other models")
+        self.fingerprint = {"model": model_fingerprint(base.model, base.name), "options": opts.fingerprint()}
+        self.method = attach_method(base, cls, config, opts)
+        self.model, self.tokenizer, self.model_name, self.is_lorart = (base.model, base.tokenizer, base.name,
+                                                                       base.is_lorart)
+        self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
+
+    def _setup_data(self, data, eval_data, general_data) -> None:
+        o = self.opts
+        self.data = d = load_data(data, eval_data, self.tokenizer, o, general_data)
+        self.regex = format_regex_for(o, d)
+        self.fingerprint["data"] = {"train": examples_fingerprint(d.train, d.train_path),
+                                    "eval": examples_fingerprint(d.eval, d.eval_path),
+                                    "general": examples_fingerprint(d.general, d.general_path)}
+        self.batches_per_epoch = math.ceil(len(d.train) / o.batch_size)
+        self.total = o.max_steps or o.epochs * math.ceil(self.batches_per_epoch / o.grad_accum)
+        self.eval_every = o.eval_every or max(1, self.total // 4)
+        self.save_every = o.save_every or self.eval_every
+
+    def _setup_optimizer(self) -> None:
+        o = self.opts
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = PagedAdamW(list(self.params.values()), lr=o.lr, weight_decay=o.weight_decay)
+        warmup = min(o.warmup_steps(self.total), self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.total, warmup))
+
+    def _take_folder(self, resume, overwrite: bool) -> None:
+        self.folder.claim()
+        if overwrite and self.folder.previous_run():
+            self.progress.message(f"overwrite: removed the previous run's {', '.join(self.folder.clear_previous())}")
+        if resume and self.resume(resume) is None:
+            self.progress.message(f"no checkpoint in {self.folder.path}: starting from the beginning")
+            self.folder.clear_previous()
+        self.folder.open_metrics(self.state.history)
+
+    def resume(self, checkpoint=True) -> Optional[str]:
+        """Restore the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones are skipped
+        and reported) or the given checkpoint folder. Refuses a checkpoint of another run. None: no checkpoint."""
+        explicit = checkpoint is not True
+        candidates = [os.path.abspath(os.fspath(checkpoint))] if explicit else list_checkpoints(self.folder.path)
+        damaged = []
+        for folder in candidates:
+            try:
+                manifest, saved = load_checkpoint(folder)
+            except CheckpointError as e:
+                if explicit:
+                    raise ValueError(f"lorart.train: argument `resume`: {e}") from None
+                damaged.append(str(e))
+                continue
+            diff = describe_differences(manifest.get("run") or {}, json.loads(strict_json(self.fingerprint)))
+            if diff:
+                raise ValueError(f"lorart.train: argument `resume`: the checkpoint {folder} belongs to another run: "
+                                 f"{'; '.join(diff)}. Resume with the same model, data and options, or pass "
+                                 "overwrite=True (--overwrite) to start over")
+            self._restore(saved, folder)
+            if damaged:
+                self.notes.append(f"skipped damaged checkpoints ({'; '.join(damaged)}); resumed from "
+                                  f"{os.path.basename(folder)}, the newest intact one")
+                self.progress.message("resume: " + self.notes[-1])
+            remove_checkpoints_after(self.folder.path, self.state.step)
+            self.progress.message(f"resumed from {folder} at step {self.state.step}/{self.total}")
+            return folder
+        if damaged:
+            raise ValueError(f"lorart.train: argument `resume`: no intact checkpoint in {self.folder.path} "
+                             f"({'; '.join(damaged)}); pass overwrite=True (--overwrite) to start over")
+        return None
+
+    def _restore(self, saved: dict, folder: str) -> None:
+        missing = set(self.params) - set(saved["weights"])
+        if missing:
+            raise ValueError(f"lorart.train: argument `resume`: {folder} lacks weights {sorted(missing)[:4]}")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(saved["weights"][n])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"], self.device)
+        self.state = RunState.from_dict(saved["state"])
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, known_eval: Optional[dict] = None) -> tuple:
+        """Held-out loss/ppl, general-text ppl, greedy samples and their format accuracy: (metrics, samples)."""
+        o, d = self.opts, self.data
+        ev = known_eval or eval_loss(self.model, d.eval, self.pad, self.device, self.dtype, o.batch_size)
+        gen = eval_loss(self.model, d.general, self.pad, self.device, self.dtype, o.batch_size)
+        samples = []
+        if o.num_samples and d.eval:
+            samples = generate_samples(self.model, self.tokenizer, d.eval, o.num_samples, o.sample_max_new_tokens,
+                                       self.device, self.dtype, self.is_lorart, o.batch_size)
+        return {"eval_loss": ev and ev["loss"], "eval_ppl": ev and ev["ppl"], "general_ppl": gen and gen["ppl"],
+                "format_accuracy": format_accuracy(samples, self.regex)}, samples
+
+    def evaluate_before(self) -> None:
+        st = self.state
+        if st.before is None:
+            if self.opts.eval_before:
+                t0 = time.perf_counter()
+                st.before, st.samples_before = self.evaluate()
+                self.progress.message(f"before training: {format_metrics(st.before)} "
+                                      f"({time.perf_counter() - t0:.1f} s)")
+            else:
+                st.before = {"eval_loss": None, "eval_ppl": None, "general_ppl": None, "format_accuracy": None}
+            torch.manual_seed(self.opts.seed)  # the dropout stream starts here; checkpoints hold its state
+
+    def evaluate_step(self) -> list:
+        """The periodic held-out evaluation and the early-stopping bookkeeping: [record] or []."""
+        o, st = self.opts, self.state
+        ev = eval_loss(self.model, self.data.eval, self.pad, self.device, self.dtype, o.batch_size)
+        if ev is None:
+            return []
+        improved = st.best_loss is None or ev["loss"] < st.best_loss - o.early_stopping_min_delta
+        if math.isfinite(ev["loss"]) and improved:
+            st.best_loss, st.best_step, st.bad_evals = ev["loss"], st.step, 0
+            if o.early_stopping_patience:
+                st.best_weights = {n: p.detach().cpu().clone() for n, p in self.params.items()}
+        else:
+            st.bad_evals += 1
+        msg = f"step {st.step}: eval loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f})"
+        if o.early_stopping_patience and st.bad_evals >= o.early_stopping_patience:
+            st.stopped_early = True
+            msg += (f"; no improvement in {st.bad_evals} evaluations: early stop (best {st.best_loss:.4f} "
+                    f"at step {st.best_step})")
+        self.progress.message(msg)
+        return [{"step": st.step, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}]
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def next_batches(self) -> tuple:
+        """The micro-batches of the next optimizer step (collated) and their example indices."""
+        st, o = self.state, self.opts
+        if st.epoch not in self._order:
+            self._order = {st.epoch: batch_indices([len(e) for e in self.data.train], o.batch_size, shuffle=True,
+                                                   seed=o.seed, epoch=st.epoch)}
+        order = self._order[st.epoch]
+        idx = order[st.pos:st.pos + o.grad_accum]
+        st.pos += len(idx)
+        if st.pos >= len(order):
+            st.epoch, st.pos = st.epoch + 1, 0
+        return [collate([self.data.train[i] for i in b], self.pad) for b in idx], idx
+
+    def forward_backward(self, batches: list) -> tuple:
+        """Accumulate the gradient of the mean next-token loss over all target tokens of `batches` (one optimizer
+        step's micro-batches): each micro-batch's summed loss is divided by the step's total target count, so
+        grad_accum=k of batch b equals one batch of k*b. Returns (summed loss, target tokens)."""
+        ntgt = sum(target_tokens(b["labels"]) for b in batches)
+        total = 0.0
+        for b in batches:
+            with autocast_ctx(self.device, self.dtype):
+                nll, _ = batch_nll_sum(self.model, b, self.device)
+            (nll / max(ntgt, 1)).backward()
+            total += float(nll.detach())
+            del nll
+        return total, ntgt
+
+    def grad_norm(self) -> float:
+        """The gradients' total L2 norm, clipped to max_grad_norm when it is set."""
+        params = [p for p in self.params.values() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.opts.max_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    def step(self) -> dict:
+        """One optimizer step; its metrics record. A non-finite loss or gradient norm is never applied: the
+        step is skipped (within `skip_nonfinite`) or the run stops with NonFiniteError."""
+        st = self.state
+        t0 = time.perf_counter()
+        batches, idx = self.next_batches()
+        loss_sum, ntgt = self.forward_backward(batches)
+        loss, gnorm = loss_sum / max(ntgt, 1), self.grad_norm()
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        dt = time.perf_counter() - t0
+        ntok = sum(len(self.data.train[i]) for b in idx for i in b)
+        st.tokens += ntok
+        st.train_time_s += dt
+        rec = {"step": st.step, "epoch": round(st.epoch + st.pos / self.batches_per_epoch, 4), "loss": loss,
+               "grad_norm": gnorm, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
+               "elapsed_s": round(st.train_time_s, 3)}
+        if not finite:
+            self._non_finite(rec)
+        return rec
+
+    def _non_finite(self, rec: dict) -> None:
+        st, o = self.state, self.opts
+        what = f"the loss is {rec['loss']}" if not math.isfinite(rec["loss"]) else \
+            f"the gradient norm is {rec['grad_norm']}"
+        st.skipped.append(st.step)
+        rec["skipped"] = True
+        if len(st.skipped) <= o.skip_nonfinite:
+            self.progress.message(f"step {st.step}: {what}: step skipped, no update "
+                                  f"({len(st.skipped)} of {o.skip_nonfinite} allowed skips used)")
+            return
+        st.history.append(rec)
+        self.folder.append_metrics([rec])
+        raise NonFiniteError(
+            f"lorart.train: step {st.step}: {what} (not finite): training stopped without applying it; no adapter "
+            f"was written; newest checkpoint kept: {latest_checkpoint(self.folder.path) or 'none'}. Lower lr or "
+            "max_grad_norm and start over, or skip such steps: skip_nonfinite=N (--skip-nonfinite N)"
+            + (f" (skipped so far: steps {st.skipped[:-1]})" if len(st.skipped) > 1 else ""))
+
+    def train(self) -> None:
+        """Steps until max_steps / the epochs, early stopping or the callback; evaluations and checkpoints on
+        their schedule; metrics.jsonl gets each record as it comes."""
+        st, pg = self.state, self.progress
+        pg.total, pg.start_step, pg.t0 = self.total, st.step, time.perf_counter()
+        self.model.train()
+        try:
+            while st.step < self.total and not st.stopped_early:
+                rec = self.step()
+                pg.update(st.step, rec["loss"], rec["lr"], st.tokens / st.train_time_s)
+                records = [rec]
+                if st.step % self.eval_every == 0 or st.step == self.total:
+                    records += self.evaluate_step()
+                st.history.extend(records)
+                self.folder.append_metrics(records)
+                if st.step % self.save_every == 0 or st.step == self.total or st.stopped_early:
+                    self.save_checkpoint()
+                if self.callback is not None and self.callback(rec):
+                    pg.message(f"stopped by the callback at step {st.step}")
+                    break
+        finally:
+            pg.close()
+
+    # -- saving -----------------------------------------------------------------------------------------------
+    def check_finite_weights(self) -> None:
+        bad = [n for n, p in self.params.items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteError(
+                f"lorart.train: step {self.state.step}: {len(bad)} trainable tensors hold non-finite values (first: "
+                f"{bad[0]}); nothing was written; newest checkpoint kept: "
+                f"{latest_checkpoint(self.folder.path) or 'none'}. Lower lr or max_grad_norm and start over")
+
+    def save_checkpoint(self) -> str:
+        """checkpoints/step-N/: state.pt, the method's artifact in adapter/, the manifest (checkpoint.py)."""
+        self.check_finite_weights()
+        st = self.state
+        with self.folder.writing(f"checkpoint step-{st.step:07d}"):
+            return save_checkpoint(self.folder.path, st.step, {
+                "weights": {n: p.detach().cpu().clone() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.device), "state": st.to_dict()},
+                run=self.fingerprint, write_adapter=self.method.save, keep=self.opts.keep_checkpoints)
+
+    def finish(self) -> TrainResult:
+        """Restore the best weights (early stopping), evaluate, write adapter/, metrics, plot, samples, summary."""
+        st, pg, out = self.state, self.progress, self.folder
+        if st.best_weights is not None and st.best_step != st.step:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(st.best_weights[n])
+            self.notes.insert(0, f"restored the adapter of step {st.best_step} (the best eval loss)")
+            pg.message(self.notes[0])
+        t0 = time.perf_counter()
+        last = st.history[-1] if st.history else {}
+        known = None  # the evaluation of the final step, when it saw these very weights
+        if st.best_weights is None or st.best_step == st.step:
+            if last.get("step") == st.step and "eval_loss" in last:
+                known = {"loss": last["eval_loss"], "ppl": last["eval_ppl"]}
+        after, samples_after = self.evaluate(known)
+        pg.message(f"after training: {format_metrics(after)} ({time.perf_counter() - t0:.1f} s)")
+        self.check_finite_weights()
+        with out.writing("the adapter"):
+            adapter_dir = self.method.save(out.join("adapter"))
+        metrics_path = out.write_json("metrics.jsonl", st.history, lines=True)
+        plot_path = out.join("loss.png")
+        with out.writing("loss.png"):
+            note = write_plot(plot_path, st.history)
+        if note:
+            self.notes.append(note)
+            plot_path = None
+        samples_path = None
+        if st.samples_before or samples_after:
+            samples_path = out.join("samples.md")
+            with out.writing("samples.md"):
+                write_samples(samples_path, st.samples_before, samples_after, st.before.get("format_accuracy"),
+                              after.get("format_accuracy"))
+        losses = [h["loss"] for h in st.history if "loss" in h and not h.get("skipped")]
+        mem = peak_memory(self.device)
+        tps = st.tokens / st.train_time_s if st.train_time_s else 0.0
+        res = TrainResult(
+            output_dir=out.path, adapter_dir=adapter_dir, metrics_path=metrics_path,
+            summary_path=out.join("summary.json"), samples_path=samples_path, plot_path=plot_path, steps=st.step,
+            total_steps=self.total, epochs=next((h["epoch"] for h in reversed(st.history) if "epoch" in h), 0.0),
+            stopped_early=st.stopped_early, best_step=st.best_step, before=st.before, after=after,
+            train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None, train_time_s=st.train_time_s,
+            tokens_per_s=tps, memory=mem, history=st.history, samples_before=st.samples_before,
+            samples_after=samples_after, notes=self.notes, model=self.model, tokenizer=self.tokenizer,
+            method=self.method, skipped_steps=list(st.skipped))
+        out.write_json("summary.json", self.summary(res))
+        pg.message(comparison_table(st.before, after))
+        mem_txt = ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())
+        pg.message(f"{st.step} steps in {st.train_time_s:.1f} s ({tps:,.0f} tok/s); {mem_txt}; outputs in {out.path}")
+        for n in self.notes[1 if self.notes and self.notes[0].startswith("restored") else 0:]:
+            pg.message("note: " + n)
+        return res
+
+    def summary(self, res: TrainResult) -> dict:
+        """summary.json: the result's numbers, the method's report, the run's settings and fingerprint."""
+        d = self.data
+        out = {k: getattr(res, k) for k in ("output_dir", "adapter_dir", "metrics_path", "samples_path", "plot_path",
+                                            "steps", "total_steps", "stopped_early", "best_step", "before", "after",
+                                            "train_loss", "train_time_s", "tokens_per_s", "memory", "skipped_steps",
+                                            "notes")}
+        out.update({"method": self.method.report(), "artifact_bytes": self.method.storage_bytes(res.adapter_dir),
+                    "model": self.model_name, "device": str(self.device),
+                    "dtype": str(self.dtype).replace("torch.", ""), "train_data": d.train_path,
+                    "eval_data": d.eval_path, "data_files": d.files, "train_examples": len(d.train),
+                    "eval_examples": len(d.eval),
+                    "options": self.opts.to_dict(), "fingerprint": self.fingerprint})
+        return out
+
+    def close(self) -> None:
+        self.progress.close()
+        self.folder.release()
