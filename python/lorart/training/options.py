@@ -48,7 +48,7 @@ class TrainOptions:
     format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
     log_every: int = 1
     keep_checkpoints: int = 2
-    dtype: Optional[str] = None              # None: bf16 on CUDA, fp32 on CPU
+    dtype: Optional[str] = None              # None: bf16 on CUDA and native-bf16 CPUs, else fp32
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainOptions":

@@ -32,9 +32,22 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype:
+    """`opts.dtype`, else the default: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX,
+    Arm BF16), float32 on other CPUs, where torch emulates bf16 matmuls far slower than float32. In bf16 the
+    frozen base is held in bf16 and the step runs under torch.autocast; the trained weights stay float32."""
     if opts.dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_native_bf16() else torch.float32
     return as_dtype(opts.dtype)
+
+
+def cpu_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (lorart.sysinfo.cpu_info); LORART_CPU_BF16=0 or 1 overrides it."""
+    env = os.environ.get("LORART_CPU_BF16", "")
+    if env in ("0", "1"):
+        return env == "1"
+    from ..sysinfo import cpu_info
+
+    return bool(cpu_info()["native_bf16"])
 
 
 def as_lorart_tokenizer(tok):
