@@ -253,8 +253,11 @@ def default_folder() -> str:
 
 
 def run_config(cfg: dict, timeout: int) -> dict:
+    import lorart
+
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.join(HERE, "..", "python"), env.get("PYTHONPATH")] if p)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(lorart.__file__)))  # the lorart this process uses
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [where, env.get("PYTHONPATH")] if p)
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                            capture_output=True, text=True, timeout=timeout, env=env)
@@ -283,14 +286,15 @@ def summarize(cfg: dict, results: list[dict]) -> dict:
     return out
 
 
-def check_losses(rows: list[dict], rtol: float) -> None:
+def check_losses(rows: list[dict], rtol_of: dict) -> None:
     """Marks each row with `loss_ok` against the peer (or the first stack) of its method and precision."""
     groups = {}
     for r in rows:
         if "error" not in r:
             groups.setdefault((r["method"], r["precision"]), []).append(r)
-    for (method, _), rs in groups.items():
+    for (method, prec), rs in groups.items():
         ref = next((r for r in rs if r["stack"] == PEER[method]), rs[0])
+        rtol = rtol_of[prec]
         for r in rs:
             d0 = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
             d1 = abs(r["last_loss"] - ref["last_loss"]) / abs(ref["last_loss"])
@@ -351,8 +355,9 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    sys.path.insert(0, os.path.join(HERE, "..", "python"))
     sys.path.insert(0, HERE)
+    if importlib.util.find_spec("lorart") is None:  # not installed: the source tree (with a build in place)
+        sys.path.insert(0, os.path.join(HERE, "..", "python"))
     from _timing import machine_load
 
     from lorart.sysinfo import cpu_info
@@ -394,8 +399,7 @@ def main():
             tag = r.get("error") or f"{statistics.median(r['step_s'][cfg['warmup']:]):.3f} s/step"
             print(f"# round {rnd + 1}: {cfg['method']} {cfg['precision']} {cfg['stack']}: {tag}", file=sys.stderr)
     rows = [summarize(cfg, results[i]) for i, cfg in enumerate(configs)]
-    rtol = args.loss_rtol or (2e-2 if "bf16" in precisions and not cuda else 2e-4)
-    check_losses(rows, rtol)
+    check_losses(rows, {"fp32": args.loss_rtol or 2e-4, "bf16": args.loss_rtol or 2e-2})
     import torch
 
     where = torch.cuda.get_device_name() if cuda else f"cpu, {args.threads} threads"
