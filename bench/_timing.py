@@ -29,9 +29,9 @@ def timeit(fn, device: str, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, device: str, iters: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each fn, timed round-robin (one call of each per round), so that a
-    change in machine load hits every contender alike and their ratios stay meaningful."""
+def interleaved_rounds(fns: dict, device: str, iters: int, warmup: int = 2) -> dict:
+    """Seconds of every call of each fn, timed round-robin (one call of each per round), so that a change in
+    machine load hits every contender alike: {name: [seconds of round 0, round 1, ...]}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -45,7 +45,20 @@ def interleaved(fns: dict, device: str, iters: int, warmup: int = 2) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict, device: str, iters: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, timed round-robin (see interleaved_rounds)."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(fns, device, iters, warmup).items()}
+
+
+def round_ratio(rounds: dict, num: str, den: str) -> float:
+    """Median over rounds of num's time / den's time in the same round: on a busy machine steadier than the
+    ratio of the two medians (both calls of a round see about the same load)."""
+    if num not in rounds or den not in rounds:
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(rounds[num], rounds[den]))
 
 
 def machine_load() -> str:
