@@ -35,6 +35,29 @@ def test_detection_without_override(monkeypatch):
     assert cpu_native_bf16() == cpu_info()["native_bf16"]
 
 
+@pytest.mark.parametrize("caps,flags,arch,native", [
+    ({}, {"avx2", "fma"}, "x86_64", False),                                  # AVX2 only (e.g. this EPYC): emulated
+    ({}, {"avx512f", "avx512bw"}, "x86_64", False),                          # AVX-512 without BF16: emulated
+    ({}, {"avx512f", "avx512_bf16"}, "x86_64", True),                        # Cooper Lake, Zen 4, Sapphire Rapids
+    ({}, {"amx_bf16", "amx_tile"}, "x86_64", True),
+    ({"avx512_bf16": False, "amx_bf16": False}, {"avx512_bf16"}, "x86_64", False),  # torch's probe wins (OS off)
+    ({"avx512_bf16": True, "amx_bf16": False}, {"avx2"}, "x86_64", True),
+    ({}, {"fp", "asimd", "bf16", "i8mm"}, "aarch64", True),                   # Arm BF16 extension
+    ({}, {"fp", "asimd"}, "aarch64", False),
+])
+def test_native_bf16_detection(monkeypatch, caps, flags, arch, native):
+    """cpu_info's decision from torch's capability probe (when it answers) and the /proc/cpuinfo flags."""
+    import platform
+
+    from lorart import sysinfo
+    monkeypatch.setattr(sysinfo, "_cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(caps), raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: arch)
+    monkeypatch.delenv("LORART_CPU_BF16", raising=False)
+    assert sysinfo.cpu_info()["native_bf16"] is native
+    assert resolve_dtype(TrainOptions(), CPU) == (torch.bfloat16 if native else torch.float32)
+
+
 def test_autocast_ctx():
     with autocast_ctx(CPU, torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
