@@ -5,6 +5,8 @@ precision and optimizer (torch AdamW), each configuration in its own process, ro
     python bench/train.py --device cpu                       # SmolLM2-135M (the converted default), 8 x 128
     python bench/train.py --device cuda --layers 8           # 7B-class shapes, random weights (no hub needed)
     python bench/train.py --stacks lorart,peft --precision fp32 --method lora --rounds 3 --json out.json
+    python bench/train.py --baseline /tmp/old/python       # also lorart from another tree ("lorart-base"), e.g.
+                                                           # a checkout of main, for before/after in one run
 
 Per configuration: s/step (median of the timed steps, best of the rounds), tokens/s, peak memory (CPU: the
 process's peak RSS, loading included, and the peak of the training steps alone; CUDA: max_memory_allocated),
@@ -30,7 +32,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = {"lora": "peft", "qlora": "bnb"}
 # hf+lorart: transformers' Llama + lorart.inject (LoRA only)
-NEEDS = {"lorart": [], "hf+lorart": ["transformers"], "peft": ["transformers", "peft"],
+NEEDS = {"lorart": [], "lorart-base": [], "hf+lorart": ["transformers"], "peft": ["transformers", "peft"],
          "bnb": ["transformers", "peft", "bitsandbytes"]}
 # the model of the CUDA run: Llama-2-7B shapes (layers set by --layers), random weights
 LLAMA7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -95,7 +97,7 @@ def _build(cfg: dict):
     load_dtype = torch.bfloat16 if cfg["device"] == "cuda" and cfg["precision"] == "bf16" else torch.float32
     targets = cfg["targets"].split(",")
     qlora = cfg["method"] == "qlora"
-    if cfg["stack"] == "lorart":
+    if cfg["stack"] in ("lorart", "lorart-base"):
         import lorart
         from lorart.models import load_hf_folder
         from lorart.nn import NF4Linear
@@ -146,7 +148,7 @@ def worker(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     t0 = time.perf_counter()
     model, loss_of = _build(cfg)
-    if cfg["stack"] in ("lorart", "hf+lorart"):
+    if cfg["stack"] in ("lorart", "lorart-base", "hf+lorart"):
         import lorart
 
         lorart._C.set_num_threads(cfg["threads"])
@@ -256,7 +258,8 @@ def run_config(cfg: dict, timeout: int) -> dict:
     import lorart
 
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
-    where = os.path.dirname(os.path.dirname(os.path.abspath(lorart.__file__)))  # the lorart this process uses
+    # the lorart this process uses, or the baseline's folder for the "lorart-base" stack
+    where = cfg.get("pythonpath") or os.path.dirname(os.path.dirname(os.path.abspath(lorart.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [where, env.get("PYTHONPATH")] if p)
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
@@ -305,12 +308,12 @@ def check_losses(rows: list[dict], rtol_of: dict) -> None:
 
 def print_table(rows: list[dict], skipped: list[str], header: str) -> None:
     print(header)
-    print(f"{'method':<6} {'prec':<5} {'stack':<10} {'s/step':>7} {'tok/s':>7} {'peak GB':>8} {'train GB':>8} "
+    print(f"{'method':<6} {'prec':<5} {'stack':<11} {'s/step':>7} {'tok/s':>7} {'peak GB':>8} {'train GB':>8} "
           f"{'loss first':>10} {'last':>8}  {'x time':>6} {'x mem':>6}  note")
     peers = {(r["method"], r["precision"]): r for r in rows if r["stack"] == PEER[r["method"]] and "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:<6} {r['precision']:<5} {r['stack']:<10} failed: {r['error'][:150]}")
+            print(f"{r['method']:<6} {r['precision']:<5} {r['stack']:<11} failed: {r['error'][:150]}")
             continue
         p = peers.get((r["method"], r["precision"]))
         xt = f"{r['s_per_step'] / p['s_per_step']:.2f}" if p and p is not r else "-"
@@ -318,7 +321,7 @@ def print_table(rows: list[dict], skipped: list[str], header: str) -> None:
         tp = r.get("train_peak_bytes")
         note = "" if r.get("loss_ok", True) else (
             f"VOID: loss differs from {r['loss_ref']} by {r['loss_dev'][0]:.1e} (first) / {r['loss_dev'][1]:.1e} (last)")
-        print(f"{r['method']:<6} {r['precision']:<5} {r['stack']:<10} {r['s_per_step']:>7.3f} {r['tok_per_s']:>7.0f} "
+        print(f"{r['method']:<6} {r['precision']:<5} {r['stack']:<11} {r['s_per_step']:>7.3f} {r['tok_per_s']:>7.0f} "
               f"{r['peak_bytes'] / 1e9:>8.2f} {tp / 1e9 if tp else float('nan'):>8.2f} {r['first_loss']:>10.4f} "
               f"{r['last_loss']:>8.4f}  {xt:>6} {xm:>6}  {note}")
     for s in skipped:
@@ -330,6 +333,8 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--stacks", default="lorart,peft,bnb", help="of lorart, peft, bnb, hf+lorart")
+    ap.add_argument("--baseline", help="a folder on which another lorart is importable (e.g. a checkout's python/ "
+                    "with its built _C): adds the stack lorart-base, run like lorart")
     ap.add_argument("--method", default="lora,qlora", help="lora, qlora or both")
     ap.add_argument("--precision", default=None, help="fp32, bf16 or both (default: both where bf16 is native)")
     ap.add_argument("--model", default=None, help="HF folder (default: SmolLM2 on cpu, random 7B shapes on cuda)")
@@ -375,10 +380,15 @@ def main():
         precisions = ["bf16"] if cuda else ["fp32"] + (["bf16"] if cpu_info()["native_bf16"] else [])
     skipped = [] if args.precision or cuda or "bf16" in precisions else [
         "bf16 (this CPU has no native bf16: torch emulates it; --precision bf16 forces it)"]
+    stacks = args.stacks.split(",")
+    if args.baseline:
+        if not os.path.isdir(os.path.join(args.baseline, "lorart")):
+            ap.error(f"--baseline {args.baseline}: no lorart package in that folder")
+        stacks.insert(stacks.index("lorart") + 1 if "lorart" in stacks else 0, "lorart-base")
     configs = []
     for method in args.method.split(","):
         for prec in precisions:
-            for stack in args.stacks.split(","):
+            for stack in stacks:
                 if stack == "bnb" and method != "qlora" or stack in ("peft", "hf+lorart") and method != "lora":
                     continue
                 missing = [m for m in NEEDS[stack] if importlib.util.find_spec(m) is None]
@@ -389,7 +399,8 @@ def main():
                                 "folder": folder, "batch": args.batch or (4 if cuda else 8),
                                 "seq": args.seq or (512 if cuda else 128), "steps": args.steps,
                                 "warmup": args.warmup, "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-                                "targets": args.targets, "lr": args.lr, "threads": args.threads, "seed": 0})
+                                "targets": args.targets, "lr": args.lr, "threads": args.threads, "seed": 0,
+                                **({"pythonpath": os.path.abspath(args.baseline)} if stack == "lorart-base" else {})})
     load0 = machine_load()
     results = {i: [] for i in range(len(configs))}
     for rnd in range(args.rounds):
