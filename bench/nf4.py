@@ -111,25 +111,23 @@ def run(args) -> list[dict]:
         bs = bnb_state(w, 64)
         packed_bytes = w4.nbytes
         out_bytes = n * k * torch.finfo(dt).bits // 8
-        args_ = w4.op_args()
-
         med, rounds = contend(dev, max(3, iters // 2), ours=lambda: nf4.quantize(w, 64),
                               bnb=(lambda: bnb_state(w, 64)) if bs else None)
         rows.append(row("quantize", (n, k), None, med, rounds, out_bytes + packed_bytes, n * k))
         bnb_deq = (lambda: bnbF.dequantize_4bit(bs[0], bs[1])) if bs else None
-        med, rounds = contend(dev, iters, ours=lambda: torch.ops.lorart.nf4_dequantize(*args_, dt),
+        med, rounds = contend(dev, iters, ours=lambda: nf4_ops.nf4_dequantize(w4, dt),
                               ref=lambda: torch_reference_dequantize(w4, dt), bnb=bnb_deq)
         rows.append(row("dequantize", (n, k), None, med, rounds, packed_bytes + out_bytes, n * k))
         if dev == "cpu":
             out = torch.empty(n, k, dtype=dt)
-            med, rounds = contend(dev, iters, ours=lambda: nf4_ops._dequantize_into(*args_, out), bnb=bnb_deq)
+            med, rounds = contend(dev, iters, ours=lambda: nf4_ops._dequantize_into(w4, out), bnb=bnb_deq)
             rows.append(row("dequant->buf", (n, k), None, med, rounds, packed_bytes + out_bytes, n * k))
             del out
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dt)
             it = max(3, iters // (4 if m >= 512 else 1))
             gemv = dev == "cpu" and m <= 16
-            med, rounds = contend(dev, it, ours=lambda: torch.ops.lorart.nf4_linear(x, *args_, None),
+            med, rounds = contend(dev, it, ours=lambda: nf4_ops.nf4_linear(x, w4, None),
                                   ref=lambda: x @ torch_reference_dequantize(w4, dt).T,
                                   bnb=(lambda: bnb.matmul_4bit(x, bs[0].t(), quant_state=bs[1])) if bs else None,
                                   copy=copy if gemv else None)
@@ -141,7 +139,7 @@ def run(args) -> list[dict]:
             if m <= 16:  # the other path at the same M, to tune GEMV_MAX_ROWS from one run
                 lim = nf4_ops.GEMV_MAX_ROWS[dev]
                 nf4_ops.GEMV_MAX_ROWS[dev] = (m - 1) if m <= lim else m
-                t_alt = timeit(lambda: torch.ops.lorart.nf4_linear(x, *args_, None), dev, it)
+                t_alt = timeit(lambda: nf4_ops.nf4_linear(x, w4, None), dev, it)
                 nf4_ops.GEMV_MAX_ROWS[dev] = lim
                 r["path"] = "gemv" if m <= lim else "dequant+matmul"
                 r["other_path_s"] = t_alt

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_loop.h"
 #include "common/half.h"
 #include "lora/lora_cpu.h"
 #include "lorart/detail/lora_math.h"
@@ -21,7 +22,7 @@ bool same_bits(const T& a, const T& b) { return std::memcmp(&a, &b, sizeof(T)) =
 template <class T>
 int check_row(int64_t K, uint64_t base, double p, uint64_t seed, int offset) {
   const LoraDropoutKey key = lora_dropout_key(seed, p);
-  const auto scale = static_cast<lora_acc_t<T>>(1.0 / (1.0 - p));
+  const auto scale = static_cast<typename Compute<T>::type>(1.0 / (1.0 - p));
   std::vector<T> x(K + offset), out(K + offset), inplace;
   for (int64_t k = 0; k < K + offset; ++k) {
     const float v = static_cast<float>((k * 7919) % 113) * 0.37f - 20.f;
@@ -33,7 +34,7 @@ int check_row(int64_t K, uint64_t base, double p, uint64_t seed, int offset) {
   int bad = 0;
   for (int64_t k = 0; k < K; ++k) {
     const bool keep = lora_dropout_keep(key, base + static_cast<uint64_t>(k));
-    lora_acc_t<T> v = keep ? lora_ld(x[offset + k]) * scale : lora_acc_t<T>(0);
+    typename Compute<T>::type v = keep ? load(x[offset + k]) * scale : typename Compute<T>::type(0);
     T want;
     if constexpr (std::is_same_v<T, double>) want = v; else want = from_f32<T>(v);
     bad += !same_bits(out[offset + k], want) || !same_bits(inplace[offset + k], want);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_loop.h"
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/detail/nf4_math.h"
@@ -20,16 +21,6 @@ namespace {
 
 using detail::bf16;
 using detail::f16;
-
-template <class F>
-void dispatch_float(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(float{}); break;
-    case DType::BF16: f(bf16{}); break;
-    case DType::F16: f(f16{}); break;
-    default: detail::fail(ErrorKind::Type, "NF4: unsupported dtype");
-  }
-}
 
 template <class T>
 void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absmax, std::atomic<int64_t>& bad) {
@@ -158,6 +149,22 @@ void dequantize_t(const NF4View& w, T* out) {
   });
 }
 
+// res[i] += scale * dot(xa row i, B row r): the LoRA term of lora_fused_linear_nf4 (lora/lora.cpp).
+template <class T>
+void add_lora(const GemvLora& l, int64_t r, int64_t m, float* res) {
+  const T* br = static_cast<const T*>(l.B) + r * l.R;
+  for (int64_t i = 0; i < m; ++i) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < l.R; ++j) acc += l.xa[i * l.R + j] * detail::to_f32(br[j]);
+    res[i] += l.scale * acc;
+  }
+}
+
+template <class T>
+constexpr simd::Out out_kind() {
+  return std::is_same_v<T, float> ? simd::Out::F32 : std::is_same_v<T, bf16> ? simd::Out::BF16 : simd::Out::F16;
+}
+
 // res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns), a loop the compiler
 // vectorizes with its baseline ISA (the portable GEMV path).
 inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
@@ -176,9 +183,10 @@ inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, floa
 // The vector GEMV (k a multiple of 64, blocksize >= 64: every 64-element step of a row lies in
 // one block). x rows are permuted once into the order in which simd::gemv_decode produces the
 // weights; one x row fuses decode and dot product, more rows decode each W row once into an
-// L1-resident buffer and share it.
+// L1-resident buffer and share it. Every weight is code * scale rounded to T (lorart/nf4.h's rule).
 template <class T>
-void gemv_simd(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
+void gemv_simd(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, const GemvLora* lora) {
+  constexpr simd::Out R = out_kind<T>();
   const int64_t k = w.cols, rows = w.rows, steps = k / 64;
   std::vector<float> xp(static_cast<size_t>(m * k));
   int perm[64];
@@ -193,31 +201,39 @@ void gemv_simd(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
       const int64_t e0 = r * k;
       auto scale = [&](int64_t st) { return block_scale(w, (e0 + 64 * st) >> shift); };
       if (m == 1) {
-        res[0] = simd::gemv_row1(xp.data(), packed + e0 / 2, steps, scale);
+        res[0] = simd::gemv_row1<R>(xp.data(), packed + e0 / 2, steps, scale);
       } else {
-        simd::gemv_decode_row(packed + e0 / 2, steps, scale, wrow.data());
+        simd::gemv_decode_row<R>(packed + e0 / 2, steps, scale, wrow.data());
         simd::dot_rows(xp.data(), m, k, wrow.data(), res.data());
       }
       const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
       for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
 }
 
-// One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
-// with each x row (converted to float once).
+// One output row r at a time: decode W[r, :] rounded to T (as nf4_dequantize stores it: one rule,
+// lorart/nf4.h) into a float row (L1-resident), then dot it with each x row (converted to float once).
 template <class T>
-void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
+void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, const GemvLora* lora) {
   const int64_t k = w.cols, rows = w.rows;
-  if (simd::available() && k % 64 == 0 && w.blocksize >= 64) return gemv_simd<T>(x, m, w, bias, out);
+  if (simd::available() && k % 64 == 0 && w.blocksize >= 64) return gemv_simd<T>(x, m, w, bias, out, lora);
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
+    std::vector<T> wt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
-      decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      if constexpr (std::is_same_v<T, float>) {
+        decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      } else {
+        decode_range<T>(w, r * k, (r + 1) * k, wt.data());
+        for (int64_t j = 0; j < k; ++j) wrow[j] = detail::to_f32(wt[j]);
+      }
       dot_rows(xf.data(), m, k, wrow.data(), res.data());
       const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
       for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
@@ -235,7 +251,7 @@ inline uint8_t nearest256(const float* mids, float x) {
 
 void nf4_quantize(const TensorView& weight, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
   std::atomic<int64_t> bad{-1};
-  dispatch_float(weight.dtype, [&](auto tag) {
+  detail::dispatch_float<false>(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_t<T>(weight.ptr<T>(), n, blocksize, packed, absmax, bad);
   });
@@ -267,16 +283,17 @@ void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float
 }
 
 void nf4_dequantize(const NF4View& w, const TensorView& out) {
-  dispatch_float(out.dtype, [&](auto tag) {
+  detail::dispatch_float<false>(out.dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_t<T>(w, out.ptr<T>());
   });
 }
 
-void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out) {
-  dispatch_float(x.dtype, [&](auto tag) {
+void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out,
+              const GemvLora* lora) {
+  detail::dispatch_float<false>(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    gemv_t<T>(x.ptr<T>(), x.shape[0], w, bias.ptr<T>(), out.ptr<T>());
+    gemv_t<T>(x.ptr<T>(), x.shape[0], w, bias.ptr<T>(), out.ptr<T>(), lora);
   });
 }
 

@@ -5,8 +5,9 @@
 //    two 16-byte tables (low and high bytes); every element is then two byte shuffles (vpshufb).
 //  * decode_f32: byte planes of the 16 float32 code values, shuffled and re-assembled to floats,
 //    times the block scale (the same float32 product as the scalar decode).
-//  * gemv_step: the same float32 decode in a fixed permuted order, fused with the dot product
-//    against x rows permuted the same way once per call (see gemv_perm_index).
+//  * gemv_step1: the same float32 decode in a fixed permuted order, each weight rounded to the compute
+//    type (the GEMV's one rule), fused with the dot product against x rows permuted the same way once
+//    per call (see gemv_perm_index).
 //  * encode: max |x| on the float bits, then the code by a 4-level branch-free binary search over
 //    the 15 midpoints (ties to the lower code, as nf4_encode), packed two codes per byte.
 #pragma once
@@ -215,43 +216,56 @@ LORART_NF4_TARGET inline float hsum(__m256 v) {
   return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
-// dot(x, W row) for one x row (permuted, k floats) and a row of `steps` 64-element steps at src;
-// scale(step) gives the block scale of each step. Per step sum(x * code), then times its scale.
-LORART_NF4_TARGET inline __m256 gemv_step1(const float* x, const uint8_t* src, float scale, __m256 acc) {
+// The 8 weights code * scale (float32) as the compute type R holds them, widened back (F32: unchanged): the
+// GEMV's one rounding rule (lorart/nf4.h), the bits of from_f32<R> for the finite values a block produces.
+template <Out R>
+LORART_NF4_TARGET inline __m256 round_to(__m256 v) {
+  if constexpr (R == Out::F16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (R == Out::BF16) {  // round to nearest even on the bits, keep the high half
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else {
+    return v;
+  }
+}
+
+// acc += x * w for one 64-element step, w = round_to<R>(code * scale) (the permuted order of gemv_decode).
+template <Out R>
+LORART_NF4_TARGET inline void gemv_step1(const float* x, const uint8_t* src, __m256 s, __m256& a, __m256& b) {
   __m256 f[8];
   gemv_decode(src, f);
-  __m256 a = _mm256_mul_ps(_mm256_loadu_ps(x), f[0]), b = _mm256_mul_ps(_mm256_loadu_ps(x + 8), f[1]);
-  a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), f[2], a);
-  b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), f[3], b);
-  a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 32), f[4], a);
-  b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 40), f[5], b);
-  a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 48), f[6], a);
-  b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 56), f[7], b);
-  return _mm256_fmadd_ps(_mm256_add_ps(a, b), _mm256_set1_ps(scale), acc);
+  for (int j = 0; j < 8; j += 2) {
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), round_to<R>(_mm256_mul_ps(f[j], s)), a);
+    b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j + 8), round_to<R>(_mm256_mul_ps(f[j + 1], s)), b);
+  }
 }
 
 // dot(x, W row) for one x row (permuted, 64 * steps floats) and a W row of `steps` 64-element
-// steps at src; scale(k) is the block scale of step k. Per step sum(x * code), then times its scale.
-template <class Scale>
+// steps at src; scale(k) is the block scale of step k. Decode and dot product fused, each weight
+// code * scale rounded to R first (the same weights as gemv_decode_row).
+template <Out R, class Scale>
 LORART_NF4_TARGET inline float gemv_row1(const float* xp, const uint8_t* src, int64_t steps, Scale scale) {
-  __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
   int64_t k = 0;
   for (; k + 2 <= steps; k += 2) {
-    t0 = gemv_step1(xp + 64 * k, src + 32 * k, scale(k), t0);
-    t1 = gemv_step1(xp + 64 * k + 64, src + 32 * k + 32, scale(k + 1), t1);
+    gemv_step1<R>(xp + 64 * k, src + 32 * k, _mm256_set1_ps(scale(k)), a0, b0);
+    gemv_step1<R>(xp + 64 * k + 64, src + 32 * k + 32, _mm256_set1_ps(scale(k + 1)), a1, b1);
   }
-  if (k < steps) t0 = gemv_step1(xp + 64 * k, src + 32 * k, scale(k), t0);
-  return hsum(_mm256_add_ps(t0, t1));
+  if (k < steps) gemv_step1<R>(xp + 64 * k, src + 32 * k, _mm256_set1_ps(scale(k)), a0, b0);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)));
 }
 
-// A W row of `steps` steps decoded and scaled into w (permuted order, 64 * steps floats).
-template <class Scale>
+// A W row of `steps` steps decoded into w (permuted order, 64 * steps floats): code * scale rounded to R.
+template <Out R, class Scale>
 LORART_NF4_TARGET inline void gemv_decode_row(const uint8_t* src, int64_t steps, Scale scale, float* w) {
   for (int64_t k = 0; k < steps; ++k) {
     __m256 f[8];
     gemv_decode(src + 32 * k, f);
     const __m256 s = _mm256_set1_ps(scale(k));
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(w + 64 * k + 8 * j, _mm256_mul_ps(f[j], s));
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(w + 64 * k + 8 * j, round_to<R>(_mm256_mul_ps(f[j], s)));
   }
 }
 
@@ -386,8 +400,8 @@ LORART_NF4_TARGET inline void nearest256(const float* mids, const float* a, int6
 inline bool available() { return false; }
 inline void decode16(const uint8_t*, int64_t, int64_t, const float*, uint16_t*, Out) {}
 inline void decode_f32(const uint8_t*, int64_t, int64_t, const float*, float*) {}
-template <class Scale> inline float gemv_row1(const float*, const uint8_t*, int64_t, Scale) { return 0.f; }
-template <class Scale> inline void gemv_decode_row(const uint8_t*, int64_t, Scale, float*) {}
+template <Out R, class Scale> inline float gemv_row1(const float*, const uint8_t*, int64_t, Scale) { return 0.f; }
+template <Out R, class Scale> inline void gemv_decode_row(const uint8_t*, int64_t, Scale, float*) {}
 inline void dot_rows(const float*, int64_t, int64_t, const float*, float*) {}
 template <class T> inline uint32_t absmax_bits(const T*, int64_t) { return 0; }
 template <class T> inline void encode(const T*, int64_t, float, uint8_t*) {}

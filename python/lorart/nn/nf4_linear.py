@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nf4 as _nf4
-from ..ops.nf4 import nf4_linear_eager
+from ..ops.nf4 import nf4_linear
 
 _BUFFERS = ("_nf4_packed", "_nf4_absmax", "_nf4_nested_absmax", "_nf4_nested_code")
 
@@ -55,27 +55,31 @@ class NF4Linear(nn.Module):
         for name, t in zip(_BUFFERS, (w.packed, w.absmax, w.nested_absmax, w.nested_code)):
             self.register_buffer(name, t, persistent=False)
         self._meta = (w.offset, w.blocksize, torch.Size(w.shape), w.dtype)
-        self._op_meta = (w.offset, w.blocksize, w.rows, w.cols)
+        self._weight = w
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._weight = None  # the buffers moved (.to(), .cuda(), ...): `weight` rebuilds from them
+        return out
 
     @property
     def weight(self) -> _nf4.NF4Weight:
-        offset, blocksize, shape, dtype = self._meta
-        return _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax, self._nf4_nested_code,
-                              offset, blocksize, shape, dtype)
-
-    def weight_op_args(self) -> tuple:
-        """``self.weight.op_args()`` without building (and re-validating) an NF4Weight: the per-call path.
-        Read from the buffers on every call, so `.to(device)` and a swapped weight (`_set_weight`) are seen."""
-        b = self._buffers
-        return (b["_nf4_packed"], b["_nf4_absmax"], b["_nf4_nested_absmax"], b["_nf4_nested_code"]) + self._op_meta
+        """The NF4Weight over the buffers (one object, built once per move or swap, passed to the ops whole)."""
+        w = self._weight
+        if w is None:
+            offset, blocksize, shape, dtype = self._meta
+            w = self._weight = _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax,
+                                              self._nf4_nested_code, offset, blocksize, shape, dtype)
+        return w
 
     def forward(self, x: Tensor) -> Tensor:
-        cdt = self.compute_dtype or self._meta[3]
+        w = self.weight
+        cdt = self.compute_dtype or w.dtype
         xc = x if x.dtype == cdt else x.to(cdt)
         bias = self.bias
         if bias is not None and bias.dtype != cdt:
             bias = bias.to(cdt)
-        y = nf4_linear_eager(xc, *self.weight_op_args(), bias)
+        y = nf4_linear(xc, w, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
