@@ -88,7 +88,7 @@ def main():
     model, _ = load_hf_folder(tb.default_folder(), dtype=torch.float32, linear_factory=factory)
     r = 16
     lorart.inject(model, targets=["q_proj", "k_proj", "v_proj", "o_proj"], r=r, alpha=32, dropout=0.05)
-    tb._same_lora_init(model, 0)
+    tb.same_lora_init(model, 0)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     ids = torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))

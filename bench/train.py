@@ -70,7 +70,7 @@ def _lora_key(name: str) -> str | None:
     return name[name.index("layers."):name.index(".lora_A.")]
 
 
-def _same_lora_init(model, seed: int) -> int:
+def same_lora_init(model, seed: int) -> int:
     """A of every LoRA layer drawn from a generator seeded by its layer name (kaiming-uniform bound
     1/sqrt(in), PEFT's and lorart's init), B = 0: identical starting adapters in every stack."""
     import torch
@@ -152,7 +152,7 @@ def worker(cfg: dict) -> dict:
         import lorart
 
         lorart._C.set_num_threads(cfg["threads"])
-    n_lora = _same_lora_init(model, cfg["seed"])
+    n_lora = same_lora_init(model, cfg["seed"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     dev = torch.device(cfg["device"])
