@@ -24,6 +24,7 @@ def test_default_dtype_follows_native_bf16(monkeypatch, env, cpu_dtype):
     monkeypatch.setenv("LORART_CPU_BF16", env)
     assert cpu_native_bf16() == (env == "1")
     assert resolve_dtype(TrainOptions(), CPU) == cpu_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an sm_80+ GPU
     assert resolve_dtype(TrainOptions(), CUDA) == torch.bfloat16
     for asked, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # an explicit dtype always wins
         assert resolve_dtype(TrainOptions(dtype=asked), CPU) == dt
