@@ -125,8 +125,11 @@ class PlanOptions:
 
     @property
     def autocast(self) -> bool:
-        """lorart.train runs under autocast on CUDA in bf16/fp16 (lorart.training.evaluate.autocast_ctx)."""
-        return self.device == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+        """Whether lorart.train runs this step under torch.autocast (its own rule: training.evaluate.autocast_ctx)."""
+        import contextlib
+
+        from ..training.evaluate import autocast_ctx
+        return not isinstance(autocast_ctx(torch.device(self.device), self.dtype), contextlib.nullcontext)
 
 
 def make_options(method: str = "lora", *, device: str = "auto", optimizer_state_bits: int = 32,
