@@ -103,6 +103,7 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
         from ..models import LlamaConfig, LlamaForCausalLM
         from ..optim import PagedAdamW
         from ..training.options import TrainOptions
+        from ..training.evaluate import autocast_ctx
         from ..training.setup import Base, attach_method, method_config
         cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
@@ -124,10 +125,12 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
             params = meth.trainable_parameters()
             opt = PagedAdamW(params, lr=1e-6)
             ids = torch.randint(0, 64, (2, 16))
-            model(input_ids=ids, labels=ids, loss_reduction="sum", return_logits=False).loss.backward()
+            with autocast_ctx(torch.device("cpu"), dtype):   # as lorart.train runs its steps
+                loss = model(input_ids=ids, labels=ids, loss_reduction="sum", return_logits=False).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            del model, meth, params, opt, ids
+            del model, meth, params, opt, ids, loss
         _warm[key] = rss_bytes()
     return _warm[key]
 
