@@ -126,7 +126,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method-option", dest="method_options", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="an option of the method (repeatable), e.g. bottleneck=64, num_virtual_tokens=20, "
                         "projection=true, init_text='Answer briefly'")
-    g.add_argument("--r", type=int)
+    g.add_argument("--r", "--lora-r", type=int, dest="r", help="LoRA rank (--lora-r: the same, for torchrun, whose "
+                                                               "own options make `--r` ambiguous there)")
     g.add_argument("--alpha", type=finite_float())
     g.add_argument("--dropout", type=finite_float(0, 1))
     g.add_argument("--targets", type=_targets, help=f"comma-separated module names, a regex or all-linear "
@@ -159,6 +160,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int)
     g.add_argument("--keep-checkpoints", type=int)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g = p.add_argument_group("several processes (launch with torchrun; docs/distributed.md)")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard the model, gradients and optimizer states over the processes (FSDP2) instead of "
+                        "replicating them (DDP)")
+    g.add_argument("--dist-timeout", type=finite_float(1), metavar="SECONDS",
+                   help="how long a process waits for the others before it stops with an error (default 600)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -346,5 +353,8 @@ def run(func, args) -> int:
         if os.environ.get("LORART_DEBUG"):
             raise
         msg, code = describe_error(e)
-        print(f"lorart: error: {msg}", file=sys.stderr)
+        # under torchrun an error every rank raised alike is printed once, by the rank that reported it
+        reporter = getattr(e, "reported_by", None)
+        if reporter is None or str(reporter) == os.environ.get("RANK", "0"):
+            print(f"lorart: error: {msg}", file=sys.stderr)
         return code

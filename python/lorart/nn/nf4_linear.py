@@ -5,7 +5,8 @@
     layer.state_dict()           # the Hugging Face bnb Linear4bit keys: weight, weight.absmax, ...
 
 The packed nibbles and scales are buffers (so `.to(device)` moves them); `layer.weight` is the
-NF4Weight over them. state_dict / load_state_dict speak the HF bnb-4bit keys.
+NF4Weight over them. state_dict / load_state_dict speak the HF bnb-4bit keys. `layer.shardable()` holds them as
+frozen parameters instead, which FSDP2 shards (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class NF4Linear(nn.Module):
         if len(weight.shape) != 2:
             raise ValueError(f"lorart: NF4Linear: expected a 2-d weight [out, in], got shape {list(weight.shape)}")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self._storage_params = False
         self._set_weight(weight)
         if bias is not None:
             if bias.shape != (self.out_features,):
@@ -53,7 +55,12 @@ class NF4Linear(nn.Module):
     # ---- the weight over the buffers ------------------------------------------------------
     def _set_weight(self, w: _nf4.NF4Weight) -> None:
         for name, t in zip(_BUFFERS, (w.packed, w.absmax, w.nested_absmax, w.nested_code)):
-            self.register_buffer(name, t, persistent=False)
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            if self._storage_params and t is not None:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t, persistent=False)
         self._meta = (w.offset, w.blocksize, torch.Size(w.shape), w.dtype)
         self._op_meta = (w.offset, w.blocksize, w.rows, w.cols)
 
@@ -63,10 +70,21 @@ class NF4Linear(nn.Module):
         return _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax, self._nf4_nested_code,
                               offset, blocksize, shape, dtype)
 
+    def shardable(self) -> "NF4Linear":
+        """Hold the 4-bit storage (packed codes, absmax, nested scales) as frozen parameters (requires_grad=False)
+        instead of buffers, so that FSDP2 (`torch.distributed.fsdp.fully_shard`, which shards parameters and
+        leaves buffers whole) gives each rank 1/N of every tensor and all-gathers them per layer for compute. The
+        forward, `weight` and the state_dict keys stay the same; idempotent. Returns self."""
+        if not self._storage_params:
+            self._storage_params = True
+            self._set_weight(self.weight)
+        return self
+
     def weight_op_args(self) -> tuple:
         """``self.weight.op_args()`` without building (and re-validating) an NF4Weight: the per-call path.
-        Read from the buffers on every call, so `.to(device)` and a swapped weight (`_set_weight`) are seen."""
-        b = self._buffers
+        Read from the storage on every call, so `.to(device)`, a swapped weight (`_set_weight`) and FSDP2's
+        all-gathered parameters are seen."""
+        b = self._parameters if self._storage_params else self._buffers
         return (b["_nf4_packed"], b["_nf4_absmax"], b["_nf4_nested_absmax"], b["_nf4_nested_code"]) + self._op_meta
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,7 +105,9 @@ class NF4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         sd = self.weight.to_bnb_state_dict(prefix)  # same key order as bnb: weight, bias, weight.*
         destination[prefix + "weight"] = sd.pop(prefix + "weight")
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (and the storage, when shardable)
+        for name in _BUFFERS:
+            destination.pop(prefix + name, None)
         for k, v in sd.items():
             destination[k] = v if keep_vars else v.detach()
 
@@ -97,6 +117,7 @@ class NF4Linear(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k not in ours}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in {prefix + n for n in _BUFFERS}]
         if not ours:
             missing_keys.append(prefix + "weight")
             return
