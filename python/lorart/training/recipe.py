@@ -123,7 +123,8 @@ class Recipe:
             self.progress.message(
                 f"lorart train: {o.method} r={o.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
                 f"{str(self.dtype).replace('torch.', '')}{ranks}); {len(d.train)} train / {len(d.eval)} eval "
-                f"examples; {self.total} steps of {o.batch_size}x{o.grad_accum}; setup {time.perf_counter() - t0:.1f} s")
+                f"examples; {self.total} steps of {o.batch_size}x{o.grad_accum}; "
+                f"setup {time.perf_counter() - t0:.1f} s")
             self.evaluate_before()
         return self
 
