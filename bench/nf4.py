@@ -63,10 +63,9 @@ def run(args) -> list[dict]:
         packed_bytes = w4.nbytes
         out_bytes = n * k * torch.finfo(dt).bits // 8
         out = torch.empty(n, k, dtype=dt, device=dev)
-        args_ = w4.op_args()
 
         def ours():
-            torch.ops.lorart.nf4_dequantize(*args_, dt)
+            nf4_ops.nf4_dequantize(w4, dt)
 
         t_ours = timeit(ours, dev, iters)
         t_ref = timeit(lambda: torch_reference_dequantize(w4, dt), dev, iters)
@@ -78,7 +77,7 @@ def run(args) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dt)
             it = max(3, iters // (4 if m >= 512 else 1))
-            t_ours = timeit(lambda: torch.ops.lorart.nf4_linear(x, *args_, None), dev, it)
+            t_ours = timeit(lambda: nf4_ops.nf4_linear(x, w4, None), dev, it)
             t_ref = timeit(lambda: x @ torch_reference_dequantize(w4, dt).T, dev, it)
             t_bnb = (timeit(lambda: bnb.matmul_4bit(x, bs[0].t(), quant_state=bs[1]), dev, it)
                      if bs else float("nan"))
@@ -88,7 +87,7 @@ def run(args) -> list[dict]:
             if m <= 16:  # the other path at the same M, to tune GEMV_MAX_ROWS from one run
                 lim = nf4_ops.GEMV_MAX_ROWS[dev]
                 nf4_ops.GEMV_MAX_ROWS[dev] = (m - 1) if m <= lim else m
-                t_alt = timeit(lambda: torch.ops.lorart.nf4_linear(x, *args_, None), dev, it)
+                t_alt = timeit(lambda: nf4_ops.nf4_linear(x, w4, None), dev, it)
                 nf4_ops.GEMV_MAX_ROWS[dev] = lim
                 rows[-1]["path"] = "gemv" if m <= lim else "dequant+matmul"
                 rows[-1]["other_path_s"] = t_alt

@@ -55,7 +55,8 @@ def paged_adamw_on_shards() -> dict:
 def held(model) -> dict:
     """{"nf4" | "trainable" | "frozen": [elements this rank holds, elements of the whole tensors]}: FSDP2 keeps 1/N."""
     out = {"nf4": [0, 0], "trainable": [0, 0], "frozen": [0, 0]}
-    for n, p in model.named_parameters():
+    nf4_buffers = [(n, b) for n, b in model.named_buffers() if "_nf4_" in n]   # NF4 storage outside FSDP2
+    for n, p in list(model.named_parameters()) + nf4_buffers:
         local = p.to_local() if hasattr(p, "to_local") else p
         kind = "nf4" if "_nf4_" in n else "trainable" if p.requires_grad else "frozen"
         out[kind][0] += local.numel()

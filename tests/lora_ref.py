@@ -1,9 +1,11 @@
 """Pure-PyTorch NF4 reference for the LoRA tests, written from /work/shared/notes/nf4-format.md (bitsandbytes'
-layout): returns the NF4 contract's op_args tuple (packed, absmax, nested_absmax, nested_code, offset,
+layout): an NF4 weight as one object (lorart.ops.nf4.NF4Args: packed, absmax, nested_absmax, nested_code, offset,
 blocksize, rows, cols)."""
 from __future__ import annotations
 
 import torch
+
+from lorart.ops.nf4 import NF4Args
 
 NF4_TABLE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -26,7 +28,7 @@ def nf4_quantize_ref(W: torch.Tensor, blocksize: int = 64, double_quant: bool = 
         codes = torch.cat([codes, torch.tensor([7], dtype=torch.uint8)])
     packed = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
     if not double_quant:
-        return packed, absmax, None, None, 0.0, blocksize, rows, cols
+        return NF4Args(packed, absmax, None, None, 0.0, blocksize, rows, cols)
     code = torch.linspace(-1, 1, 256)  # any sorted 256-entry map exercises the decode formula
     offset = absmax.mean().item()
     centred = absmax - offset
@@ -35,16 +37,17 @@ def nf4_quantize_ref(W: torch.Tensor, blocksize: int = 64, double_quant: bool = 
     pad[:nb] = centred
     nabs = pad.view(ng, 256).abs().amax(1).clamp_min(1e-12)
     q = ((centred / nabs.repeat_interleave(256)[:nb])[:, None] - code[None]).abs().argmin(1).to(torch.uint8)
-    return packed, q, nabs, code, offset, blocksize, rows, cols
+    return NF4Args(packed, q, nabs, code, offset, blocksize, rows, cols)
 
 
-def nf4_dequantize_ref(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols):
+def nf4_dequantize_ref(w: NF4Args) -> torch.Tensor:
+    rows, cols, absmax, blocksize = w.rows, w.cols, w.absmax, w.blocksize
     n = rows * cols
-    b = packed.reshape(-1)
+    b = w.packed.reshape(-1)
     codes = torch.stack([b >> 4, b & 0xF], 1).reshape(-1)[:n].long()
     if absmax.dtype == torch.uint8:
         nb = absmax.numel()
-        am = nested_code[absmax.long()] * nested_absmax.repeat_interleave(256)[:nb] + offset
+        am = w.nested_code[absmax.long()] * w.nested_absmax.repeat_interleave(256)[:nb] + w.offset
     else:
         am = absmax
     return (NF4_TABLE[codes] * am.repeat_interleave(blocksize)[:n]).view(rows, cols)

@@ -53,6 +53,12 @@ def _reference_absmax(absmax, nested_absmax=None, nested_code=None, offset=0.0):
     return nested_code.cpu()[q] * nested_absmax.cpu()[b] + torch.tensor(offset, dtype=torch.float32)
 
 
+def reference_dequantize_weight(w, dtype=torch.float32):
+    """_reference_dequantize of an NF4 weight object (NF4Weight: its fields; the original shape)."""
+    return _reference_dequantize(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
+                                 tuple(w.shape), dtype)
+
+
 def _reference_dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype):
     n = 1
     for s in shape:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lorart.ops import lora as L
+from lorart.ops.nf4 import NF4Args
 
 from conftest import requires_cuda
 from lora_ref import nf4_quantize_ref, nf4_dequantize_ref
@@ -107,19 +108,6 @@ def test_no_weight_grad_and_gradcheck(policy):
     assert torch.autograd.gradcheck(g, (x, b, A, B))
 
 
-def test_opcheck():
-    x, W, b, A, B = make(4, 16, 8, 2)
-    A.requires_grad_(True)
-    B.requires_grad_(True)
-    torch.library.opcheck(torch.ops.lorart.lora_linear, (x, W, b, A, B, 2.0, 0.1, 3))
-    torch.library.opcheck(torch.ops.lorart.lora_linear, (x, W, None, A, B, 2.0, 0.0, 3))
-    torch.library.opcheck(torch.ops.lorart.lora_dropout, (x.requires_grad_(True), 0.3, 5))
-    xs, As, Bs, ranks, scales, idx = grouped_inputs(5, 16, 12, [2, 4])
-    torch.library.opcheck(torch.ops.lorart.lora_grouped_add_, (torch.randn(5, 12), xs, As, Bs, ranks, scales, idx))
-    torch.library.opcheck(torch.ops.lorart.lora_merge_, (torch.randn(12, 16), As[1], Bs[1], 0.5))
-    torch.library.opcheck(torch.ops.lorart.lora_merge_nonfinite, (torch.randn(12, 16), As[1], Bs[1], 0.5))
-
-
 def test_bad_arguments_raise_clear_errors():
     x, W, b, A, B = make(4, 16, 8, 2)
     with pytest.raises(ValueError, match="`B`: expected \\[8, 2\\]"):
@@ -145,11 +133,11 @@ def test_nf4_fused_matches_dequantized_reference(device, dq, K, bs):
     x, _, b, A, B = make(M, K, N, r, torch.bfloat16)
     old = L.set_fused_policy("always")
     try:
-        args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in q]
-        y = L.lora_linear_nf4(x.to(device), *args, b.to(device), A.to(device), B.to(device), 2.0)
+        w = NF4Args(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in q))
+        y = L.lora_linear_nf4(x.to(device), w, b.to(device), A.to(device), B.to(device), 2.0)
     finally:
         L.set_fused_policy(old)
-    Wd = nf4_dequantize_ref(*q).to(torch.bfloat16)
+    Wd = nf4_dequantize_ref(q).to(torch.bfloat16)
     ref = ref_lora(x.double(), Wd.double(), b.double(), A.double(), B.double(), 2.0)
     assert (y.cpu().double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
 
@@ -158,14 +146,14 @@ def test_nf4_fused_matches_dequantized_reference(device, dq, K, bs):
 def test_nf4_large_m_and_backward_match_dense():
     N, K, r, M = 16, 64, 4, 40
     q = nf4_quantize_ref(torch.randn(N, K), 64, True)
-    Wd = nf4_dequantize_ref(*q)
+    Wd = nf4_dequantize_ref(q)
     x, _, b, A, B = make(M, K, N, r)
     for t in (x, A, B):
         t.requires_grad_(True)
     ref = L.lora_linear(x, Wd, b, A, B, 2.0, 0.1, 5)
     e = torch.autograd.grad(ref.sum(), (x, A, B))
-    for y in (L.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5),
-              torch.ops.lorart.lora_linear_nf4(x, *q, b, A, B, 2.0, 0.1, 5)[0]):
+    for y in (L.lora_linear_nf4(x, q, b, A, B, 2.0, 0.1, 5),
+              L.lora_linear_nf4_op.dispatch(x, q, b, A, B, 2.0, 0.1, 5)[0]):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         g = torch.autograd.grad(y.sum(), (x, A, B))
         for a, c in zip(g, e):
@@ -276,7 +264,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def nf4_args(N, K, device="cpu"):
     q = nf4_quantize_ref(torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)), 64, True)
-    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in q]
+    return NF4Args(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in q))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -285,17 +273,17 @@ def nf4_args(N, K, device="cpu"):
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 def test_no_grad_path_equals_autograd_path_bitwise(device, policy, base, M, p, dtype):
     x, W, b, A, B = make(M, 64, 48, 8, dtype, device)
-    wargs = (W,) if base == "dense" else nf4_args(48, 64, device)
+    w = W if base == "dense" else nf4_args(48, 64, device)
     fn = L.lora_linear if base == "dense" else L.lora_linear_nf4
-    op = torch.ops.lorart.lora_linear if base == "dense" else torch.ops.lorart.lora_linear_nf4
+    op = L.lora_linear_dense if base == "dense" else L.lora_linear_nf4_op
     with torch.no_grad():
-        y0 = fn(x, *wargs, b, A, B, 1.5, p, 17)
+        y0 = fn(x, w, b, A, B, 1.5, p, 17)
     assert y0.grad_fn is None
-    y1 = fn(x, *wargs, b, A.clone().requires_grad_(True), B, 1.5, p, 17)  # through the autograd.Function
+    y1 = fn(x, w, b, A.clone().requires_grad_(True), B, 1.5, p, 17)  # through the autograd.Function
     assert y1.grad_fn is not None and torch.equal(y1.detach(), y0)
-    y2 = fn(x, *wargs, b, A, B, 1.5, p, 17)  # grad mode, nothing requires grad: the impl, no graph
+    y2 = fn(x, w, b, A, B, 1.5, p, 17)  # grad mode, nothing requires grad: the impl, no graph
     assert y2.grad_fn is None and torch.equal(y2, y0)
-    assert torch.equal(op(x, *wargs, b, A, B, 1.5, p, 17)[0], y0)  # the dispatcher op (torch.compile's path)
+    assert torch.equal(op.dispatch(x, w, b, A, B, 1.5, p, 17)[0], y0)  # the dispatcher op (torch.compile's path)
 
 
 def _raised(fn, *args):
@@ -317,34 +305,48 @@ def _bad_cases(x, W, b, A, B):
             "p 1.5": dict(p=1.5), "p -0.1": dict(p=-0.1), "p nan": dict(p=float("nan"))}
 
 
+def _entry_points(op, public):
+    """The three ways into an op: the eager path, the dispatcher (real kernel), the dispatcher on meta tensors
+    (the fake kernel, as torch.compile traces): each must give the one check's error."""
+    def on_meta(*a):
+        op(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in a))
+    return [public, op, on_meta]
+
+
 @pytest.mark.parametrize("case", list(_bad_cases(*make(4, 16, 8, 2)[:5])))
-def test_fast_checks_raise_the_full_checks_errors(case):
-    """The eager wrappers check with one chain of comparisons and fall back to the full checks (the error
-    messages' one source) when it fails: every bad argument still raises, with the same message."""
+def test_bad_arguments_raise_one_clear_error_on_every_path(case):
+    """Every bad argument raises an error naming it, the same from the eager path, the dispatcher and the fake
+    kernel (one set of checks)."""
     x, W, b, A, B = make(4, 64, 48, 2)
     kw = dict(x=x, W=W, b=b, A=A, B=B, p=0.1)
     kw.update(_bad_cases(x, W, b, A, B)[case])
-    exp = _raised(L._check_dense_full, kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], kw["p"])
-    assert exp is not None
-    assert _raised(L.lora_linear, kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], 1.0, kw["p"]) == exp
+    paths = _entry_points(torch.ops.lorart.lora_linear, L.lora_linear)
+    errs = {_raised(f, kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], 1.0, kw["p"], 0) for f in paths[:2]}
+    assert len(errs) == 1 and None not in errs, errs
+    (kind, msg), = errs
+    assert msg.startswith("lorart: argument") or "lorart:" in msg
+    if "device" not in case:  # (meta tensors everywhere: no device mismatch left to find)
+        assert _raised(paths[2], kw["x"], kw["W"], kw["b"], kw["A"], kw["B"], 1.0, kw["p"], 0) == (kind, msg)
     if case.startswith("weight"):
         return
     q = nf4_args(48, 64)
-    exp = _raised(L._check_nf4_all_full, kw["x"], q[0], q[1], 48, 64, kw["b"], kw["A"], kw["B"], kw["p"])
-    assert exp is not None
-    assert _raised(L.lora_linear_nf4, kw["x"], *q, kw["b"], kw["A"], kw["B"], 1.0, kw["p"]) == exp
+    paths = [lambda x, b, A, B, p: L.lora_linear_nf4(x, q, b, A, B, 1.0, p),
+             lambda x, b, A, B, p: L.lora_linear_nf4_op.dispatch(x, q, b, A, B, 1.0, p, 0)[0]]
+    errs = {_raised(f, kw["x"], kw["b"], kw["A"], kw["B"], kw["p"]) for f in paths}
+    assert len(errs) == 1 and None not in errs, errs
 
 
 @pytest.mark.parametrize("case", ["packed dtype", "absmax dtype", "packed bytes", "packed device"])
-def test_fast_checks_nf4_weight_errors(case):
+def test_nf4_weight_errors_on_every_path(case):
     x, _, b, A, B = make(4, 64, 48, 2)
     q = nf4_args(48, 64)
-    q[{"packed dtype": 0, "absmax dtype": 1, "packed bytes": 0, "packed device": 0}[case]] = {
-        "packed dtype": q[0].int(), "absmax dtype": q[1].double(), "packed bytes": q[0][:-1],
-        "packed device": q[0].to("meta")}[case]
-    exp = _raised(L._check_nf4_all_full, x, q[0], q[1], 48, 64, b, A, B, 0.1)
-    assert exp is not None and exp[1].startswith("lorart: argument")
-    assert _raised(L.lora_linear_nf4, x, *q, b, A, B, 1.0, 0.1) == exp
+    q = {"packed dtype": q._replace(packed=q.packed.int()), "absmax dtype": q._replace(absmax=q.absmax.double()),
+         "packed bytes": q._replace(packed=q.packed[:-1]),
+         "packed device": q._replace(packed=q.packed.to("meta"))}[case]
+    errs = {_raised(L.lora_linear_nf4, x, q, b, A, B, 1.0, 0.1),
+            _raised(L.lora_linear_nf4_op.dispatch, x, q, b, A, B, 1.0, 0.1, 0)}
+    assert len(errs) == 1 and None not in errs, errs
+    assert next(iter(errs))[1].startswith("lorart: argument")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -1,6 +1,9 @@
 """NF4 ops against the pure-PyTorch reference (tests/nf4_reference.py), opcheck, gradients, bad input."""
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ import lorart
 from lorart import nf4
 from lorart.ops import nf4 as nf4_ops
 from nf4_reference import (CODE, _reference_dequantize, _reference_double_quant, _reference_dynamic_map,
-                           _reference_quantize)
+                           _reference_quantize, reference_dequantize_weight)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -68,14 +71,14 @@ def test_dequantize_double_quant_and_linear(device, case):
     shape, bs, dtype, dq, xshape, has_bias = sample_inputs(device)[case]
     w = _w(shape, dtype, device)
     q = nf4.quantize(w, bs, double_quant=dq)
-    ref = _reference_dequantize(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, bs, shape, torch.float32)
+    ref = reference_dequantize_weight(q)
     got = q.dequantize(torch.float32)
     assert torch.equal(got.cpu(), ref)
     # quantization error is bounded by half the widest code gap times the block scale
     assert (got.cpu() - w.float().cpu()).abs().max() <= 0.17 * w.float().abs().max() + 1e-6
     x = torch.randn(xshape, dtype=dtype, device=device)
     bias = torch.randn(shape[0], dtype=dtype, device=device) if has_bias else None
-    y = torch.ops.lorart.nf4_linear(x, *q.op_args(), bias)
+    y = nf4_ops.nf4_linear(x, q, bias)
     ref_y = x.float().cpu() @ ref.T + (bias.float().cpu() if has_bias else 0)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert y.shape == (*xshape[:-1], shape[0]) and y.dtype == dtype
@@ -88,11 +91,10 @@ def test_linear_gradients(device, case):
     q = nf4.quantize(_w(shape, torch.float32, device), bs, double_quant=dq)
     x = torch.randn(xshape, device=device, requires_grad=True)
     bias = torch.randn(shape[0], device=device, requires_grad=True) if has_bias else None
-    y = torch.ops.lorart.nf4_linear(x, *q.op_args(), bias)
+    y = nf4_ops.nf4_linear(x, q, bias)
     dy = torch.randn_like(y)
     y.backward(dy)
-    wref = _reference_dequantize(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, bs, shape,
-                                 torch.float32).to(device)
+    wref = reference_dequantize_weight(q).to(device)
     x2 = x.detach().clone().requires_grad_()
     b2 = bias.detach().clone().requires_grad_() if has_bias else None
     y2 = x2 @ wref.T + (b2 if has_bias else 0)
@@ -103,27 +105,12 @@ def test_linear_gradients(device, case):
         torch.testing.assert_close(bias.grad, b2.grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", [0, 1, 2])
-def test_opcheck(device, case):
-    shape, bs, dtype, dq, xshape, has_bias = sample_inputs(device)[case]
-    w = _w(shape, torch.float32, device)
-    q = nf4.quantize(w, bs, double_quant=dq)
-    torch.library.opcheck(torch.ops.lorart.nf4_quantize.default, (w, bs))
-    torch.library.opcheck(torch.ops.lorart.nf4_dequantize.default, (*q.op_args(), dtype))
-    x = torch.randn(xshape, device=device, requires_grad=True)
-    bias = torch.randn(shape[0], device=device, requires_grad=True) if has_bias else None
-    torch.library.opcheck(torch.ops.lorart.nf4_linear.default, (x, *q.op_args(), bias))
-    absmax = torch.rand(300, device=device)
-    torch.library.opcheck(torch.ops.lorart.nf4_double_quant.default,
-                          (absmax, absmax.mean().reshape(1), nf4.dynamic_map(device)))
-
-
 def test_gemv_and_matmul_paths_agree(device, monkeypatch):
     q = nf4.quantize(_w((64, 128), torch.float32, device), 64)
     x = torch.randn(4, 128, device=device)
-    y_gemv = torch.ops.lorart.nf4_linear(x, *q.op_args(), None)
+    y_gemv = nf4_ops.nf4_linear(x, q, None)
     monkeypatch.setitem(nf4_ops.GEMV_MAX_ROWS, device, 0)
-    y_mm = torch.ops.lorart.nf4_linear(x, *q.op_args(), None)
+    y_mm = nf4_ops.nf4_linear(x, q, None)
     torch.testing.assert_close(y_gemv, y_mm, atol=1e-5, rtol=1e-5)
 
 
@@ -166,24 +153,44 @@ def test_non_finite_weight_raises(device, bad):
         nf4.quantize(w, 64)
 
 
-def test_linear_shape_and_dtype_errors():
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
+def test_linear_shape_and_dtype_errors(path):
     q = nf4.quantize(torch.randn(8, 64), 64)
+    call = (lambda op, *a: op(*a)) if path == "eager" else (lambda op, *a: op.dispatch(*a))  # noqa: E731
     with pytest.raises(ValueError, match="x.*last dimension 64.*got shape \\[2, 63\\]"):
-        torch.ops.lorart.nf4_linear(torch.randn(2, 63), *q.op_args(), None)
+        call(nf4_ops.nf4_linear, torch.randn(2, 63), q, None)
     with pytest.raises(ValueError, match="bias.*shape \\[8\\]"):
-        torch.ops.lorart.nf4_linear(torch.randn(2, 64), *q.op_args(), torch.randn(7))
+        call(nf4_ops.nf4_linear, torch.randn(2, 64), q, torch.randn(7))
     with pytest.raises(TypeError, match="bias.*dtype"):
-        torch.ops.lorart.nf4_linear(torch.randn(2, 64), *q.op_args(), torch.randn(8, dtype=torch.float16))
+        call(nf4_ops.nf4_linear, torch.randn(2, 64), q, torch.randn(8, dtype=torch.float16))
     with pytest.raises(TypeError, match="x"):
-        torch.ops.lorart.nf4_linear(torch.randn(2, 64, dtype=torch.float64), *q.op_args(), None)
-    args = list(q.op_args())
-    args[6] = 9  # rows: wrong packed size
+        call(nf4_ops.nf4_linear, torch.randn(2, 64, dtype=torch.float64), q, None)
     with pytest.raises(ValueError, match="packed.*bytes"):
-        torch.ops.lorart.nf4_dequantize(*args, torch.float32)
-    args = list(q.op_args())
-    args[2] = None
+        call(nf4_ops.nf4_dequantize, q.op_args()._replace(rows=9), torch.float32)  # rows: wrong packed size
     with pytest.raises(ValueError, match="nested_absmax"):
-        torch.ops.lorart.nf4_dequantize(*args, torch.float32)
+        call(nf4_ops.nf4_dequantize, q.op_args()._replace(nested_absmax=None), torch.float32)
+
+
+def test_nf4_weight_is_checked_once_and_frozen():
+    """An NF4Weight checks itself when built (the ops then skip that check per call) and cannot be changed after."""
+    q = nf4.quantize(torch.randn(8, 64), 64)
+    with pytest.raises(ValueError, match="packed.*bytes"):
+        nf4.NF4Weight(q.packed[:-1], q.absmax, q.nested_absmax, q.nested_code, q.offset, 64, q.shape, q.dtype)
+    with pytest.raises(ValueError, match="nested_absmax"):
+        nf4.NF4Weight(q.packed, q.absmax, None, q.nested_code, q.offset, 64, q.shape, q.dtype)
+    for field, v in (("packed", q.packed[:-1]), ("absmax", q.absmax.float()), ("rows", 9), ("shape", (9, 64)),
+                     ("nested_absmax", None), ("blocksize", 32), ("offset", 0.0)):
+        with pytest.raises(AttributeError, match=f"frozen.*{field}"):
+            setattr(q, field, v)
+    assert torch.equal(nf4_ops.nf4_linear(torch.eye(64), q, None), q.dequantize().T)  # unchanged
+    for c in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):  # (torch.save / deepcopy of modules holding one)
+        assert torch.equal(c.dequantize(), q.dequantize())
+    q.dtype = torch.bfloat16  # the original / compute dtype is a label, not part of the packed weight
+    assert q.dequantize().dtype == torch.bfloat16
+    p = torch.empty(q.packed.numel(), 2, dtype=torch.uint8)
+    p[:, 0] = q.packed.view(-1)
+    w = nf4.NF4Weight(p[:, 0], q.absmax, q.nested_absmax, q.nested_code, q.offset, 64, q.shape, torch.float32)
+    assert w.packed.is_contiguous() and torch.equal(w.dequantize(), q.dequantize(torch.float32))
 
 
 def test_cpp_checks_reach_python():
@@ -191,7 +198,14 @@ def test_cpp_checks_reach_python():
     q = nf4.quantize(torch.randn(8, 64), 64)
     out = torch.empty(8, 63)
     with pytest.raises(ValueError, match="out.*512 elements"):
-        lorart._core._C.nf4_dequantize(*q.op_args(), out)
+        lorart._core._C.nf4_dequantize(q, out)
+    with pytest.raises(ValueError, match="packed.*contiguous"):  # (lorart.ops.nf4 passes contiguous fields)
+        p = torch.empty(q.packed.numel(), 2, dtype=torch.uint8)
+        lorart._core._C.nf4_dequantize(q.op_args()._replace(packed=p[:, 0]), torch.empty(8, 64))
+    with pytest.raises(TypeError, match="absmax.*must be a torch.Tensor"):
+        lorart._core._C.nf4_dequantize(q.op_args()._replace(absmax=[1.0]), torch.empty(8, 64))
+    with pytest.raises(TypeError):  # not an NF4 weight at all
+        lorart._core._C.nf4_dequantize(q.packed, torch.empty(8, 64))
     with pytest.raises(ValueError, match="blocksize"):
         lorart._core._C.nf4_quantize(torch.ones(64), 100, torch.empty(32, dtype=torch.uint8), torch.empty(1))
 
@@ -216,8 +230,8 @@ def test_cpu_cuda_agree():
         assert torch.equal(qg.dequantize().cpu(), qg_on_cpu.dequantize())  # same decode on both devices
         torch.testing.assert_close(qc.dequantize().float(), qg_on_cpu.dequantize().float(), atol=2e-3, rtol=1e-2)
         x = torch.randn(xshape, dtype=dtype)
-        yc = torch.ops.lorart.nf4_linear(x, *qc.op_args(), None)
-        yg = torch.ops.lorart.nf4_linear(x.cuda(), *qg.op_args(), None)
+        yc = nf4_ops.nf4_linear(x, qc, None)
+        yg = nf4_ops.nf4_linear(x.cuda(), qg, None)
         torch.testing.assert_close(yc.float(), yg.float().cpu(), atol=2e-2, rtol=2e-2)
 
 
@@ -231,13 +245,14 @@ def test_cuda_gemv_vector_path(m, dtype):
     q = nf4.quantize(_w((96, 512), torch.float32, "cuda"), 64)  # cols % 32 == 0: 16-byte loads
     x = torch.randn(m, 512, device="cuda", dtype=dtype)
     b = torch.randn(96, device="cuda", dtype=dtype)
-    y = torch.ops.lorart.nf4_linear(x, *q.op_args(), b)
+    y = nf4_ops.nf4_linear(x, q, b)
     ref = x.float() @ q.dequantize(torch.float32).T + b.float()
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
 
 
 def test_linear_saves_no_full_precision_weight(device):
-    """Autograd keeps only the packed weight: no float tensor of the weight's size is saved."""
+    """Autograd keeps only the packed weight (on the ctx, as a frozen input): no float tensor of the weight's size
+    is saved."""
     q = nf4.quantize(_w((64, 96), torch.float32, device), 64)
     saved = []
 
@@ -247,8 +262,7 @@ def test_linear_saves_no_full_precision_weight(device):
 
     x = torch.randn(20, 96, device=device, requires_grad=True)  # the dequantize + matmul path
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = torch.ops.lorart.nf4_linear(x, *q.op_args(), None)
-    assert saved, "the hook saw no saved tensors"
+        y = nf4_ops.nf4_linear(x, q, None)
     assert all(not (t.is_floating_point() and t.numel() >= 64 * 96) for t in saved), \
         [(t.dtype, tuple(t.shape)) for t in saved]
     y.sum().backward()
@@ -258,17 +272,17 @@ def test_linear_saves_no_full_precision_weight(device):
 def test_grad_input_opcheck_and_compile(device):
     q = nf4.quantize(_w((48, 64), torch.float32, device), 64)
     dy = torch.randn(3, 48, device=device)
-    torch.library.opcheck(torch.ops.lorart.nf4_linear_grad_input.default, (dy, *q.op_args()))
+    op = nf4_ops.nf4_linear_grad_input
+    torch.library.opcheck(op.op, op.flatten((dy, q)))
     ref = dy @ q.dequantize()
-    torch.testing.assert_close(torch.ops.lorart.nf4_linear_grad_input(dy, *q.op_args()), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(op(dy, q), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_under_torch_compile():
     q = nf4.quantize(torch.randn(32, 64) * 0.05, 64)
-    args = q.op_args()
 
     def f(x):
-        return torch.ops.lorart.nf4_linear(x, *args, None).relu().sum()
+        return nf4_ops.nf4_linear(x, q, None).relu().sum()  # the weight object, flattened into the op's fields
 
     x = torch.randn(5, 64, requires_grad=True)
     g_eager = torch.autograd.grad(f(x), x)[0]

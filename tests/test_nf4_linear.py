@@ -6,13 +6,11 @@ import torch
 
 from lorart import nf4
 from lorart.nn import NF4Linear
-from nf4_reference import _reference_dequantize
+from nf4_reference import reference_dequantize_weight
 
 
 def _ref_weight(layer):
-    w = layer.weight
-    return _reference_dequantize(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
-                                 tuple(w.shape), torch.float32)
+    return reference_dequantize_weight(layer.weight)
 
 
 @pytest.mark.parametrize("bias,train_bias", [(True, True), (True, False), (False, False)])
@@ -118,20 +116,32 @@ def test_from_bnb_state_dict_errors():
         nf4.NF4Weight.from_bnb_state_dict(fp4, "m.")
 
 
-@pytest.mark.parametrize("m", [1, 40])
-def test_eager_fast_path_equals_op(device, m):
-    """nf4_linear_eager (used by NF4Linear outside torch.compile) gives the op's output and gradients."""
-    from lorart.ops.nf4 import nf4_linear_eager
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_rounding_rule_whatever_the_path(device, dtype):
+    """The same frozen NF4 weight gives the same output whatever the layer kind (NF4Linear, LoRALinear over it:
+    unfused and fused) and the batch size (the GEMV for <= 16 rows, dequantize + GEMM above): every path uses
+    the weight decoded in float32 and rounded to the compute dtype (bitsandbytes' rule). Inputs 3 * e_k make each
+    output one exact float32 product, so a path that multiplied an unrounded weight would show."""
+    from lorart.nn import LoRALinear
+    from lorart.ops import lora as L
 
-    w4 = nf4.quantize(torch.randn(48, 64, device=device), 64, double_quant=True)
-    x = torch.randn(m, 64, device=device, requires_grad=True)
-    b = torch.randn(48, device=device, requires_grad=True)
-    y1 = nf4_linear_eager(x, *w4.op_args(), b)
-    g1 = torch.autograd.grad((y1 * y1).sum(), (x, b))
-    y2 = torch.ops.lorart.nf4_linear(x, *w4.op_args(), b)
-    g2 = torch.autograd.grad((y2 * y2).sum(), (x, b))
-    assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+    torch.manual_seed(3)
+    w4 = nf4.quantize(torch.randn(40, 64, device=device), 64, double_quant=True)
+    want = (3 * w4.dequantize(dtype).float()).to(dtype).t()  # row k: the output for x = 3 e_k
+    X = (3 * torch.eye(64, device=device)).to(dtype)
+    layer = NF4Linear(w4, compute_dtype=dtype)
+    lora = LoRALinear(NF4Linear(w4, compute_dtype=dtype), r=4, alpha=8)  # B = 0: the base term only
     with torch.no_grad():
-        torch.testing.assert_close(nf4_linear_eager(x, *w4.op_args(), None), y2 - b)
-    with pytest.raises(ValueError, match="last dimension"):
-        nf4_linear_eager(torch.randn(2, 63, device=device), *w4.op_args(), None)
+        outs = {"NF4Linear M=64": layer(X),
+                "NF4Linear M<=16": torch.cat([layer(X[i:i + 8]) for i in range(0, 64, 8)]),
+                "NF4Linear M=1": torch.cat([layer(X[i:i + 1]) for i in range(0, 64, 9)])}
+        for policy in ("never", "always"):
+            old = L.set_fused_policy(policy)
+            try:
+                outs[f"LoRALinear {policy} M=64"] = lora(X)
+                outs[f"LoRALinear {policy} M<=16"] = torch.cat([lora(X[i:i + 16]) for i in range(0, 64, 16)])
+            finally:
+                L.set_fused_policy(old)
+    for name, y in outs.items():
+        ref = want[::9] if name.endswith("M=1") else want
+        assert y.dtype == dtype and torch.equal(y, ref), name

@@ -16,7 +16,7 @@ import lorart
 from lorart import nf4
 from lorart.ops import lora as L
 from lorart.ops.act import swiglu
-from lorart.ops.nf4 import nf4_linear_eager
+from lorart.ops.nf4 import nf4_linear
 from lorart.ops.norm import rms_norm
 
 from conftest import requires_cuda
@@ -44,7 +44,8 @@ def _leaves(*ts):
 
 def run(fn, args, device, dtype, enabled=True):
     """fn(*args) under autocast, then backward of a fixed weighting of the output outside it: (out, grads)."""
-    args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dtype in (torch.float32, torch.float64) else a
+    leaf = (torch.float32, torch.float64)
+    args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dtype in leaf else a
             for a in args]
     with torch.autocast(device, dtype=dtype, enabled=enabled):
         out = fn(*args)
@@ -94,12 +95,11 @@ def test_lora_linear(device, dtype, M, path):
 def test_lora_linear_nf4(device, dtype, M, path):
     w = nf4.quantize(torch.randn(48, 64, device=device), 64)
     Wd = w.dequantize(torch.float32)
-    o = w.op_args()
     args = [_t(M, 64, device=device), _t(48, device=device), _t(8, 64, device=device), _t(48, 8, device=device)]
     if path == "eager":
-        fn = lambda x, b, A, B: L.lora_linear_nf4(x, *o, b, A, B, 0.5)  # noqa: E731
+        fn = lambda x, b, A, B: L.lora_linear_nf4(x, w, b, A, B, 0.5)  # noqa: E731
     else:
-        fn = lambda x, b, A, B: torch.ops.lorart.lora_linear_nf4(x, *o, b, A, B, 0.5, 0.0, 0)[0]  # noqa: E731
+        fn = lambda x, b, A, B: L.lora_linear_nf4_op.dispatch(x, w, b, A, B, 0.5, 0.0, 0)[0]  # noqa: E731
     check_op(fn, lambda x, b, A, B: ref_lora(x, Wd.to(x.dtype), b, A, B, 0.5), args, device, dtype)
 
 
@@ -109,9 +109,7 @@ def test_lora_linear_nf4(device, dtype, M, path):
 def test_nf4_linear(device, dtype, M, path):
     w = nf4.quantize(torch.randn(48, 64, device=device), 64)
     Wd = w.dequantize(torch.float32)
-    o = w.op_args()
-    fn = (lambda x, b: nf4_linear_eager(x, *o, b)) if path == "eager" else \
-        (lambda x, b: torch.ops.lorart.nf4_linear(x, *o, b))
+    fn = (lambda x, b: nf4_linear(x, w, b)) if path == "eager" else (lambda x, b: nf4_linear.dispatch(x, w, b))
     check_op(fn, lambda x, b: F.linear(x, Wd.to(x.dtype), b), [_t(M, 64, device=device), _t(48, device=device)],
              device, dtype)
 
@@ -194,7 +192,6 @@ def test_merge_and_dropout_keep_their_dtypes(device, dtype):
 def test_compiled_equals_eager_under_autocast():
     """rms_norm -> LoRA (dense) -> swiglu -> NF4 linear under autocast, torch.compile(fullgraph=True) vs eager."""
     w4 = nf4.quantize(torch.randn(32, 48), 64)
-    o = w4.op_args()
     W, b, A, B = torch.randn(96, 32), torch.randn(96), torch.randn(4, 32), torch.randn(96, 4) * 0.1
     nw = torch.randn(32)
 
@@ -202,7 +199,7 @@ def test_compiled_equals_eager_under_autocast():
         h = rms_norm(x, nw, 1e-5)
         y = L.lora_linear(h, W, b, A, B, 2.0)
         g = swiglu(y[:, :48], y[:, 48:])
-        return nf4_linear_eager(g, *o, None)
+        return nf4_linear(g, w4, None)
 
     x = torch.randn(5, 32)
     outs = []

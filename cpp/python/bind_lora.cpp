@@ -1,5 +1,5 @@
-// pybind11 bindings of the LoRA kernels (lorart/lora.h). Tensors arrive as lorart.ops._common.view tuples;
-// optional tensors as None.
+// pybind11 bindings of the LoRA kernels (lorart/lora.h). Tensors arrive as themselves, optional tensors as
+// None, an NF4 base as one object (bind.h).
 #include <optional>
 
 #include "bind.h"
@@ -24,24 +24,12 @@ void bind(py::module_& m) {
         py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xa"), py::arg("B"), py::arg("scale"), py::arg("y"),
         py::arg("stream") = 0);
   m.def("lora_fused_linear_nf4",
-        [](const TensorView& x, const TensorView& packed, const TensorView& absmax,
-           const std::optional<TensorView>& nested_absmax, const std::optional<TensorView>& nested_code, float offset,
-           int64_t blocksize, int64_t rows, int64_t cols, const std::optional<TensorView>& bias, const TensorView& xa,
+        [](const TensorView& x, const NF4View& w, const std::optional<TensorView>& bias, const TensorView& xa,
            const TensorView& B, double scale, const TensorView& y, uint64_t s) {
-          NF4View w;
-          w.packed = packed;
-          w.absmax = absmax;
-          w.nested_absmax = opt(nested_absmax);
-          w.nested_code = opt(nested_code);
-          w.offset = offset;
-          w.blocksize = blocksize;
-          w.rows = rows;
-          w.cols = cols;
           lora_fused_linear_nf4(x, w, opt(bias), xa, B, scale, y, as_stream(s));
         },
-        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
-        py::arg("offset"), py::arg("blocksize"), py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("xa"),
-        py::arg("B"), py::arg("scale"), py::arg("y"), py::arg("stream") = 0);
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("xa"), py::arg("B"), py::arg("scale"), py::arg("y"),
+        py::arg("stream") = 0);
   m.def("lora_grouped_add",
         [](const TensorView& y, const TensorView& x, const TensorView& A_stack, const TensorView& B_stack,
            const TensorView& ranks, const TensorView& scales, const TensorView& idx, const TensorView& xa_ws,

@@ -1,5 +1,5 @@
-// pybind11 bindings for NF4 (lorart/nf4.h). Weights arrive as the contract's op_args():
-// (packed, absmax, nested_absmax | None, nested_code | None, offset, blocksize, rows, cols).
+// pybind11 bindings for NF4 (lorart/nf4.h). A weight arrives as one object (an NF4Weight / NF4Args;
+// bind.h's caster reads its fields into an NF4View).
 #include <optional>
 
 #include "bind.h"
@@ -7,21 +7,6 @@
 
 namespace lorart::py {
 namespace {
-
-NF4View make_view(const TensorView& packed, const TensorView& absmax, const std::optional<TensorView>& nested_absmax,
-                  const std::optional<TensorView>& nested_code, double offset, int64_t blocksize, int64_t rows,
-                  int64_t cols) {
-  NF4View w;
-  w.packed = packed;
-  w.absmax = absmax;
-  if (nested_absmax) w.nested_absmax = *nested_absmax;
-  if (nested_code) w.nested_code = *nested_code;
-  w.offset = static_cast<float>(offset);
-  w.blocksize = blocksize;
-  w.rows = rows;
-  w.cols = cols;
-  return w;
-}
 
 void bind(py::module_& m) {
   m.def(
@@ -43,29 +28,20 @@ void bind(py::module_& m) {
       py::arg("stream") = 0);
   m.def(
       "nf4_dequantize",
-      [](const TensorView& packed, const TensorView& absmax, std::optional<TensorView> nested_absmax,
-         std::optional<TensorView> nested_code, double offset, int64_t blocksize, int64_t rows, int64_t cols,
-         const TensorView& out, uint64_t stream) {
-        NF4View w = make_view(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols);
+      [](const NF4View& w, const TensorView& out, uint64_t stream) {
         py::gil_scoped_release nogil;
         lorart::nf4_dequantize(w, out, as_stream(stream));
       },
-      py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
-      py::arg("blocksize"), py::arg("rows"), py::arg("cols"), py::arg("out"), py::arg("stream") = 0);
+      py::arg("w"), py::arg("out"), py::arg("stream") = 0);
   m.def(
       "nf4_gemv",
-      [](const TensorView& x, const TensorView& packed, const TensorView& absmax,
-         std::optional<TensorView> nested_absmax, std::optional<TensorView> nested_code, double offset,
-         int64_t blocksize, int64_t rows, int64_t cols, std::optional<TensorView> bias, const TensorView& out,
+      [](const TensorView& x, const NF4View& w, std::optional<TensorView> bias, const TensorView& out,
          uint64_t stream) {
-        NF4View w = make_view(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols);
         TensorView b = bias ? *bias : TensorView();
         py::gil_scoped_release nogil;
         lorart::nf4_gemv(x, w, b, out, as_stream(stream));
       },
-      py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
-      py::arg("offset"), py::arg("blocksize"), py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("out"),
-      py::arg("stream") = 0);
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0);
   m.def("nf4_gemv_max_rows", &lorart::nf4_gemv_max_rows);
 }
 

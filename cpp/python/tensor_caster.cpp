@@ -1,5 +1,6 @@
-// torch.Tensor -> lorart::TensorView for the bindings (see bind.h). Reads the tensor's own
-// attributes at call time; the tensor, an argument of the call, outlives the view.
+// torch.Tensor -> lorart::TensorView and NF4 weight object -> lorart::NF4View for the bindings (see
+// bind.h). Reads the objects' own attributes at call time; the tensor, an argument of the call (or held
+// by the NF4 caster), outlives the view.
 #include <string>
 
 #include "bind.h"
@@ -96,6 +97,27 @@ bool tensor_to_view(py::handle src, TensorView& out) {
   const int64_t ptr = as_i64(call0(src, T.data_ptr).ptr());
   out = TensorView(reinterpret_cast<void*>(static_cast<uintptr_t>(ptr)), static_cast<DType>(code),
                    static_cast<int>(nd), sh, st, dev);
+  return true;
+}
+
+bool nf4_to_view(py::handle src, NF4View& out, py::object (&keep)[4]) {
+  static const char* const kTensors[4] = {"packed", "absmax", "nested_absmax", "nested_code"};
+  if (!PyObject_HasAttrString(src.ptr(), "packed")) return false;
+  TensorView* views[4] = {&out.packed, &out.absmax, &out.nested_absmax, &out.nested_code};
+  for (int i = 0; i < 4; ++i) {
+    keep[i] = src.attr(kTensors[i]);
+    if (i >= 2 && keep[i].is_none()) continue;  // no double quantization: views with data == nullptr
+    if (!tensor_to_view(keep[i], *views[i]))
+      throw py::type_error(std::string("lorart: NF4 weight: `") + kTensors[i] + "` must be a torch.Tensor" +
+                           (i >= 2 ? " or None" : "") + ", got " +
+                           py::str(py::type::of(keep[i]).attr("__name__")).cast<std::string>());
+  }
+  const double offset = PyFloat_AsDouble(src.attr("offset").ptr());
+  if (offset == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  out.offset = static_cast<float>(offset);
+  out.blocksize = as_i64(src.attr("blocksize").ptr());
+  out.rows = as_i64(src.attr("rows").ptr());
+  out.cols = as_i64(src.attr("cols").ptr());
   return true;
 }
 

@@ -11,6 +11,7 @@
 #include "act/act_launch.h"
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "common/vec.cuh"
 #include "lorart/detail/act_math.h"
 
@@ -108,23 +109,15 @@ void backward(const void* g, const void* u, const void* dout, void* dg, void* du
 
 void swiglu(DType dtype, const void* gate, const void* up, void* out, int64_t n, Stream stream) {
   cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case DType::F32: forward<float>(gate, up, out, n, s); break;
-    case DType::BF16: forward<__nv_bfloat16>(gate, up, out, n, s); break;
-    case DType::F16: forward<__half>(gate, up, out, n, s); break;
-    default: LORART_CHECK_TYPE(false, "swiglu: unsupported CUDA dtype ", dtype_name(dtype));
-  }
+  dispatch_float(dtype, "swiglu", [&](auto t) { forward<typename decltype(t)::type>(gate, up, out, n, s); });
 }
 
 void swiglu_backward(DType dtype, const void* gate, const void* up, const void* grad_out, void* grad_gate,
                      void* grad_up, int64_t n, Stream stream) {
   cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case DType::F32: backward<float>(gate, up, grad_out, grad_gate, grad_up, n, s); break;
-    case DType::BF16: backward<__nv_bfloat16>(gate, up, grad_out, grad_gate, grad_up, n, s); break;
-    case DType::F16: backward<__half>(gate, up, grad_out, grad_gate, grad_up, n, s); break;
-    default: LORART_CHECK_TYPE(false, "swiglu_backward: unsupported CUDA dtype ", dtype_name(dtype));
-  }
+  dispatch_float(dtype, "swiglu_backward", [&](auto t) {
+    backward<typename decltype(t)::type>(gate, up, grad_out, grad_gate, grad_up, n, s);
+  });
 }
 
 }  // namespace lorart::cuda

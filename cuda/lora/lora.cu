@@ -1,9 +1,10 @@
 // LoRA CUDA kernels, then their launchers (declared in lora_launch.h).
 //
 // - dropout / shrink: the dropout mask is the counter-based hash of detail/lora_math.h, identical to the CPU.
-// - fused_linear: the decode-time (M <= 16) linear: one warp per output feature reads its row of W once (dense
-//   or NF4-packed, 16-byte vector loads when aligned, scalar loads otherwise), multiplies it with every row of x,
-//   adds scale * xa[m] . B[n] (xa from the shrink kernel) and the bias, and rounds once.
+// - fused_linear: the decode-time (M <= 16) linear: one warp per output feature reads its row of the dense W
+//   once (16-byte vector loads when aligned, scalar loads otherwise), multiplies it with every row of x, adds
+//   scale * xa[m] . B[n] (xa from the shrink kernel) and the bias, and rounds once. (An NF4 W goes through
+//   cuda/nf4's GEMV, which takes the same LoRA term: one NF4 decode for every layer.)
 // - grouped shrink/expand: Punica-style BGMV, each row with its own adapter (index -1 = none).
 // - merge: W += scale * B @ A, one thread per element, optionally only counting non-finite results.
 #include <cuda_bf16.h>
@@ -16,10 +17,10 @@
 
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "common/vec.cuh"
 #include "lora/lora_launch.h"
 #include "lorart/detail/lora_math.h"
-#include "lorart/detail/nf4_math.h"
 
 namespace lorart::cuda {
 namespace {
@@ -72,42 +73,6 @@ struct DenseRow {
   int64_t K;
   __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const { cuda::load8(W + n * K + k, o); }
   __device__ __forceinline__ float at(int64_t n, int64_t k) const { return to_f(W[n * K + k]); }
-};
-
-// NF4 weight (bitsandbytes layout): values are decoded in float32 and rounded to T, as bnb's dequantize does.
-template <class T>
-struct NF4Row {
-  const uint8_t* packed;
-  const void* absmax;
-  bool dq;
-  const float* nested_absmax;
-  const float* nested_code;
-  float offset;
-  int64_t blocksize, K;
-  const float* table;  // shared memory, 16 entries
-  __device__ __forceinline__ float am(int64_t i) const {
-    return dq ? detail::nf4_block_scale(nullptr, static_cast<const uint8_t*>(absmax), nested_absmax, nested_code,
-                                        offset, i / blocksize)
-              : static_cast<const float*>(absmax)[i / blocksize];
-  }
-  __device__ __forceinline__ float dec(int q, float a) const { return to_f(from_f<T>(table[q] * a)); }
-  // 8 elements starting at flat index i = n*K + k (i % 8 == 0, so one absmax block, 4-byte aligned bytes).
-  __device__ __forceinline__ void load8(int64_t n, int64_t k, float* o) const {
-    const int64_t i = n * K + k;
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(packed + (i >> 1));
-    const float a = am(i);
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t byte = (w >> (8 * b)) & 0xFFu;
-      o[2 * b] = dec(detail::nf4_hi(byte), a);
-      o[2 * b + 1] = dec(detail::nf4_lo(byte), a);
-    }
-  }
-  __device__ __forceinline__ float at(int64_t n, int64_t k) const {
-    const int64_t i = n * K + k;
-    const uint8_t byte = packed[i >> 1];
-    return dec((i & 1) ? detail::nf4_lo(byte) : detail::nf4_hi(byte), am(i));
-  }
 };
 
 constexpr int kFusedWarps = 8;
@@ -166,19 +131,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
     fused_dense_kernel(const T* x, int64_t ldx, const T* W, const T* bias, const float* xa, const T* B, int64_t R,
                        float scale, T* y, int64_t ldy, int M, int64_t N, int64_t K) {
   fused_body<T, MAXM, VEC>(x, ldx, DenseRow<T>{W, K}, bias, xa, B, R, scale, y, ldy, M, N, K);
-}
-
-template <class T, int MAXM, bool VEC>
-__global__ void __launch_bounds__(kFusedWarps * 32)
-    fused_nf4_kernel(const T* x, int64_t ldx, const uint8_t* packed, const void* absmax, bool dq,
-                     const float* nested_absmax, const float* nested_code, float offset, int64_t blocksize,
-                     const T* bias, const float* xa, const T* B, int64_t R, float scale, T* y, int64_t ldy, int M,
-                     int64_t N, int64_t K) {
-  __shared__ float table[16];
-  if (threadIdx.x < 16) table[threadIdx.x] = detail::nf4_code(threadIdx.x);
-  __syncthreads();
-  const NF4Row<T> row{packed, absmax, dq, nested_absmax, nested_code, offset, blocksize, K, table};
-  fused_body<T, MAXM, VEC>(x, ldx, row, bias, xa, B, R, scale, y, ldy, M, N, K);
 }
 
 // Grouped shrink: xa[m, j] = A_stack[idx[m], j] . x[m] for j < ranks[idx[m]], else 0; grid (M, RM).
@@ -243,18 +195,6 @@ __global__ void merge_kernel(T* W, const T* A, const T* B, int64_t K, int64_t R,
 
 // ---- launchers ---------------------------------------------------------------------------------------------
 
-template <class T> struct Tag { using type = T; };
-
-template <class F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(Tag<float>{}); return;
-    case DType::BF16: f(Tag<__nv_bfloat16>{}); return;
-    case DType::F16: f(Tag<__half>{}); return;
-    default: detail::fail(ErrorKind::Type, detail::cat("lora (CUDA): unsupported dtype ", dtype_name(dt)));
-  }
-}
-
 int grid_for(int64_t n, int threads) {
   const int64_t cap = int64_t(sm_count()) * 32;
   const int64_t g = ceil_div(n, threads);
@@ -274,7 +214,7 @@ void dispatch_m(int64_t M, F&& f) {
 
 void lora_dropout(DType dt, const void* x, int64_t ldx, void* out, int64_t ldo, int64_t M, int64_t K, double p,
                   uint64_t seed, Stream s) {
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, "lora", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dropout_kernel<T><<<grid_for(M * K, 256), 256, 0, as_stream(s)>>>(
         static_cast<const T*>(x), ldx, static_cast<T*>(out), ldo, M, K, detail::lora_dropout_key(seed, p),
@@ -286,7 +226,7 @@ void lora_dropout(DType dt, const void* x, int64_t ldx, void* out, int64_t ldo, 
 void lora_shrink(DType dt, const void* x, int64_t ldx, const void* A, int64_t M, int64_t K, int64_t R, double p,
                  uint64_t seed, float* xa, Stream s) {
   LORART_CHECK(R <= 65535, "argument `A`: rank at most 65535 on CUDA, got ", R);
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, "lora", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(R));
     shrink_kernel<T><<<grid, 256, 0, as_stream(s)>>>(static_cast<const T*>(x), ldx, static_cast<const T*>(A), K, R,
@@ -301,7 +241,7 @@ void lora_fused_linear(DType dt, const void* x, int64_t ldx, const void* W, cons
                        Stream s) {
   const bool vec = K % 8 == 0 && ldx % 8 == 0 && aligned16(x) && aligned16(W);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div(N, kFusedWarps), int64_t(sm_count()) * 64));
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, "lora", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_m(M, [&](auto mm) {
       constexpr int MM = decltype(mm)::value;
@@ -316,35 +256,13 @@ void lora_fused_linear(DType dt, const void* x, int64_t ldx, const void* W, cons
   });
 }
 
-void lora_fused_linear_nf4(DType dt, const void* x, int64_t ldx, const uint8_t* packed, const void* absmax,
-                           bool double_quant, const float* nested_absmax, const float* nested_code, float offset,
-                           int64_t blocksize, const void* bias, const float* xa, const void* B, int64_t R,
-                           float scale, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, Stream s) {
-  const bool vec = K % 8 == 0 && ldx % 8 == 0 && aligned16(x) && (reinterpret_cast<uintptr_t>(packed) & 3u) == 0;
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(N, kFusedWarps), int64_t(sm_count()) * 64));
-  dispatch(dt, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_m(M, [&](auto mm) {
-      constexpr int MM = decltype(mm)::value;
-      auto args = [&](auto kern) {
-        kern<<<grid, kFusedWarps * 32, 0, as_stream(s)>>>(
-            static_cast<const T*>(x), ldx, packed, absmax, double_quant, nested_absmax, nested_code, offset,
-            blocksize, static_cast<const T*>(bias), xa, static_cast<const T*>(B), R, scale, static_cast<T*>(y), ldy,
-            static_cast<int>(M), N, K);
-      };
-      if (vec) args(fused_nf4_kernel<T, MM, true>); else args(fused_nf4_kernel<T, MM, false>);
-      check_launch("lora fused_nf4_kernel");
-    });
-  });
-}
-
 void lora_grouped_add(DType dt, void* y, int64_t ldy, const void* x, int64_t ldx, const void* A_stack,
                       const void* B_stack, const int32_t* ranks, const float* scales, const void* idx, bool idx64,
                       int64_t idx_stride, float* xa, int64_t M, int64_t N, int64_t K, int64_t RM, int64_t L,
                       Stream s) {
   LORART_CHECK(RM <= 12288, "argument `A_stack`: max rank at most 12288 on CUDA, got ", RM);
   if (RM == 0) return;
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, "lora", [&](auto tag) {
     using T = typename decltype(tag)::type;
     grouped_shrink_kernel<T><<<dim3(static_cast<unsigned>(M), static_cast<unsigned>(RM)), 256, 0, as_stream(s)>>>(
         static_cast<const T*>(x), ldx, static_cast<const T*>(A_stack), ranks, idx, idx64, idx_stride, L, xa, K, RM);
@@ -362,7 +280,7 @@ void lora_merge(DType dt, void* W, const void* A, const void* B, int64_t N, int6
   if (count) LORART_CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(int32_t), as_stream(s)));
   if (N == 0 || K == 0) return;
   LORART_CHECK(ceil_div(K, 256) <= 65535, "argument `W`: at most 16776960 columns on CUDA, got ", K);
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, "lora", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(K, 256)));
     merge_kernel<T><<<grid, 256, 0, as_stream(s)>>>(static_cast<T*>(W), static_cast<const T*>(A),

@@ -17,10 +17,6 @@ void lora_shrink(DType dt, const void* x, int64_t ldx, const void* A, int64_t M,
 void lora_fused_linear(DType dt, const void* x, int64_t ldx, const void* W, const void* bias, const float* xa,
                        const void* B, int64_t R, float scale, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                        Stream s);
-void lora_fused_linear_nf4(DType dt, const void* x, int64_t ldx, const uint8_t* packed, const void* absmax,
-                           bool double_quant, const float* nested_absmax, const float* nested_code, float offset,
-                           int64_t blocksize, const void* bias, const float* xa, const void* B, int64_t R,
-                           float scale, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, Stream s);
 void lora_grouped_add(DType dt, void* y, int64_t ldy, const void* x, int64_t ldx, const void* A_stack,
                       const void* B_stack, const int32_t* ranks, const float* scales, const void* idx, bool idx64,
                       int64_t idx_stride, float* xa, int64_t M, int64_t N, int64_t K, int64_t RM, int64_t L,

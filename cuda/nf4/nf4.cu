@@ -1,5 +1,6 @@
 // NF4 CUDA kernels: blockwise quantize, double quant, dequantize (fused nested decode).
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "lorart/detail/nf4_math.h"
 #include "nf4/nf4_launch.h"
 #include "nf4/nf4_types.cuh"
@@ -136,8 +137,11 @@ void nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, uint
   const int64_t nb = ceil_div(n, blocksize);
   const int warps = kThreads / 32;
   const int64_t grid = ceil_div(nb, warps);
-  LORART_NF4_DISPATCH(dtype, quantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
-                                 static_cast<const T*>(w), n, blocksize, nb, packed, absmax));
+  dispatch_float(dtype, "nf4_quantize", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    quantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(w), n,
+                                                                                        blocksize, nb, packed, absmax);
+  });
   check_launch("nf4_quantize_kernel");
 }
 
@@ -154,7 +158,8 @@ void nf4_dequantize(const NF4Ptrs& w, void* out, DType dtype, Stream stream) {
   const bool vec = (reinterpret_cast<uintptr_t>(w.packed) & 3) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
   const int64_t n8 = vec ? n / 8 : 0;
   cudaStream_t st = as_stream(stream);
-  LORART_NF4_DISPATCH(dtype, {
+  dispatch_float(dtype, "nf4_dequantize", [&](auto tag) {
+    using T = typename decltype(tag)::type;
     T* o = static_cast<T*>(out);
     if (n8 > 0) {
       dequant_vec_kernel<T><<<grid_for(ceil_div(n8, kUnroll)), kThreads, 0, st>>>(w, o, n8, log2i(w.blocksize) - 3);

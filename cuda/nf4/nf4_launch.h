@@ -42,6 +42,17 @@ void nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, uint
 void nf4_double_quant(const float* absmax, int64_t nb, const float* offset, const float* code, uint8_t* q,
                       float* nested_absmax, Stream stream);
 void nf4_dequantize(const NF4Ptrs& w, void* out, DType dtype, Stream stream);
-void nf4_gemv(const void* x, DType dtype, int64_t m, const NF4Ptrs& w, const void* bias, void* out, Stream stream);
+// out[m, r] = round(sum_k x[m, k] * W[r, k] + bias[r] + addend(m, r)) with W decoded in float32 and rounded to
+// x's dtype (bitsandbytes' dequantize rule): the one NF4 GEMV (nf4_gemv, and lora_fused_linear_nf4's base).
+// x and out contiguous, m <= 16. `add`: the LoRA up-projection scale * xa[m, :] . B[r, :] (xa float32 [m, R],
+// B [rows, R] of x's dtype), none when xa is null.
+struct NF4Addend {
+  const float* xa = nullptr;
+  const void* B = nullptr;
+  int64_t R = 0;
+  float scale = 0.f;
+};
+void nf4_gemv(const void* x, DType dtype, int64_t m, const NF4Ptrs& w, const void* bias, void* out, Stream stream,
+              const NF4Addend& add = {});
 
 }  // namespace lorart::cuda

@@ -1,5 +1,5 @@
-// NF4 tables in shared memory and the dtype dispatch of the NF4 CUDA kernels (the float conversions and
-// 8-wide loads/stores they use are in common/vec.cuh).
+// NF4 tables in shared memory for the NF4 CUDA kernels (the float conversions and 8-wide loads/stores they
+// use are in common/vec.cuh, the dtype dispatch in common/dispatch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,12 +36,3 @@ __device__ __forceinline__ float block_scale(const Tables& s, const NF4Ptrs& w, 
 }
 
 }  // namespace lorart::cuda::nf4
-
-// Calls f(T{}) with T the CUDA storage type of a lorart float dtype.
-#define LORART_NF4_DISPATCH(dtype, ...)                                       \
-  switch (dtype) {                                                            \
-    case ::lorart::DType::F32: { using T = float; __VA_ARGS__; break; }       \
-    case ::lorart::DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
-    case ::lorart::DType::F16: { using T = __half; __VA_ARGS__; break; }      \
-    default: ::lorart::detail::fail(::lorart::ErrorKind::Type, "NF4: unsupported dtype"); \
-  }

@@ -11,6 +11,7 @@
 
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "common/vec.cuh"
 #include "lorart/detail/norm_math.h"
 #include "norm/norm_launch.h"
@@ -139,23 +140,17 @@ void rms_norm(DType dtype, const void* x, const void* w, float eps, void* out, f
               Stream stream) {
   if (rows == 0) return;
   cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case DType::F32: forward<float>(x, w, eps, out, rstd, rows, h, s); break;
-    case DType::BF16: forward<__nv_bfloat16>(x, w, eps, out, rstd, rows, h, s); break;
-    case DType::F16: forward<__half>(x, w, eps, out, rstd, rows, h, s); break;
-    default: LORART_CHECK_TYPE(false, "rms_norm: unsupported CUDA dtype ", dtype_name(dtype));
-  }
+  dispatch_float(dtype, "rms_norm", [&](auto t) {
+    forward<typename decltype(t)::type>(x, w, eps, out, rstd, rows, h, s);
+  });
 }
 
 void rms_norm_backward(DType dtype, const void* x, const void* w, const float* rstd, const void* dy, void* dx,
                        float* grad_w, int64_t rows, int64_t h, Stream stream) {
   cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case DType::F32: backward<float>(x, w, rstd, dy, dx, grad_w, rows, h, s); break;
-    case DType::BF16: backward<__nv_bfloat16>(x, w, rstd, dy, dx, grad_w, rows, h, s); break;
-    case DType::F16: backward<__half>(x, w, rstd, dy, dx, grad_w, rows, h, s); break;
-    default: LORART_CHECK_TYPE(false, "rms_norm_backward: unsupported CUDA dtype ", dtype_name(dtype));
-  }
+  dispatch_float(dtype, "rms_norm_backward", [&](auto t) {
+    backward<typename decltype(t)::type>(x, w, rstd, dy, dx, grad_w, rows, h, s);
+  });
 }
 
 }  // namespace lorart::cuda

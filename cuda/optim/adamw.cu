@@ -11,6 +11,7 @@
 
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "optim/optim_launch.h"
 
 namespace lorart::cuda {
@@ -121,22 +122,12 @@ void adamw_step(const std::vector<AdamWTensor>& tensors, DType dtype, Stream str
       c.numel = std::min(chunk, t.numel - off);
       c.s = t.s;
       if (n == kMaxChunksPerLaunch) {
-        switch (dtype) {
-          case DType::F32: launch<float>(batch, n, s); break;
-          case DType::BF16: launch<__nv_bfloat16>(batch, n, s); break;
-          default: launch<__half>(batch, n, s); break;
-        }
+        dispatch_float(dtype, "adamw_step", [&](auto t) { launch<typename decltype(t)::type>(batch, n, s); });
         n = 0;
       }
     }
   }
-  if (n > 0) {
-    switch (dtype) {
-      case DType::F32: launch<float>(batch, n, s); break;
-      case DType::BF16: launch<__nv_bfloat16>(batch, n, s); break;
-      default: launch<__half>(batch, n, s); break;
-    }
-  }
+  if (n > 0) dispatch_float(dtype, "adamw_step", [&](auto t) { launch<typename decltype(t)::type>(batch, n, s); });
 }
 
 }  // namespace lorart::cuda

@@ -12,6 +12,7 @@
 
 #include "common/check.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.cuh"
 #include "common/vec.cuh"
 #include "lorart/detail/optim8_math.h"
 #include "optim/optim_launch.h"
@@ -106,11 +107,7 @@ void launch(const Chunk8Batch& batch, int n, cudaStream_t s) {
 }
 
 void launch_dtype(const Chunk8Batch& batch, int n, DType dtype, cudaStream_t s) {
-  switch (dtype) {
-    case DType::F32: launch<float>(batch, n, s); break;
-    case DType::BF16: launch<__nv_bfloat16>(batch, n, s); break;
-    default: launch<__half>(batch, n, s); break;
-  }
+  dispatch_float(dtype, "adamw8_step", [&](auto t) { launch<typename decltype(t)::type>(batch, n, s); });
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import nf4 as _ops
+from .ops.nf4 import CheckedNF4, NF4Args, check_weight, nf4_dequantize, nf4_double_quant, nf4_quantize
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -28,6 +28,7 @@ NF4_CODE = (
 NESTED_BLOCKSIZE = 256
 QUANT_STATE_SUFFIX = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_NAMES_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 def nf4_code(device="cpu") -> Tensor:
@@ -70,38 +71,118 @@ def _rows_cols(shape: torch.Size) -> tuple[int, int]:
     return 1, math.prod(shape)
 
 
-class NF4Weight:
+# ---- reading Hugging Face / bitsandbytes 4-bit state dicts --------------------------------------------------
+
+def _get(sd: dict, key: str):
+    if key not in sd:
+        near = sorted(k for k in sd if k.startswith(key.rsplit(".", 1)[0]))[:8]
+        raise KeyError(f"lorart: bnb 4-bit state dict: missing key `{key}` (keys with that prefix: {near})")
+    return sd[key]
+
+
+def _tensor(sd: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
+    t = _get(sd, key)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"lorart: bnb 4-bit state dict: `{key}` must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"lorart: bnb 4-bit state dict: `{key}` must be {dtype}, got {t.dtype}")
+    return t
+
+
+def _parse_quant_state(blob: torch.Tensor, key: str) -> dict:
+    try:
+        d = json.loads(bytes(blob.detach().cpu().reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"lorart: bnb 4-bit state dict: `{key}` is not UTF-8 JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"lorart: bnb 4-bit state dict: `{key}` must hold a JSON object, got {type(d).__name__}")
+    for f in ("quant_type", "blocksize", "dtype", "shape"):
+        if f not in d:
+            raise ValueError(f"lorart: bnb 4-bit state dict: `{key}` lacks the field `{f}` (got {sorted(d)})")
+    if d["quant_type"] != "nf4":
+        raise ValueError(f"lorart: bnb 4-bit state dict: quant_type must be 'nf4', got {d['quant_type']!r}")
+    if d["dtype"] not in _NAMES_TO_DTYPE:
+        raise ValueError(f"lorart: bnb 4-bit state dict: dtype must be one of {sorted(_NAMES_TO_DTYPE)}, "
+                         f"got {d['dtype']!r}")
+    if not isinstance(d["shape"], list) or not all(isinstance(s, int) and s > 0 for s in d["shape"]):
+        raise ValueError(f"lorart: bnb 4-bit state dict: shape must be a list of positive ints, got {d['shape']!r}")
+    return d
+
+
+def _parse_bnb_state_dict(sd: dict, prefix: str, device) -> tuple:
+    """NF4Weight's constructor arguments from the HF bnb-4bit keys at `prefix`."""
+    p = prefix + "weight"
+    qs_key = p + "." + QUANT_STATE_SUFFIX
+    if qs_key not in sd and (p + ".quant_state.bitsandbytes__fp4") in sd:
+        raise ValueError(f"lorart: bnb 4-bit state dict at `{prefix}`: FP4 weights are not supported (NF4 only)")
+    d = _parse_quant_state(_tensor(sd, qs_key, torch.uint8), qs_key)
+    packed = _tensor(sd, p, torch.uint8)
+    quant_map = _tensor(sd, p + ".quant_map", torch.float32)
+    if quant_map.numel() != 16 or not torch.equal(quant_map.detach().cpu().reshape(-1),
+                                                  torch.tensor(NF4_CODE, dtype=torch.float32)):
+        raise ValueError(f"lorart: bnb 4-bit state dict: `{p}.quant_map` is not the NF4 code table")
+    dq = "nested_offset" in d or (p + ".nested_absmax") in sd
+    if dq:
+        for f in ("nested_blocksize", "nested_offset", "nested_dtype"):
+            if f not in d:
+                raise ValueError(f"lorart: bnb 4-bit state dict: `{qs_key}` lacks `{f}` for double quantization")
+        if d["nested_blocksize"] != 256 or d["nested_dtype"] != "float32":
+            raise ValueError("lorart: bnb 4-bit state dict: expected nested_blocksize 256 and nested_dtype "
+                             f"float32, got {d['nested_blocksize']!r} and {d['nested_dtype']!r}")
+        absmax = _tensor(sd, p + ".absmax", torch.uint8)
+        nested_absmax = _tensor(sd, p + ".nested_absmax", torch.float32)
+        nested_code = _tensor(sd, p + ".nested_quant_map", torch.float32)
+        offset = float(d["nested_offset"])
+    else:
+        absmax = _tensor(sd, p + ".absmax", torch.float32)
+        nested_absmax = nested_code = None
+        offset = 0.0
+    dev = torch.device(device) if device is not None else packed.device
+    f = lambda t: None if t is None else t.detach().to(dev).contiguous()  # noqa: E731
+    return (f(packed), f(absmax).reshape(-1), f(nested_absmax), f(nested_code), offset, int(d["blocksize"]),
+            torch.Size(d["shape"]), _NAMES_TO_DTYPE[d["dtype"]])
+
+
+_FROZEN = frozenset(("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "rows",
+                     "cols"))
+
+
+class NF4Weight(CheckedNF4):
     """A frozen NF4-quantized tensor. Fields follow the NF4 contract (docs/nf4.md):
     packed uint8 [(n+1)//2, 1]; absmax float32 [nblocks] or, with double quant, uint8 codes;
     nested_absmax float32 [ceil(nblocks/256)] | None; nested_code float32 [256] | None;
-    offset (float); blocksize; shape (original); dtype (original / compute dtype)."""
+    offset (float); blocksize; shape (original); dtype (original / compute dtype).
 
-    __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "dtype")
+    Checked once, when built (the ops then skip the weight's own consistency on every call), and frozen: its
+    fields cannot be reassigned (build a new NF4Weight); its tensors are contiguous (made so when built), as the
+    kernels read them."""
+
+    __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "dtype", "rows",
+                 "cols", "_built")
 
     def __init__(self, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                  offset: float, blocksize: int, shape, dtype: torch.dtype):
-        self.packed = packed
-        self.absmax = absmax
-        self.nested_absmax = nested_absmax
-        self.nested_code = nested_code
+        c = lambda t: t.contiguous() if isinstance(t, Tensor) else t  # noqa: E731  (check_weight names a non-tensor)
+        self.packed = c(packed)
+        self.absmax = c(absmax)
+        self.nested_absmax = c(nested_absmax)
+        self.nested_code = c(nested_code)
         self.offset = float(offset)
         self.blocksize = int(blocksize)
         self.shape = torch.Size(shape)
         self.dtype = dtype
         if dtype not in _DTYPE_NAMES:
             raise TypeError(f"lorart: NF4Weight: `dtype` must be float32|bfloat16|float16, got {dtype}")
-        rows, cols = self.rows, self.cols
-        _ops._check_weight(packed, absmax, nested_absmax, nested_code, self.blocksize, rows, cols)
+        self.rows, self.cols = _rows_cols(self.shape)  # the [rows, cols] matrix the ops see
+        check_weight(self)
+        self._built = True
+
+    def __setattr__(self, name, value):
+        if name in _FROZEN and getattr(self, "_built", False):
+            raise AttributeError(f"lorart: NF4Weight is frozen: `{name}` cannot be reassigned (build a new NF4Weight)")
+        object.__setattr__(self, name, value)
 
     # ---- geometry -------------------------------------------------------------------
-    @property
-    def rows(self) -> int:
-        return _rows_cols(self.shape)[0]
-
-    @property
-    def cols(self) -> int:
-        return _rows_cols(self.shape)[1]
-
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -131,16 +212,16 @@ class NF4Weight:
             bits += 32.0 * (-(-nb // NESTED_BLOCKSIZE))
         return bits / self.numel
 
-    def op_args(self) -> tuple:
-        """(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols): the ops' order."""
-        return (self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.blocksize,
-                self.rows, self.cols)
+    def op_args(self) -> NF4Args:
+        """The weight as the ops' schema has it (packed, absmax, nested_absmax, nested_code, offset, blocksize,
+        rows, cols): for calling torch.ops.lorart.* directly. lorart's own calls pass the NF4Weight itself."""
+        return NF4Args(self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.blocksize,
+                       self.rows, self.cols)
 
     # ---- conversions ------------------------------------------------------------------
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The weight in its original shape, in `dtype` (default: the original dtype)."""
-        out = torch.ops.lorart.nf4_dequantize(*self.op_args(), dtype or self.dtype)
-        return out.reshape(self.shape)
+        return nf4_dequantize(self, dtype or self.dtype).reshape(self.shape)
 
     def to(self, device) -> "NF4Weight":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -174,9 +255,7 @@ class NF4Weight:
     def from_bnb_state_dict(cls, sd: dict, prefix: str = "", device=None) -> "NF4Weight":
         """Reads the HF bnb-4bit keys at `prefix` (see to_bnb_state_dict). Raises KeyError for missing keys
         and ValueError for a state that is not a consistent NF4 weight."""
-        from ._nf4_serial import parse_bnb_state_dict
-
-        return parse_bnb_state_dict(cls, sd, prefix, device)
+        return cls(*_parse_bnb_state_dict(sd, prefix, device))
 
 
 def quantize(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -186,13 +265,13 @@ def quantize(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4We
         raise TypeError(f"lorart: argument `w`: expected a torch.Tensor, got {type(w).__name__}")
     with torch.no_grad():
         w = w.detach()
-        packed, absmax = torch.ops.lorart.nf4_quantize(w, blocksize)
+        packed, absmax = nf4_quantize(w, blocksize)
         nested_absmax = nested_code = None
         offset = 0.0
         if double_quant:
             offset_t = absmax.mean().reshape(1)
             nested_code = _dynamic_cached(str(w.device)).clone()
-            absmax, nested_absmax = torch.ops.lorart.nf4_double_quant(absmax, offset_t, nested_code)
+            absmax, nested_absmax = nf4_double_quant(absmax, offset_t, nested_code)
             offset = float(offset_t)
     return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, w.shape, w.dtype)
 

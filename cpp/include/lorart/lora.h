@@ -32,8 +32,9 @@ int64_t lora_fused_max_rows();
 void lora_fused_linear(const TensorView& x, const TensorView& W, const TensorView& bias, const TensorView& xa,
                        const TensorView& B, double scale, const TensorView& y, Stream stream = nullptr);
 
-// Same with an NF4 base (bitsandbytes layout, lorart/nf4.h): W is decoded on the fly (nf4_math.h, values
-// rounded to x's dtype as bnb's dequantize does), never materialised.
+// Same with an NF4 base (bitsandbytes layout, lorart/nf4.h): nf4_gemv's kernel (W decoded on the fly and
+// rounded to x's dtype as bnb's dequantize does, never materialised) with the LoRA term added before its one
+// rounding. x and y contiguous.
 void lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y, Stream stream = nullptr);
 

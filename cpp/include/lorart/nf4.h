@@ -56,7 +56,9 @@ void nf4_double_quant(const TensorView& absmax, const TensorView& offset, const 
 void nf4_dequantize(const NF4View& w, const TensorView& out, Stream stream = nullptr);
 
 // Fused small-M linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), x [M, cols],
-// out [M, rows], both of one dtype (float32|bfloat16|float16), float32 accumulation.
+// out [M, rows], both of one dtype (float32|bfloat16|float16), contiguous. Each weight is decoded
+// in float32 and rounded to x's dtype (as nf4_dequantize stores it), products summed in float32,
+// the result rounded once: the same rule as nf4_dequantize + a GEMM, whatever M.
 // CUDA and CPU. M <= nf4_gemv_max_rows() on CUDA.
 void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out,
               Stream stream = nullptr);

@@ -1,6 +1,7 @@
 // Shared pieces of the vectorised CPU loops (see docs/DEVELOPING.md, "Vectorised CPU loops").
 #pragma once
 
+#include "common/check.h"
 #include "common/half.h"
 #include "lorart/common.h"
 
@@ -25,17 +26,24 @@ template <class T> inline float load(T x) { return to_f32(x); }
 template <class T> inline T store(double x) { return x; }
 template <class T> inline T store(float x) { return from_f32<T>(x); }
 
-// Calls fn(T{}) with the storage type of a float dtype (float, double, bf16, f16); other dtypes are
-// rejected by the callers' checks before.
-template <class Fn>
+// The one dtype dispatch of the CPU kernels: calls fn(T{}) with the storage type of a float dtype (float, bf16,
+// f16 and, unless WithF64 is false, double). Callers check dtypes first, naming the argument; any other dtype
+// reaching here is a TypeError.
+template <bool WithF64 = true, class Fn>
 void dispatch_float(DType dt, Fn&& fn) {
   switch (dt) {
-    case DType::F32: fn(float{}); break;
-    case DType::F64: fn(double{}); break;
-    case DType::BF16: fn(bf16{}); break;
-    case DType::F16: fn(f16{}); break;
+    case DType::F32: fn(float{}); return;
+    case DType::BF16: fn(bf16{}); return;
+    case DType::F16: fn(f16{}); return;
+    case DType::F64:
+      if constexpr (WithF64) {
+        fn(double{});
+        return;
+      }
+      break;
     default: break;
   }
+  fail(ErrorKind::Type, cat("unsupported dtype ", dtype_name(dt)));
 }
 
 }  // namespace lorart::detail

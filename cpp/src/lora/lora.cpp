@@ -5,9 +5,11 @@
 
 #include "common/check.h"
 #include "lora/lora_cpu.h"
+#include "nf4/nf4_cpu.h"
 #ifdef LORART_WITH_CUDA
 #include "common/cuda_api.h"
 #include "lora/lora_launch.h"
+#include "nf4/nf4_launch.h"
 #endif
 
 namespace lorart {
@@ -159,6 +161,8 @@ void lora_fused_linear(const TensorView& x, const TensorView& W, const TensorVie
 void lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y, Stream stream) {
   check_matrix(x, "x");
+  detail::check_contiguous(x, "x");  // (the NF4 GEMV reads x and writes y densely)
+  detail::check_contiguous(y, "y");
   detail::check_dtype(x, "x", {DType::F32, DType::BF16, DType::F16});
   detail::check_device_supported(x, "x");
   LORART_CHECK(x.shape[0] <= lora_fused_max_rows(), "argument `x`: the fused small-M path takes at most ",
@@ -169,17 +173,17 @@ void lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorVi
   check_device(W.packed, "packed", x, "x");
   check_out(x, xa, B, bias, y, W.rows);
   if (y.numel() == 0) return;
+  // The NF4 GEMV of lorart/nf4.h (one decode and one rounding rule for every NF4 layer) with the LoRA term
+  // folded in before its one rounding.
   if (x.is_cuda()) {
 #ifdef LORART_WITH_CUDA
     cuda::set_device(x.device.index);
-    const bool dq = W.double_quant();
-    cuda::lora_fused_linear_nf4(x.dtype, x.data, x.strides[0], W.packed.ptr<uint8_t>(), W.absmax.data, dq,
-                                dq ? W.nested_absmax.ptr<float>() : nullptr, dq ? W.nested_code.ptr<float>() : nullptr,
-                                W.offset, W.blocksize, bias.data, xa.ptr<float>(), B.data, B.shape[1],
-                                static_cast<float>(scale), y.data, y.strides[0], x.shape[0], W.rows, W.cols, stream);
+    cuda::NF4Addend add{xa.ptr<float>(), B.data, B.shape[1], static_cast<float>(scale)};
+    cuda::nf4_gemv(x.data, x.dtype, x.shape[0], cuda::NF4Ptrs::from(W), bias.data, y.data, stream, add);
 #endif
   } else {
-    detail::cpu_lora_fused_linear_nf4(x, W, bias, xa, B, scale, y);
+    const cpu::GemvLora add{xa.ptr<float>(), B.data, B.shape[1], static_cast<float>(scale)};
+    cpu::nf4_gemv(x, W, bias, y, &add);
   }
 }
 

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_loop.h"
 #include "common/parallel.h"
 #include "lorart/detail/lora_math.h"
-#include "lorart/detail/nf4_math.h"
 
 namespace lorart::detail {
 namespace {
@@ -19,9 +19,7 @@ constexpr int64_t kGrain = 1 << 14;  // elements of work per task, roughly
 inline int64_t rows_grain(int64_t work_per_row) { return work_per_row >= kGrain ? 1 : kGrain / work_per_row; }
 
 template <class T>
-inline T lora_st(lora_acc_t<T> v) { return from_f32<T>(v); }
-template <>
-inline double lora_st<double>(double v) { return v; }
+using Acc = typename Compute<T>::type;  // float, double for double
 
 int64_t idx_at(const TensorView& idx, int64_t m) {
   return idx.dtype == DType::I64 ? idx.ptr<int64_t>()[m * idx.strides[0]]
@@ -33,9 +31,9 @@ int64_t idx_at(const TensorView& idx, int64_t m) {
 void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint64_t seed) {
   const int64_t M = x.shape[0], K = x.shape[1];
   const LoraDropoutKey key = lora_dropout_key(seed, p);
-  lora_dispatch_float(x.dtype, [&](auto tag) {
+  dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = lora_acc_t<T>;
+    using A = Acc<T>;
     const A keep_scale = static_cast<A>(1.0 / (1.0 - p));
     const T* xp = x.ptr<T>();
     T* op = out.ptr<T>();
@@ -43,7 +41,7 @@ void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t k = 0; k < K; ++k) {
           const bool keep = lora_dropout_keep(key, static_cast<uint64_t>(m * K + k));
-          op[m * out.strides[0] + k] = lora_st<T>(keep ? lora_ld(xp[m * x.strides[0] + k]) * keep_scale : A(0));
+          op[m * out.strides[0] + k] = store<T>(keep ? load(xp[m * x.strides[0] + k]) * keep_scale : A(0));
         }
     });
   });
@@ -52,9 +50,9 @@ void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint
 void cpu_lora_shrink(const TensorView& x, const TensorView& Aw, double p, uint64_t seed, const TensorView& xa) {
   const int64_t M = x.shape[0], K = x.shape[1], R = Aw.shape[0];
   const LoraDropoutKey key = lora_dropout_key(seed, p);
-  lora_dispatch_float(x.dtype, [&](auto tag) {
+  dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = lora_acc_t<T>;
+    using A = Acc<T>;
     const A keep_scale = static_cast<A>(p > 0 ? 1.0 / (1.0 - p) : 1.0);
     const T* xp = x.ptr<T>();
     const T* ap = Aw.ptr<T>();
@@ -66,10 +64,10 @@ void cpu_lora_shrink(const TensorView& x, const TensorView& Aw, double p, uint64
         A acc = 0;
         if (p > 0) {
           for (int64_t k = 0; k < K; ++k)
-            if (lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+            if (lora_dropout_keep(key, static_cast<uint64_t>(m * K + k))) acc += load(xr[k]) * load(ar[k]);
           acc *= keep_scale;
         } else {
-          for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+          for (int64_t k = 0; k < K; ++k) acc += load(xr[k]) * load(ar[k]);
         }
         if constexpr (std::is_same_v<T, double>) xa.ptr<double>()[m * R + j] = acc;
         else xa.ptr<float>()[m * R + j] = acc;
@@ -82,20 +80,20 @@ namespace {
 
 // y[m, n] = dot(x[m], Wrow) + bias[n] + scale * dot(xa[m], B[n]) for all m, with Wrow given as acc values.
 template <class T>
-void finish_row(const TensorView& x, const lora_acc_t<T>* wrow, const TensorView& bias, const TensorView& xa,
+void finish_row(const TensorView& x, const Acc<T>* wrow, const TensorView& bias, const TensorView& xa,
                 const TensorView& B, double scale, const TensorView& y, int64_t n) {
-  using A = lora_acc_t<T>;
+  using A = Acc<T>;
   const int64_t M = x.shape[0], K = x.shape[1], R = B.shape[1];
   const T* brow = B.ptr<T>() + n * R;
-  const A b = bias.data ? lora_ld(bias.ptr<T>()[n]) : A(0);
+  const A b = bias.data ? load(bias.ptr<T>()[n]) : A(0);
   for (int64_t m = 0; m < M; ++m) {
     const T* xr = x.ptr<T>() + m * x.strides[0];
     A acc = 0;
-    for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * wrow[k];
+    for (int64_t k = 0; k < K; ++k) acc += load(xr[k]) * wrow[k];
     A la = 0;
     const A* xam = xa.ptr<A>() + m * R;
-    for (int64_t j = 0; j < R; ++j) la += xam[j] * lora_ld(brow[j]);
-    y.ptr<T>()[m * y.strides[0] + n] = lora_st<T>(acc + b + static_cast<A>(scale) * la);
+    for (int64_t j = 0; j < R; ++j) la += xam[j] * load(brow[j]);
+    y.ptr<T>()[m * y.strides[0] + n] = store<T>(acc + b + static_cast<A>(scale) * la);
   }
 }
 
@@ -104,49 +102,14 @@ void finish_row(const TensorView& x, const lora_acc_t<T>* wrow, const TensorView
 void cpu_lora_fused_linear(const TensorView& x, const TensorView& W, const TensorView& bias, const TensorView& xa,
                            const TensorView& B, double scale, const TensorView& y) {
   const int64_t N = W.shape[0], K = W.shape[1];
-  lora_dispatch_float(x.dtype, [&](auto tag) {
+  dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = lora_acc_t<T>;
+    using A = Acc<T>;
     parallel_for(N, rows_grain(K * x.shape[0]), [&](int64_t n0, int64_t n1) {
       std::vector<A> wrow(static_cast<size_t>(K));
       for (int64_t n = n0; n < n1; ++n) {
         const T* w = W.ptr<T>() + n * K;
-        for (int64_t k = 0; k < K; ++k) wrow[k] = lora_ld(w[k]);
-        finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
-      }
-    });
-  });
-}
-
-void cpu_lora_fused_linear_nf4(const TensorView& x, const NF4View& W, const TensorView& bias,
-                               const TensorView& xa, const TensorView& B, double scale, const TensorView& y) {
-  const int64_t N = W.rows, K = W.cols;
-  const bool dq = W.double_quant();
-  const uint8_t* packed = W.packed.ptr<uint8_t>();
-  const float* am_f = dq ? nullptr : W.absmax.ptr<float>();
-  const uint8_t* am_q = dq ? W.absmax.ptr<uint8_t>() : nullptr;
-  const float* nabs = dq ? W.nested_absmax.ptr<float>() : nullptr;
-  const float* ncode = dq ? W.nested_code.ptr<float>() : nullptr;
-  lora_dispatch_float(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using A = lora_acc_t<T>;
-    parallel_for(N, rows_grain(K * x.shape[0]), [&](int64_t n0, int64_t n1) {
-      std::vector<A> wrow(static_cast<size_t>(K));
-      for (int64_t n = n0; n < n1; ++n) {
-        // Decode row n block segment by block segment (one scale each); bitsandbytes decodes in float32 then
-        // casts to the compute dtype: keep that rounding.
-        for (int64_t k = 0; k < K;) {
-          const int64_t i0 = n * K + k, b = i0 / W.blocksize;
-          const int64_t end = std::min<int64_t>(K, (b + 1) * W.blocksize - n * K);
-          const float am = nf4_block_scale(am_f, am_q, nabs, ncode, W.offset, b);
-          float lut[16];
-          for (int q = 0; q < 16; ++q) lut[q] = static_cast<float>(lora_ld(lora_st<T>(nf4_decode(q, am))));
-          for (; k < end; ++k) {
-            const int64_t i = n * K + k;
-            const uint8_t byte = packed[i >> 1];
-            wrow[k] = lut[(i & 1) ? nf4_lo(byte) : nf4_hi(byte)];
-          }
-        }
+        for (int64_t k = 0; k < K; ++k) wrow[k] = load(w[k]);
         finish_row<T>(x, wrow.data(), bias, xa, B, scale, y, n);
       }
     });
@@ -159,9 +122,9 @@ void cpu_lora_grouped_add(const TensorView& y, const TensorView& x, const Tensor
   const int64_t M = x.shape[0], K = x.shape[1], RM = A_stack.shape[1], N = B_stack.shape[1];
   const int32_t* rk = ranks.ptr<int32_t>();
   const float* sc = scales.ptr<float>();
-  lora_dispatch_float(x.dtype, [&](auto tag) {
+  dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = lora_acc_t<T>;
+    using A = Acc<T>;
     A* xa = xa_ws.ptr<A>();
     parallel_for(M * RM, rows_grain(K), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -170,7 +133,7 @@ void cpu_lora_grouped_add(const TensorView& y, const TensorView& x, const Tensor
         if (a >= 0 && j < rk[a]) {
           const T* xr = x.ptr<T>() + m * x.strides[0];
           const T* ar = A_stack.ptr<T>() + (a * RM + j) * K;
-          for (int64_t k = 0; k < K; ++k) acc += lora_ld(xr[k]) * lora_ld(ar[k]);
+          for (int64_t k = 0; k < K; ++k) acc += load(xr[k]) * load(ar[k]);
         }
         xa[i] = acc;
       }
@@ -185,8 +148,8 @@ void cpu_lora_grouped_add(const TensorView& y, const TensorView& x, const Tensor
         for (int64_t n = 0; n < N; ++n) {
           const T* br = B_stack.ptr<T>() + (a * N + n) * RM;
           A acc = 0;
-          for (int64_t j = 0; j < r; ++j) acc += xa[m * RM + j] * lora_ld(br[j]);
-          yr[n] = lora_st<T>(lora_ld(yr[n]) + s * acc);
+          for (int64_t j = 0; j < r; ++j) acc += xa[m * RM + j] * load(br[j]);
+          yr[n] = store<T>(load(yr[n]) + s * acc);
         }
       }
     });
@@ -198,19 +161,19 @@ namespace {
 // Calls row_fn(n, wrow_ptr, merged_values) for each row n of W with merged = W + scale * B @ A (acc type).
 template <class T, class F>
 void merge_rows(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale, F&& row_fn) {
-  using A = lora_acc_t<T>;
+  using A = Acc<T>;
   const int64_t N = W.shape[0], K = W.shape[1], R = Aw.shape[0];
   parallel_for(N, rows_grain(K * R), [&](int64_t n0, int64_t n1) {
     std::vector<A> d(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k = 0; k < K; ++k) d[k] = 0;
       for (int64_t j = 0; j < R; ++j) {
-        const A b = lora_ld(B.ptr<T>()[n * R + j]);
+        const A b = load(B.ptr<T>()[n * R + j]);
         const T* ar = Aw.ptr<T>() + j * K;
-        for (int64_t k = 0; k < K; ++k) d[k] += b * lora_ld(ar[k]);
+        for (int64_t k = 0; k < K; ++k) d[k] += b * load(ar[k]);
       }
       T* wr = W.ptr<T>() + n * K;
-      for (int64_t k = 0; k < K; ++k) d[k] = lora_ld(wr[k]) + static_cast<A>(scale) * d[k];
+      for (int64_t k = 0; k < K; ++k) d[k] = load(wr[k]) + static_cast<A>(scale) * d[k];
       row_fn(wr, d.data(), K);
     }
   });
@@ -219,21 +182,21 @@ void merge_rows(const TensorView& W, const TensorView& Aw, const TensorView& B, 
 }  // namespace
 
 void cpu_lora_merge(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale) {
-  lora_dispatch_float(W.dtype, [&](auto tag) {
+  dispatch_float(W.dtype, [&](auto tag) {
     using T = decltype(tag);
-    merge_rows<T>(W, Aw, B, scale, [](T* wr, const lora_acc_t<T>* v, int64_t K) {
-      for (int64_t k = 0; k < K; ++k) wr[k] = lora_st<T>(v[k]);
+    merge_rows<T>(W, Aw, B, scale, [](T* wr, const Acc<T>* v, int64_t K) {
+      for (int64_t k = 0; k < K; ++k) wr[k] = store<T>(v[k]);
     });
   });
 }
 
 int64_t cpu_lora_merge_count_nonfinite(const TensorView& W, const TensorView& Aw, const TensorView& B, double scale) {
   std::atomic<int64_t> bad{0};
-  lora_dispatch_float(W.dtype, [&](auto tag) {
+  dispatch_float(W.dtype, [&](auto tag) {
     using T = decltype(tag);
-    merge_rows<T>(W, Aw, B, scale, [&](T*, const lora_acc_t<T>* v, int64_t K) {
+    merge_rows<T>(W, Aw, B, scale, [&](T*, const Acc<T>* v, int64_t K) {
       int64_t c = 0;
-      for (int64_t k = 0; k < K; ++k) c += !std::isfinite(lora_ld(lora_st<T>(v[k])));
+      for (int64_t k = 0; k < K; ++k) c += !std::isfinite(load(store<T>(v[k])));
       if (c) bad += c;
     });
   });

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_loop.h"
 #include "common/half.h"
 #include "common/parallel.h"
 #include "lorart/detail/nf4_math.h"
@@ -20,16 +21,6 @@ namespace {
 
 using detail::bf16;
 using detail::f16;
-
-template <class F>
-void dispatch_float(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(float{}); break;
-    case DType::BF16: f(bf16{}); break;
-    case DType::F16: f(f16{}); break;
-    default: detail::fail(ErrorKind::Type, "NF4: unsupported dtype");
-  }
-}
 
 template <class T>
 void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absmax, std::atomic<int64_t>& bad) {
@@ -80,6 +71,14 @@ inline float block_scale(const NF4View& w, int64_t b) {
 // scale are rounded to T once (the same float32 product as element-wise decoding, so the
 // result is bit-identical); then every element is one table lookup.
 template <class T>
+constexpr simd::Out out_kind() {
+  return std::is_same_v<T, float>          ? simd::Out::F32
+         : std::is_same_v<T, detail::bf16> ? simd::Out::BF16
+                                           : simd::Out::F16;
+}
+
+// (R: the type the decoded values are rounded to first, for float outputs: the GEMV's rule, see nf4_gemv)
+template <class T, class R = T>
 void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
   const uint8_t* p = w.packed.ptr<uint8_t>();
   const int64_t bs = w.blocksize;
@@ -95,13 +94,11 @@ void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
     const bool scalar = (i & 1) || chunks * 16 < pairs || ((end - i - (i & 1)) & 1);
     T t[16];
     if (scalar)
-      for (int q = 0; q < 16; ++q) t[q] = detail::from_f32<T>(code[q] * scale);
+      for (int q = 0; q < 16; ++q)
+        t[q] = detail::from_f32<T>(detail::to_f32(detail::from_f32<R>(code[q] * scale)));
     if (i & 1) { *dst++ = t[p[i >> 1] & 15]; ++i; }
-    if (chunks > 0) {  // 16 bytes (32 elements) per step
-      constexpr simd::Out kind = std::is_same_v<T, float> ? simd::Out::F32
-                                 : std::is_same_v<T, detail::bf16> ? simd::Out::BF16 : simd::Out::F16;
-      simd::decode(src, chunks, scale, dst, kind);
-    }
+    if (chunks > 0)  // 16 bytes (32 elements) per step
+      simd::decode(src, chunks, scale, dst, out_kind<T>(), out_kind<R>());
     for (int64_t k = chunks * 16; k < pairs; ++k) {
       const uint8_t byte = src[k];
       dst[2 * k] = t[byte >> 4];
@@ -123,6 +120,17 @@ void dequantize_t(const NF4View& w, T* out) {
   });
 }
 
+// res[i] += scale * dot(xa row i, B row r): the LoRA term of lora_fused_linear_nf4 (lora/lora.cpp).
+template <class T>
+void add_lora(const GemvLora& l, int64_t r, int64_t m, float* res) {
+  const T* br = static_cast<const T*>(l.B) + r * l.R;
+  for (int64_t i = 0; i < m; ++i) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < l.R; ++j) acc += l.xa[i * l.R + j] * detail::to_f32(br[j]);
+    res[i] += l.scale * acc;
+  }
+}
+
 // res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns): AVX2+FMA where the
 // CPU has it (nf4_cpu_simd.h), else a loop the compiler vectorizes with its baseline ISA.
 inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
@@ -142,16 +150,18 @@ inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, floa
 // One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
 // with each x row (converted to float once).
 template <class T>
-void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
+void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, const GemvLora* lora) {
   const int64_t k = w.cols, rows = w.rows;
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
     for (int64_t r = r0; r < r1; ++r) {
-      decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      // the weights decoded in float32 and rounded to T, as nf4_dequantize stores them (one rule, lorart/nf4.h)
+      decode_range<float, T>(w, r * k, (r + 1) * k, wrow.data());
       dot_rows(xf.data(), m, k, wrow.data(), res.data());
       const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
       for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
@@ -161,7 +171,7 @@ void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out) {
 
 void nf4_quantize(const TensorView& weight, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
   std::atomic<int64_t> bad{-1};
-  dispatch_float(weight.dtype, [&](auto tag) {
+  detail::dispatch_float<false>(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_t<T>(weight.ptr<T>(), n, blocksize, packed, absmax, bad);
   });
@@ -186,16 +196,17 @@ void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float
 }
 
 void nf4_dequantize(const NF4View& w, const TensorView& out) {
-  dispatch_float(out.dtype, [&](auto tag) {
+  detail::dispatch_float<false>(out.dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_t<T>(w, out.ptr<T>());
   });
 }
 
-void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out) {
-  dispatch_float(x.dtype, [&](auto tag) {
+void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out,
+              const GemvLora* lora) {
+  detail::dispatch_float<false>(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    gemv_t<T>(x.ptr<T>(), x.shape[0], w, bias.ptr<T>(), out.ptr<T>());
+    gemv_t<T>(x.ptr<T>(), x.shape[0], w, bias.ptr<T>(), out.ptr<T>(), lora);
   });
 }
 

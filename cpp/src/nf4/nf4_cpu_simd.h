@@ -41,13 +41,30 @@ LORART_NF4_TARGET inline void store8(float v0, __m256 v, void* dst, Out out) {
   }
 }
 
-// Decodes `chunks` x 16 packed bytes at src (one block scale) into 32 * chunks outputs at dst.
-LORART_NF4_TARGET inline void decode(const uint8_t* src, int64_t chunks, float scale, void* dst, Out out) {
-  const __m256 lo = _mm256_setr_ps(detail::kNF4_0, detail::kNF4_1, detail::kNF4_2, detail::kNF4_3, detail::kNF4_4,
-                                   detail::kNF4_5, detail::kNF4_6, detail::kNF4_7);
-  const __m256 hi = _mm256_setr_ps(detail::kNF4_8, detail::kNF4_9, detail::kNF4_10, detail::kNF4_11,
-                                   detail::kNF4_12, detail::kNF4_13, detail::kNF4_14, detail::kNF4_15);
+// The 8 table values (code * scale, float32) as `round` holds them, widened back (F32: unchanged).
+LORART_NF4_TARGET inline __m256 round_table(__m256 v, Out round) {
+  if (round == Out::F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (round == Out::BF16) {  // round to nearest even on the bits, keep the high half
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  return v;
+}
+
+// Decodes `chunks` x 16 packed bytes at src (one block scale) into 32 * chunks outputs at dst. `round`: the
+// float32 outputs rounded to that type first (the GEMV's weights as the compute dtype holds them; lorart/nf4.h).
+LORART_NF4_TARGET inline void decode(const uint8_t* src, int64_t chunks, float scale, void* dst, Out out,
+                                     Out round = Out::F32) {
   const __m256 s = _mm256_set1_ps(scale);
+  // the 16 values code * scale (the same float32 products as the scalar path), once per block
+  const __m256 lo = round_table(_mm256_mul_ps(_mm256_setr_ps(detail::kNF4_0, detail::kNF4_1, detail::kNF4_2,
+                                                             detail::kNF4_3, detail::kNF4_4, detail::kNF4_5,
+                                                             detail::kNF4_6, detail::kNF4_7), s), round);
+  const __m256 hi = round_table(_mm256_mul_ps(_mm256_setr_ps(detail::kNF4_8, detail::kNF4_9, detail::kNF4_10,
+                                                             detail::kNF4_11, detail::kNF4_12, detail::kNF4_13,
+                                                             detail::kNF4_14, detail::kNF4_15), s), round);
   const __m128i mask = _mm_set1_epi8(0x0f);
   const int esize = out == Out::F32 ? 4 : 2;
   char* d = static_cast<char*>(dst);
@@ -60,7 +77,7 @@ LORART_NF4_TARGET inline void decode(const uint8_t* src, int64_t chunks, float s
       const __m256i idx = _mm256_cvtepu8_epi32(c8);
       const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-      store8(0.f, _mm256_mul_ps(val, s), d + (32 * c + 8 * g) * esize, out);
+      store8(0.f, val, d + (32 * c + 8 * g) * esize, out);
     }
   }
 }
@@ -113,7 +130,7 @@ __attribute__((target("avx2,fma"))) inline void dot_rows(const float* xf, int64_
 inline bool fma_available() { return false; }
 inline void dot_rows(const float*, int64_t, int64_t, const float*, float*) {}
 inline bool available() { return false; }
-inline void decode(const uint8_t*, int64_t, float, void*, Out) {}
+inline void decode(const uint8_t*, int64_t, float, void*, Out, Out = Out::F32) {}
 #endif
 
 }  // namespace lorart::cpu::simd

@@ -60,12 +60,9 @@ void cpu_adamw_step(const std::vector<TensorView>& params, const std::vector<Ten
     for (int64_t k = lo; k < hi; ++k) {
       const Tile& t = tiles[k];
       const size_t i = static_cast<size_t>(t.tensor);
-      switch (params[i].dtype) {
-        case DType::F32: cpu_run_tile<float>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
-        case DType::BF16: cpu_run_tile<detail::bf16>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
-        case DType::F16: cpu_run_tile<detail::f16>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]); break;
-        default: break;  // rejected by the checks
-      }
+      detail::dispatch_float<false>(params[i].dtype, [&](auto tag) {
+        cpu_run_tile<decltype(tag)>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], t, scalars[i]);
+      });
     }
   });
 }

@@ -191,12 +191,9 @@ void adamw8_step(const std::vector<TensorView>& params, const std::vector<Tensor
       const size_t i = static_cast<size_t>(t.tensor);
       const TensorView *p = &params[i], *g = &grads[i], *q1 = &q_exp_avgs[i], *q2 = &q_exp_avg_sqs[i];
       const TensorView *a1 = &absmax_exp_avgs[i], *a2 = &absmax_exp_avg_sqs[i];
-      switch (p->dtype) {
-        case DType::F32: cpu_run_tile<float>(*p, *g, *q1, *q2, *a1, *a2, t, scalars[i], tab); break;
-        case DType::BF16: cpu_run_tile<detail::bf16>(*p, *g, *q1, *q2, *a1, *a2, t, scalars[i], tab); break;
-        case DType::F16: cpu_run_tile<detail::f16>(*p, *g, *q1, *q2, *a1, *a2, t, scalars[i], tab); break;
-        default: break;  // rejected by the checks
-      }
+      detail::dispatch_float<false>(p->dtype, [&](auto tag) {
+        cpu_run_tile<decltype(tag)>(*p, *g, *q1, *q2, *a1, *a2, t, scalars[i], tab);
+      });
     }
   });
 }

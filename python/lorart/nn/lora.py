@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora as lops
-from ..ops.lora_extra import lora_grouped_add
+from ..ops.lora_extra import lora_grouped_add_, lora_merge_, lora_merge_nonfinite
 from .nf4_linear import NF4Linear
 
 _SEED_BOUND = 1 << 62
@@ -172,11 +172,10 @@ class LoRALinear(nn.Module):
         kind = type(base)
         if kind is nn.Linear:
             nf4 = None
-        elif kind is NF4Linear:  # its buffers are read per call: a swapped weight (`_set_weight`) is seen
-            nf4 = base.weight_op_args()
+        elif kind is NF4Linear:  # looked up per call: a moved or swapped weight (`_set_weight`) is seen
+            nf4 = base.weight
         else:  # any other base: the NF4 contract's weight, looked up per call
             nf4 = nf4_weight_of(base)
-            nf4 = None if nf4 is None else nf4.op_args()
         bias = base.bias
         xdt = x.dtype
         if nf4 is not None:
@@ -195,7 +194,7 @@ class LoRALinear(nn.Module):
         if B.dtype != dt:
             B = B.to(dt)
         if nf4 is not None:  # the result in the input's dtype, as NF4Linear and bnb's Linear4bit (which PEFT keeps)
-            y = lops.lora_linear_nf4(x, *nf4, bias, A, B, self.scaling[name], p, seed)
+            y = lops.lora_linear_nf4(x, nf4, bias, A, B, self.scaling[name], p, seed)
             return y if y.dtype == xdt else y.to(xdt)
         return lops.lora_linear(x, W, bias, A, B, self.scaling[name], p, seed)
 
@@ -280,7 +279,7 @@ class LoRALinear(nn.Module):
             self._ids_cache = (ids, key, idx)
         y2 = y.reshape(rows, self.out_features)
         A, B, ranks, scales = self._stacks(y.dtype, x.device)
-        lora_grouped_add(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
+        lora_grouped_add_(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
         return y2.view(y.shape)
 
     # ---- merge ------------------------------------------------------------------------------------------------
@@ -313,13 +312,13 @@ class LoRALinear(nn.Module):
             for n in names:
                 A, B = self._ab(n, work.dtype)
                 if safe_merge:
-                    bad = int(torch.ops.lorart.lora_merge_nonfinite(work, A, B, self.scaling[n]))
+                    bad = int(lora_merge_nonfinite(work, A, B, self.scaling[n]))
                     if bad:
                         raise ValueError(f"lorart: merge: merging adapter {n!r} would give {bad} NaN/inf weights "
                                          "(the weight was left untouched)")
                 if work is W and nf4 is None and self._original is None:
                     self._keep_original(W, keep_original)
-                torch.ops.lorart.lora_merge_(work, A, B, self.scaling[n])
+                lora_merge_(work, A, B, self.scaling[n])
             if nf4 is not None and requantize:
                 self.merged_adapters.extend(names)
                 return self._requantize(nf4, work)

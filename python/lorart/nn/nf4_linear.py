@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nf4 as _nf4
-from ..ops.nf4 import nf4_linear_eager
+from ..ops.nf4 import nf4_linear
 
 _BUFFERS = ("_nf4_packed", "_nf4_absmax", "_nf4_nested_absmax", "_nf4_nested_code")
 
@@ -62,13 +62,30 @@ class NF4Linear(nn.Module):
             else:
                 self.register_buffer(name, t, persistent=False)
         self._meta = (w.offset, w.blocksize, torch.Size(w.shape), w.dtype)
-        self._op_meta = (w.offset, w.blocksize, w.rows, w.cols)
+        self._weight = None if self._storage_params else w   # parameters: `weight` builds over them
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._weight = None  # the buffers moved (.to(), .cuda(), ...): `weight` rebuilds from them
+        return out
 
     @property
     def weight(self) -> _nf4.NF4Weight:
-        offset, blocksize, shape, dtype = self._meta
-        return _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax, self._nf4_nested_code,
-                              offset, blocksize, shape, dtype)
+        """The NF4Weight over the storage (one object, built once per move or swap, passed to the ops whole). Held
+        as parameters (`shardable`), the storage is swapped by FSDP2 at each all-gather and reshard: the object is
+        rebuilt when it no longer holds the module's current tensors."""
+        w = self._weight
+        if w is not None and self._storage_params and any(
+                a is not b for a, b in zip(self._storage(), (w.packed, w.absmax, w.nested_absmax, w.nested_code))):
+            w = None
+        if w is None:
+            offset, blocksize, shape, dtype = self._meta
+            w = self._weight = _nf4.NF4Weight(*self._storage(), offset, blocksize, shape, dtype)
+        return w
+
+    def _storage(self) -> tuple:
+        """The packed codes, absmax, nested absmax and code: the buffers, or the parameters of `shardable`."""
+        return tuple(self._parameters[n] if n in self._parameters else self._buffers[n] for n in _BUFFERS)
 
     def shardable(self) -> "NF4Linear":
         """Hold the 4-bit storage (packed codes, absmax, nested scales) as frozen parameters (requires_grad=False)
@@ -80,20 +97,14 @@ class NF4Linear(nn.Module):
             self._set_weight(self.weight)
         return self
 
-    def weight_op_args(self) -> tuple:
-        """``self.weight.op_args()`` without building (and re-validating) an NF4Weight: the per-call path.
-        Read from the storage on every call, so `.to(device)`, a swapped weight (`_set_weight`) and FSDP2's
-        all-gathered parameters are seen."""
-        b = self._parameters if self._storage_params else self._buffers
-        return (b["_nf4_packed"], b["_nf4_absmax"], b["_nf4_nested_absmax"], b["_nf4_nested_code"]) + self._op_meta
-
     def forward(self, x: Tensor) -> Tensor:
-        cdt = self.compute_dtype or self._meta[3]
+        w = self.weight
+        cdt = self.compute_dtype or w.dtype
         xc = x if x.dtype == cdt else x.to(cdt)
         bias = self.bias
         if bias is not None and bias.dtype != cdt:
             bias = bias.to(cdt)
-        y = nf4_linear_eager(xc, *self.weight_op_args(), bias)
+        y = nf4_linear(xc, w, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -1,13 +1,14 @@
 """torch.autocast for lorart's ops: one rule per op, applied the same way by the dispatcher (torch.ops.lorart.*,
 which torch.compile traces) and by the eager fast paths (which bypass the dispatcher).
 
-A rule says which tensor arguments are cast, and to what, when autocast is on for their device:
+A rule names the arguments that are cast, and says to what, when autocast is on for the op's device:
 
-- ``Lower(i, ...)``: to the autocast dtype, as torch does for its linear-algebra ops (``F.linear``, ``mm``):
+- ``Lower("x", ...)``: to the autocast dtype, as torch does for its linear-algebra ops (``F.linear``, ``mm``):
   floating tensors other than float64 on the autocast device. The LoRA and NF4 linears.
-- ``Promote(i, ...)``: to the promoted dtype of those arguments, as torch's elementwise ops do with mixed
+- ``Promote("x", ...)``: to the promoted dtype of those arguments, as torch's elementwise ops do with mixed
   inputs (``F.silu(gate) * up``; LlamaRMSNorm's ``weight * h.to(dtype)``). SwiGLU and RMSNorm.
-- ``Like(ref, i, ...)``: to the dtype of argument ``ref`` (an in-place op's output). Merge, the grouped add.
+- ``Like("y", ...)``: to the dtype of the first named argument (what an in-place op writes). Merge, the
+  grouped add.
 - ``Keep()``: nothing is cast.
 
 Either way the op then runs with autocast excluded, so that torch ops inside an implementation (a matmul
@@ -47,13 +48,35 @@ def _eligible(t, device_type: str) -> bool:
 
 
 class Keep:
+    """No argument is cast (the op still runs with autocast excluded)."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.idx: tuple = ()
+
+    def bind(self, index: dict, device_tensor) -> "Keep":
+        """This rule with argument names resolved to positions (an op's own copy); `device_tensor(args)`: the
+        tensor whose device decides whether autocast is on."""
+        b = type(self).__new__(type(self))
+        b.__dict__.update(self.__dict__)
+        b.idx = tuple(index[n] for n in self.names)
+        b.device_tensor = device_tensor
+        return b
+
+    def device_of(self, args: tuple) -> str | None:
+        """The device type whose autocast is on for this call, or None."""
+        t = self.device_tensor(args)
+        if not isinstance(t, torch.Tensor):
+            return None
+        dev = t.device.type
+        return dev if dev in _KEYS and enabled(dev) else None
+
     def cast(self, args: tuple, device_type: str) -> tuple:
         return args
 
 
 class Lower(Keep):
-    def __init__(self, *idx: int):
-        self.idx = idx
+    """The named arguments to the autocast dtype (as F.linear)."""
 
     def cast(self, args, device_type):
         dt = autocast_dtype(device_type)
@@ -65,8 +88,7 @@ class Lower(Keep):
 
 
 class Promote(Keep):
-    def __init__(self, *idx: int):
-        self.idx = idx
+    """The named arguments to their promoted dtype (as elementwise ops with mixed inputs)."""
 
     def cast(self, args, device_type):
         ts = [args[i] for i in self.idx if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
@@ -83,13 +105,13 @@ class Promote(Keep):
 
 
 class Like(Keep):
-    def __init__(self, ref: int, *idx: int):
-        self.ref, self.idx = ref, idx
+    """The named arguments (after the first) to the dtype of the first (what an in-place op writes)."""
 
     def cast(self, args, device_type):
-        dt = args[self.ref].dtype
+        ref, *rest = self.idx
+        dt = args[ref].dtype
         a = list(args)
-        for i in self.idx:
+        for i in rest:
             if _eligible(a[i], device_type) and a[i].dtype != dt:
                 a[i] = a[i].to(dt)
         return tuple(a)
@@ -98,22 +120,18 @@ class Like(Keep):
 _lib = torch.library.Library("lorart", "IMPL")
 
 
-def register(name: str, rule: Keep) -> None:
-    """The dispatcher's autocast kernels of lorart::<name> (CPU and CUDA): cast by `rule`, run excluded."""
-    op = getattr(torch.ops.lorart, name).default
+def register(op, rule: Keep, unflatten, flatten) -> None:
+    """The dispatcher's autocast kernels (CPU and CUDA) of `op` (an OpOverload): cast by `rule` (on the op's
+    Python-level arguments), then run with autocast excluded."""
+    name = op._schema.name.split("::")[1]
     for dev, keyset in _KEYS.items():
-        def kernel(_keyset, *args, _dev=dev, _ks=keyset):
+        def kernel(_keyset, *flat, _dev=dev, _ks=keyset):
+            args = rule.cast(unflatten(flat), _dev)
             with torch._C._ExcludeDispatchKeyGuard(_ks):
-                return op(*rule.cast(args, _dev))
+                return op(*flatten(args))
         _lib.impl(name, kernel, "Autocast" + ("CPU" if dev == "cpu" else "CUDA"), with_keyset=True)
 
 
-def device_on(t: torch.Tensor) -> str | None:
-    """The device type of `t` when autocast is on for it (the eager paths' check; one C call when it is off)."""
-    if not _any_enabled():
-        return None
-    dev = t.device.type
-    return dev if dev in _KEYS and enabled(dev) else None
+any_enabled = _any_enabled
 
-
-__all__ = ["Keep", "Lower", "Promote", "Like", "register", "device_on", "excluded", "enabled", "autocast_dtype"]
+__all__ = ["Keep", "Lower", "Promote", "Like", "register", "excluded", "enabled", "autocast_dtype", "any_enabled"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _autocast as _ac
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
+from . import _autocast as ac
+from ._common import _C, FLOAT_DTYPES, check_dtype, check_same_device, stream
+from ._define import Op, randn
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def _check(gate: Tensor, up: Tensor) -> None:
+def _check(gate: Tensor, up: Tensor, *_) -> None:
     check_dtype(gate, "gate", _DTYPES)
     if up.dtype != gate.dtype:
         raise TypeError(f"lorart: swiglu: argument `up`: expected dtype {gate.dtype} (as `gate`), got {up.dtype}")
@@ -27,92 +28,47 @@ def _check(gate: Tensor, up: Tensor) -> None:
     check_same_device(("gate", gate), ("up", up))
 
 
-def _impl(gate: Tensor, up: Tensor) -> Tensor:
+def _new(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _forward(gate: Tensor, up: Tensor) -> Tensor:
     g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    out = _new(g)
     _C.swiglu(g, u, out, stream(out))
     return out
 
 
-def _backward_impl(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+def _backward_op(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     g, u, go = gate.contiguous(), up.contiguous(), grad_out.contiguous().to(gate.dtype)
-    dg = torch.empty_like(g, memory_format=torch.contiguous_format)
-    du = torch.empty_like(g, memory_format=torch.contiguous_format)
+    dg, du = _new(g), _new(g)
     _C.swiglu_backward(g, u, go, dg, du, stream(g))
     return dg, du
 
 
-@torch.library.custom_op("lorart::swiglu", mutates_args=())
-def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
-    _check(gate, up)
-    check_device(gate, "gate")
-    return _impl(gate, up)
-
-
-@_swiglu_op.register_fake
-def _(gate, up):
-    _check(gate, up)
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("lorart::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
-    _check(gate, up)
-    check_device(gate, "gate")
-    return _backward_impl(gate, up, grad_out)
-
-
-@_swiglu_backward_op.register_fake
-def _(gate, up, grad_out):
-    _check(gate, up)
-    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
-            torch.empty_like(gate, memory_format=torch.contiguous_format))
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _setup(ctx, args, out):
+    ctx.save_for_backward(*args)
 
 
 def _backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
-    return torch.ops.lorart.swiglu_backward(gate, up, grad_out)
+    return swiglu_backward.run(ctx, gate, up, grad_out)
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup)
-_AUTOCAST = _ac.Promote(0, 1)  # gate, up: `F.silu(gate) * up` promotes
-_ac.register("swiglu", _AUTOCAST)
-_ac.register("swiglu_backward", _ac.Keep())
+def _samples(device, dtype, backward=False):
+    if dtype == torch.float64 and torch.device(device).type != "cpu":
+        return []
+    t = lambda seed, *s: randn(seed, *s, dtype=dtype, device=device, scale=4.0)  # noqa: E731
+    shapes = ((5, 33), (2, 3, 8), (1,), (0, 4))
+    return [(t(i, *s), t(i + 10, *s)) + ((t(i + 20, *s),) if backward else ()) for i, s in enumerate(shapes)]
 
 
-class _SwiGLUFn(torch.autograd.Function):
-    """The eager path: the same kernels without the dispatcher's Python layers."""
+swiglu = Op("swiglu", _forward, check=_check, fake=lambda gate, up: _new(gate), setup=_setup, backward=_backward,
+            diff=("gate", "up"), autocast=ac.Promote("gate", "up"),  # `F.silu(gate) * up` promotes
+            samples=_samples)
+"""silu(gate) * up in one pass; gradients to both (see the module docstring)."""
+swiglu_backward = Op("swiglu_backward", _backward_op, check=_check,
+                     fake=lambda gate, up, grad_out: (_new(gate), _new(gate)),
+                     samples=lambda device, dtype: _samples(device, dtype, backward=True))
 
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _impl(gate, up)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
-        return _backward_impl(gate, up, grad_out)
-
-
-
-
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up in one pass; gradients to both (see the module docstring)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lorart.swiglu(gate, up)
-    dev = _ac.device_on(gate)
-    if dev is not None:
-        gate, up = _AUTOCAST.cast((gate, up), dev)
-    _check(gate, up)
-    check_device(gate, "gate")
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLUFn.apply(gate, up)
-    return _impl(gate, up)
-
-
-__all__ = ["swiglu"]
+__all__ = ["swiglu", "swiglu_backward"]

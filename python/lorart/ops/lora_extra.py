@@ -1,11 +1,13 @@
-"""LoRA ops without autograd: mixed-adapter batches and merge/unmerge (see lorart.ops.lora)."""
+"""LoRA ops without autograd: mixed-adapter batches and merge/unmerge (see lorart.ops.lora). Under autocast they
+compute in the dtype of what they write (y, W)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _autocast as _ac
-from ._common import _C, FLOAT_DTYPES, check_device, check_dtype, check_same_device, stream
+from . import _autocast as ac
+from ._common import _C, FLOAT_DTYPES, check_dtype, check_same_device, stream
+from ._define import Op, randn
 
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -35,49 +37,45 @@ def _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx):
                          f"{list(adapter_idx.shape)}")
     check_same_device(("y", y), ("x", x), ("A_stack", A_stack), ("B_stack", B_stack), ("ranks", ranks),
                       ("scales", scales), ("adapter_idx", adapter_idx))
-
-
-@torch.library.custom_op("lorart::lora_grouped_add_", mutates_args=("y",))
-def lora_grouped_add_(y: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, ranks: Tensor, scales: Tensor,
-                      adapter_idx: Tensor) -> None:
-    """y[m] += scales[i] * B_stack[i, :, :ranks[i]] @ A_stack[i, :ranks[i]] @ x[m] with i = adapter_idx[m]
-    (-1: no adapter), all rows in one launch (Punica BGMV). Inference only (no autograd). Adapters of lower
-    rank are zero-padded to r_max; ``ranks`` lets the kernels skip the padding. Out-of-range indices raise on
-    the CPU; on CUDA they mean "no adapter" (validating them there would synchronise)."""
-    _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
-    _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
-
-
-def lora_grouped_add(y: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, ranks: Tensor, scales: Tensor,
-                     adapter_idx: Tensor) -> None:
-    """lora_grouped_add_ without the dispatcher in eager mode (the op under torch.compile)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lorart.lora_grouped_add_(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
-    dev = _ac.device_on(x)
-    if dev is not None:
-        y, x, A_stack, B_stack, ranks, scales, adapter_idx = _GROUPED_AUTOCAST.cast(
-            (y, x, A_stack, B_stack, ranks, scales, adapter_idx), dev)
-    _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
-    _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
-
-
-def _grouped_impl(y, x, A_stack, B_stack, ranks, scales, adapter_idx):
-    check_device(x, "x")
     if y.stride(-1) != 1 and y.numel():
         raise ValueError("lorart: argument `y`: expected unit stride along the last dimension")
+
+
+def _grouped(y: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, ranks: Tensor, scales: Tensor,
+             adapter_idx: Tensor) -> None:
     x = x if x.stride(-1) == 1 else x.contiguous()
     ws = torch.empty(x.shape[0], A_stack.shape[1], device=x.device,
                      dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _C.lora_grouped_add(y, x, A_stack.contiguous(), B_stack.contiguous(),
-                        ranks.contiguous(), scales.contiguous(), adapter_idx, ws, stream(x))
+    _C.lora_grouped_add(y, x, A_stack.contiguous(), B_stack.contiguous(), ranks.contiguous(), scales.contiguous(),
+                        adapter_idx, ws, stream(x))
 
 
-@lora_grouped_add_.register_fake
-def _(y, x, A_stack, B_stack, ranks, scales, adapter_idx):
-    _check_grouped(y, x, A_stack, B_stack, ranks, scales, adapter_idx)
+def _f64_ok(device, dtype) -> bool:
+    return dtype != torch.float64 or torch.device(device).type == "cpu"  # the kernels: float64 on the CPU only
 
 
-def _check_merge(W, A, B):
+def _grouped_samples(device, dtype):
+    if not _f64_ok(device, dtype):
+        return []
+    t = lambda seed, *s: randn(seed, *s, dtype=dtype, device=device, scale=s[-1] ** -0.5)  # noqa: E731
+    out = []
+    for seed, M, idx in ((0, 6, [0, 2, -1, 1, 1, 0]), (1, 1, [1]), (2, 0, [])):
+        K, N, L, R = 20, 12, 3, 4
+        out.append((t(seed, M, N), t(seed + 1, M, K), t(seed + 2, L, R, K), t(seed + 3, L, N, R),
+                    torch.tensor([4, 2, 3], dtype=torch.int32, device=device),
+                    torch.tensor([0.5, 1.0, 2.0], device=device), torch.tensor(idx, dtype=torch.int64, device=device)))
+    return out
+
+
+lora_grouped_add_ = Op("lora_grouped_add_", _grouped, check=_check_grouped, fake=lambda *a: None, mutates=("y",),
+                       autocast=ac.Like("y", "x", "A_stack", "B_stack"), device="x", samples=_grouped_samples)
+"""y[m] += scales[i] * B_stack[i, :, :ranks[i]] @ A_stack[i, :ranks[i]] @ x[m] with i = adapter_idx[m] (-1: no
+adapter), all rows in one launch (Punica BGMV). Inference only (no autograd). Adapters of lower rank are
+zero-padded to r_max; ``ranks`` lets the kernels skip the padding. Out-of-range indices raise on the CPU; on CUDA
+they mean "no adapter" (validating them there would synchronise)."""
+
+
+def _check_merge(W, A, B, scale):
     check_dtype(W, "W", _DTYPES)
     if W.dim() != 2:
         raise ValueError(f"lorart: argument `W`: expected [out_features, in_features], got {list(W.shape)}")
@@ -93,52 +91,40 @@ def _check_merge(W, A, B):
         raise ValueError("lorart: argument `W`: expected a contiguous weight")
 
 
-@torch.library.custom_op("lorart::lora_merge_", mutates_args=("W",))
-def lora_merge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
-    """W += scale * B @ A in place, each element computed in float32 and rounded once (B @ A is never formed)."""
-    _check_merge(W, A, B)
-    check_device(W, "W")
+def _merge(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     _C.lora_merge(W, A.contiguous(), B.contiguous(), scale, stream(W))
 
 
-@lora_merge_.register_fake
-def _(W, A, B, scale):
-    _check_merge(W, A, B)
-
-
-@torch.library.custom_op("lorart::lora_unmerge_", mutates_args=("W",))
-def lora_unmerge_(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
-    """W -= scale * B @ A in place. Not bit-exact in low precision (rounding): LoRALinear.unmerge restores the
-    saved original instead (docs/lora.md)."""
-    _check_merge(W, A, B)
-    check_device(W, "W")
+def _unmerge(W: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
     _C.lora_merge(W, A.contiguous(), B.contiguous(), -scale, stream(W))
 
 
-@lora_unmerge_.register_fake
-def _(W, A, B, scale):
-    _check_merge(W, A, B)
-
-
-@torch.library.custom_op("lorart::lora_merge_nonfinite", mutates_args=())
-def lora_merge_nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """Number (int32 [1]) of elements of W + scale * B @ A that would be NaN or inf in W's dtype; W is not
-    written (the safe-merge check)."""
-    _check_merge(W, A, B)
-    check_device(W, "W")
+def _nonfinite(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     count = torch.zeros(1, dtype=torch.int32, device=W.device)
     _C.lora_merge_count_nonfinite(W, A.contiguous(), B.contiguous(), scale, count, stream(W))
     return count
 
 
-@lora_merge_nonfinite.register_fake
-def _(W, A, B, scale):
-    _check_merge(W, A, B)
-    return W.new_empty(1, dtype=torch.int32)
+def _merge_samples(device, dtype):
+    if not _f64_ok(device, dtype):
+        return []
+    t = lambda seed, *s: randn(seed, *s, dtype=dtype, device=device, scale=s[-1] ** -0.5)  # noqa: E731
+    return [(t(0, 20, 36), t(1, 4, 36), t(2, 20, 4), 0.7), (t(3, 1, 5), t(4, 2, 5), t(5, 1, 2), -2.0),
+            (t(6, 0, 8), t(7, 3, 8), t(8, 0, 3), 1.0)]
 
 
-# autocast: the in-place ops compute in the dtype of what they write (y, W); nothing else changes
-_GROUPED_AUTOCAST = _ac.Like(0, 1, 2, 3)
-_ac.register("lora_grouped_add_", _GROUPED_AUTOCAST)
-for _name in ("lora_merge_", "lora_unmerge_", "lora_merge_nonfinite"):
-    _ac.register(_name, _ac.Like(0, 1, 2))
+_MERGE_AUTOCAST = ac.Like("W", "A", "B")
+lora_merge_ = Op("lora_merge_", _merge, check=_check_merge, fake=lambda *a: None, mutates=("W",),
+                 autocast=_MERGE_AUTOCAST, samples=_merge_samples)
+"""W += scale * B @ A in place, each element computed in float32 and rounded once (B @ A is never formed)."""
+lora_unmerge_ = Op("lora_unmerge_", _unmerge, check=_check_merge, fake=lambda *a: None, mutates=("W",),
+                   autocast=_MERGE_AUTOCAST, samples=_merge_samples)
+"""W -= scale * B @ A in place. Not bit-exact in low precision (rounding): LoRALinear.unmerge restores the saved
+original instead (docs/lora.md)."""
+lora_merge_nonfinite = Op("lora_merge_nonfinite", _nonfinite, check=_check_merge,
+                          fake=lambda W, A, B, scale: W.new_empty(1, dtype=torch.int32), autocast=_MERGE_AUTOCAST,
+                          samples=_merge_samples)
+"""Number (int32 [1]) of elements of W + scale * B @ A that would be NaN or inf in W's dtype; W is not written
+(the safe-merge check)."""
+
+__all__ = ["lora_grouped_add_", "lora_merge_", "lora_unmerge_", "lora_merge_nonfinite"]

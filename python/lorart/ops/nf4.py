@@ -1,87 +1,117 @@
-"""NF4 custom ops (torch.ops.lorart.nf4_*), bitsandbytes-exact layout.
+"""NF4 ops (torch.ops.lorart.nf4_*), bitsandbytes-exact layout; see docs/nf4.md.
 
-A weight is passed as the contract's tuple ``(packed, absmax, nested_absmax, nested_code,
-offset, blocksize, rows, cols)`` (``NF4Weight.op_args()``); see docs/nf4.md.
+A frozen NF4 weight is one object in every call (an ``NF4Weight``, or ``NF4Args``, anything with its eight
+fields); in the schema it is the fields ``packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
+cols`` (lorart.ops._define flattens it, in one place).
+
+    nf4_quantize(w, blocksize) -> (packed, absmax)          nf4_double_quant(absmax, offset, code) -> (q, nested)
+    nf4_dequantize(W, dtype) -> [rows, cols]                 nf4_linear(x, W, bias) -> x @ dequant(W).T + bias
+    nf4_linear_grad_input(dy, W) -> dy @ dequant(W)
 """
 from __future__ import annotations
 
 import math
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import _autocast as _ac
-from ._common import FLOAT_DTYPES, _C, check_device, check_dtype, check_same_device, stream
+from . import _autocast as ac
+from ._common import FLOAT_DTYPES, _C, check_dtype, check_same_device, stream
+from ._define import Op, randn
 
 NESTED_BLOCKSIZE = 256
+GEMV_MAX_ROWS = {"cuda": 16, "cpu": 16}  # rows up to which nf4_linear runs the fused GEMV (else dequant + GEMM)
 
 
-def _check_blocksize(blocksize: int) -> None:
+class NF4Args(NamedTuple):
+    """An NF4 weight as the ops' schema has it (see lorart.nf4.NF4Weight for the user-facing object)."""
+    packed: Tensor
+    absmax: Tensor
+    nested_absmax: Optional[Tensor]
+    nested_code: Optional[Tensor]
+    offset: float
+    blocksize: int
+    rows: int
+    cols: int
+
+
+class CheckedNF4:
+    """Base of the NF4 weight objects that check themselves once when built and are frozen after
+    (lorart.nf4.NF4Weight): the per-call checks skip the weight's own consistency for them, and their tensors are
+    contiguous, so they reach lorart._C as they are."""
+    __slots__ = ()
+
+
+def check_blocksize(blocksize: int) -> None:
     if not (32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
         raise ValueError(f"lorart: argument `blocksize`: expected a power of two in [32, 4096], got {blocksize}")
 
 
-def _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols) -> None:
-    """Validation shared by the real and fake kernels of every op taking an NF4 weight."""
-    _check_blocksize(blocksize)
+def check_weight(w) -> None:
+    """That `w` (NF4Weight / NF4Args) is a consistent NF4 weight: sizes, dtypes, one device."""
+    check_blocksize(w.blocksize)
+    rows, cols = w.rows, w.cols
     if rows <= 0 or cols <= 0:
         raise ValueError(f"lorart: NF4 weight: expected rows > 0 and cols > 0, got rows={rows}, cols={cols}")
     n = rows * cols
-    nb = -(-n // blocksize)
+    nb = -(-n // w.blocksize)
+    packed, absmax, nabs, ncode = w.packed, w.absmax, w.nested_absmax, w.nested_code
     check_dtype(packed, "packed", (torch.uint8,))
     check_dtype(absmax, "absmax", (torch.float32, torch.uint8))
     if packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"lorart: argument `packed`: expected {(n + 1) // 2} bytes for a {rows}x{cols} weight, "
-            f"got {packed.numel()} (shape {list(packed.shape)})"
-        )
+        raise ValueError(f"lorart: argument `packed`: expected {(n + 1) // 2} bytes for a {rows}x{cols} weight, "
+                         f"got {packed.numel()} (shape {list(packed.shape)})")
     if absmax.numel() != nb:
-        raise ValueError(
-            f"lorart: argument `absmax`: expected {nb} block scales ({n} elements / blocksize {blocksize}), "
-            f"got {absmax.numel()}"
-        )
-    dq = absmax.dtype == torch.uint8
-    if dq:
-        if nested_absmax is None or nested_code is None:
-            raise ValueError(
-                "lorart: argument `absmax` is uint8 (double quantization) but `nested_absmax`/`nested_code` are None"
-            )
-        check_dtype(nested_absmax, "nested_absmax", (torch.float32,))
-        check_dtype(nested_code, "nested_code", (torch.float32,))
+        raise ValueError(f"lorart: argument `absmax`: expected {nb} block scales ({n} elements / blocksize "
+                         f"{w.blocksize}), got {absmax.numel()}")
+    if absmax.dtype == torch.uint8:
+        if nabs is None or ncode is None:
+            raise ValueError("lorart: argument `absmax` is uint8 (double quantization) but "
+                             "`nested_absmax`/`nested_code` are None")
+        check_dtype(nabs, "nested_absmax", (torch.float32,))
+        check_dtype(ncode, "nested_code", (torch.float32,))
         nn_ = -(-nb // NESTED_BLOCKSIZE)
-        if nested_absmax.numel() != nn_:
-            raise ValueError(f"lorart: argument `nested_absmax`: expected {nn_} values, got {nested_absmax.numel()}")
-        if nested_code.numel() != 256:
-            raise ValueError(f"lorart: argument `nested_code`: expected 256 values, got {nested_code.numel()}")
-    elif nested_absmax is not None or nested_code is not None:
-        raise ValueError(
-            "lorart: argument `absmax` is float32 (no double quantization) but `nested_absmax`/`nested_code` were given"
-        )
-    check_same_device(("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax),
-                      ("nested_code", nested_code))
+        if nabs.numel() != nn_:
+            raise ValueError(f"lorart: argument `nested_absmax`: expected {nn_} values, got {nabs.numel()}")
+        if ncode.numel() != 256:
+            raise ValueError(f"lorart: argument `nested_code`: expected 256 values, got {ncode.numel()}")
+    elif nabs is not None or ncode is not None:
+        raise ValueError("lorart: argument `absmax` is float32 (no double quantization) but "
+                         "`nested_absmax`/`nested_code` were given")
+    check_same_device(("packed", packed), ("absmax", absmax), ("nested_absmax", nabs), ("nested_code", ncode))
+
+
+def check_weight_arg(w) -> None:
+    """The per-call check of an NF4 weight argument: check_weight, but for a CheckedNF4 (checked when built)."""
+    if not isinstance(w, CheckedNF4):
+        check_weight(w)
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-# ---- quantize ------------------------------------------------------------------------
+def core(w):
+    """`w` as lorart._C takes it (one object; the binding reads its eight fields into the C++ NF4View): a
+    CheckedNF4 as it is, any other (NF4Args) with contiguous tensors (the core refuses other layouts)."""
+    if isinstance(w, CheckedNF4):
+        return w
+    return NF4Args(w.packed.contiguous(), w.absmax.contiguous(), _c(w.nested_absmax), _c(w.nested_code),
+                   float(w.offset), int(w.blocksize), int(w.rows), int(w.cols))
+
+
+# ---- quantize --------------------------------------------------------------------------------------------
 
 def _check_quantize(w: Tensor, blocksize: int) -> None:
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     check_dtype(w, "weight", FLOAT_DTYPES)
     if w.numel() == 0:
         raise ValueError(f"lorart: argument `weight`: expected a non-empty tensor, got shape {list(w.shape)}")
 
 
-@torch.library.custom_op("lorart::nf4_quantize", mutates_args=(), schema="(Tensor w, int blocksize) -> (Tensor, Tensor)")
-def nf4_quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """Blockwise NF4 quantization of any float tensor: (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks]).
-    Raises ValueError when `w` holds NaN or inf."""
-    _check_quantize(w, blocksize)
-    check_device(w, "weight")
+def _quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     w = w.contiguous()
     n = w.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
@@ -89,18 +119,27 @@ def nf4_quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     _C.nf4_quantize(w, blocksize, packed, absmax, stream(w))
     if w.is_cuda and not bool(torch.isfinite(absmax).all()):  # the CPU kernel raises by itself
         b = int((~torch.isfinite(absmax)).nonzero()[0, 0])
-        raise ValueError(
-            f"lorart: argument `weight`: expected finite values, got NaN or inf in block {b} "
-            f"(elements {b * blocksize}..{min(n, (b + 1) * blocksize) - 1})"
-        )
+        raise ValueError(f"lorart: argument `weight`: expected finite values, got NaN or inf in block {b} "
+                         f"(elements {b * blocksize}..{min(n, (b + 1) * blocksize) - 1})")
     return packed, absmax
 
 
-@nf4_quantize.register_fake
-def _(w, blocksize):
-    _check_quantize(w, blocksize)
+def _quantize_fake(w, blocksize):
     n = w.numel()
     return (w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), w.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+def _quantize_samples(device, dtype):
+    if dtype == torch.float64:
+        return []
+    return [(randn(1, 40, 64, dtype=dtype, device=device), 64), (randn(2, 7, 9, dtype=dtype, device=device), 32),
+            (randn(3, 130, dtype=dtype, device=device), 128)]
+
+
+nf4_quantize = Op("nf4_quantize", _quantize, check=_check_quantize, fake=_quantize_fake, device="w",
+                  samples=_quantize_samples)
+"""Blockwise NF4 quantization of any float tensor: (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks]).
+Raises ValueError when `w` holds NaN or inf."""
 
 
 def _check_dq(absmax: Tensor, offset: Tensor, code: Tensor) -> None:
@@ -116,12 +155,7 @@ def _check_dq(absmax: Tensor, offset: Tensor, code: Tensor) -> None:
     check_same_device(("absmax", absmax), ("offset", offset), ("code", code))
 
 
-@torch.library.custom_op("lorart::nf4_double_quant", mutates_args=())
-def nf4_double_quant(absmax: Tensor, offset: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
-    """Double quantization of a float32 absmax: (uint8 codes [nb], nested_absmax float32 [ceil(nb/256)]),
-    nearest entry of `code` (ties to the lower index) of (absmax - offset) / nested_absmax."""
-    _check_dq(absmax, offset, code)
-    check_device(absmax, "absmax")
+def _double_quant(absmax: Tensor, offset: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     absmax, offset, code = absmax.contiguous(), offset.contiguous(), code.contiguous()
     nb = absmax.numel()
     q = torch.empty((nb,), dtype=torch.uint8, device=absmax.device)
@@ -130,45 +164,72 @@ def nf4_double_quant(absmax: Tensor, offset: Tensor, code: Tensor) -> tuple[Tens
     return q, nested
 
 
-@nf4_double_quant.register_fake
-def _(absmax, offset, code):
-    _check_dq(absmax, offset, code)
+def _double_quant_fake(absmax, offset, code):
     nb = absmax.numel()
     return absmax.new_empty((nb,), dtype=torch.uint8), absmax.new_empty((-(-nb // NESTED_BLOCKSIZE),))
 
 
-# ---- dequantize ----------------------------------------------------------------------
-
-@torch.library.custom_op("lorart::nf4_dequantize", mutates_args=(),
-                         schema="(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols, ScalarType dtype) -> Tensor")
-def nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                   offset: float, blocksize: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-    """The [rows, cols] weight in `dtype` (float32|bfloat16|float16), decoded in float32."""
-    _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
-    check_dtype(torch.empty(0, dtype=dtype), "dtype", FLOAT_DTYPES)
-    check_device(packed, "packed")
-    out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
-    _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, out)
+def _double_quant_samples(device, dtype):
+    if dtype != torch.float32:  # float32 statistics only
+        return []
+    code = torch.linspace(-1, 1, 256, device=device)  # any sorted 256-entry map
+    out = []
+    for seed, nb in ((1, 40), (2, 600)):
+        absmax = randn(seed, nb, device=device).abs() + 0.1
+        out.append((absmax, absmax.mean().reshape(1), code))
     return out
 
 
-@nf4_dequantize.register_fake
-def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
-    _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
-    check_dtype(torch.empty(0, dtype=dtype), "dtype", FLOAT_DTYPES)
-    return packed.new_empty((rows, cols), dtype=dtype)
+nf4_double_quant = Op("nf4_double_quant", _double_quant, check=_check_dq, fake=_double_quant_fake,
+                      samples=_double_quant_samples)
+"""Double quantization of a float32 absmax: (uint8 codes [nb], nested_absmax float32 [ceil(nb/256)]), nearest
+entry of `code` (ties to the lower index) of (absmax - offset) / nested_absmax."""
 
 
-def _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, out: Tensor) -> None:
-    _C.nf4_dequantize(packed.contiguous(), absmax.contiguous(), _c(nested_absmax),
-                      _c(nested_code), float(offset), blocksize, rows, cols, out, stream(out))
+# ---- dequantize ------------------------------------------------------------------------------------------
+
+def _check_dequantize(w: NF4Args, dtype: torch.dtype) -> None:
+    check_weight_arg(w)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lorart: argument `dtype`: expected float32|bfloat16|float16, got {dtype}")
 
 
-# ---- linear --------------------------------------------------------------------------
+def _dequantize_into(w, out: Tensor) -> None:
+    _C.nf4_dequantize(core(w), out, stream(out))
 
-# Largest row count (prod of x's leading dims) for which the fused GEMV is used; above it
-# the weight is dequantized into a reused buffer and multiplied with torch.matmul.
-GEMV_MAX_ROWS = {"cuda": 16, "cpu": 16}
+
+def _dequantize(w: NF4Args, dtype: torch.dtype) -> Tensor:
+    out = torch.empty((w.rows, w.cols), dtype=dtype, device=w.packed.device)
+    _dequantize_into(w, out)
+    return out
+
+
+def sample_weight(seed: int, rows: int, cols: int, device="cpu", double_quant: bool = True,
+                  blocksize: int = 64) -> NF4Args:
+    """A random NF4 weight (the ops' sample inputs; lorart.nf4.quantize is the user-facing way)."""
+    packed, absmax = _quantize(randn(seed, rows, cols, device=device), blocksize)
+    if not double_quant:
+        return NF4Args(packed, absmax, None, None, 0.0, blocksize, rows, cols)
+    offset = absmax.mean().reshape(1)
+    code = torch.linspace(-1, 1, 256, device=device)
+    q, nested = _double_quant(absmax, offset, code)
+    return NF4Args(packed, q, nested, code, float(offset), blocksize, rows, cols)
+
+
+def _dequantize_samples(device, dtype):
+    if dtype == torch.float64:
+        return []
+    return [(sample_weight(1, 24, 64, device), dtype), (sample_weight(2, 5, 13, device, False, 32), dtype)]
+
+
+nf4_dequantize = Op("nf4_dequantize", _dequantize, check=_check_dequantize,
+                    fake=lambda w, dtype: w.packed.new_empty((w.rows, w.cols), dtype=dtype), device="w",
+                    samples=_dequantize_samples)
+"""The [rows, cols] weight in `dtype` (float32|bfloat16|float16), decoded in float32 and rounded once."""
+
+
+# ---- linear ----------------------------------------------------------------------------------------------
+
 _workspaces: dict = {}
 _ws_lock = threading.Lock()
 
@@ -191,155 +252,114 @@ def release_workspaces() -> None:
         _workspaces.clear()
 
 
-def _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias) -> None:
-    _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
+def dequantized(w, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """dequant(w) [rows, cols] in `dtype`, in a reused per-thread/stream workspace (valid until the next call)."""
+    out = _workspace(device, dtype, w.rows * w.cols).view(w.rows, w.cols)
+    _dequantize_into(w, out)
+    return out
+
+
+def _check_linear(x: Tensor, w: NF4Args, bias: Optional[Tensor]) -> None:
+    check_weight_arg(w)
     check_dtype(x, "x", FLOAT_DTYPES)
+    rows, cols = w.rows, w.cols
     if x.dim() == 0 or x.shape[-1] != cols:
-        raise ValueError(
-            f"lorart: argument `x`: expected last dimension {cols} (in_features of the {rows}x{cols} NF4 weight), "
-            f"got shape {list(x.shape)}"
-        )
+        raise ValueError(f"lorart: argument `x`: expected last dimension {cols} (in_features of the {rows}x{cols} "
+                         f"NF4 weight), got shape {list(x.shape)}")
     if bias is not None:
         if bias.dtype != x.dtype:
             raise TypeError(f"lorart: argument `bias`: expected dtype {x.dtype} (that of `x`), got {bias.dtype}")
         if bias.shape != (rows,):
             raise ValueError(f"lorart: argument `bias`: expected shape [{rows}], got {list(bias.shape)}")
-    check_same_device(("x", x), ("packed", packed), ("bias", bias))
+    check_same_device(("x", x), ("packed", w.packed), ("bias", bias))
 
 
-def _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias) -> Tensor:
-    flat = x.dim() == 2  # (the common case: no reshapes, which cost as much as a small GEMV's launch)
+def base_linear(x2: Tensor, w, bias: Optional[Tensor]) -> Tensor:
+    """x2 [M, cols] @ dequant(w).T + bias -> [M, rows] in x2's dtype: the NF4 GEMV for small M (the weight
+    decoded on the fly, never stored), else the weight dequantized into a reused workspace and torch's GEMM.
+    Both round the decoded weight to x's dtype (bitsandbytes' rule), so the result does not depend on M but
+    for the GEMM's summation order."""
+    m = x2.shape[0]
+    if m <= GEMV_MAX_ROWS.get(x2.device.type, 0):
+        out = x2.new_empty((m, w.rows))
+        if m:
+            _C.nf4_gemv(x2 if x2.is_contiguous() else x2.contiguous(), core(w), _c(bias), out, stream(x2))
+        return out
+    return torch.nn.functional.linear(x2, dequantized(w, x2.dtype, x2.device), bias)
+
+
+def _linear(x: Tensor, w: NF4Args, bias: Optional[Tensor]) -> Tensor:
+    if x.dim() == 2:  # (the common case: no reshapes, which cost as much as a small GEMV's launch)
+        return base_linear(x, w, bias)
     lead = x.shape[:-1]
-    m = x.shape[0] if flat else math.prod(lead)
-    x2 = x if flat and x.is_contiguous() else x.reshape(m, cols).contiguous()
-    if m == 0:
-        return x.new_zeros((*lead, rows))
-    if m <= GEMV_MAX_ROWS.get(x.device.type, 0):
-        out = x2.new_empty((m, rows))
-        _C.nf4_gemv(x2, packed.contiguous(), absmax.contiguous(), _c(nested_absmax),
-                    _c(nested_code), float(offset), blocksize, rows, cols, _c(bias), out, stream(x))
-        return out if flat else out.reshape(*lead, rows)
-    w = _workspace(x.device, x.dtype, rows * cols).view(rows, cols)
-    _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, w)
-    out = torch.nn.functional.linear(x2, w, bias)
-    return out if flat else out.reshape(*lead, rows)
+    return base_linear(x.reshape(math.prod(lead), w.cols), w, bias).reshape(*lead, w.rows)
 
 
-@torch.library.custom_op("lorart::nf4_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols, Tensor? bias) -> Tensor")
-def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
-               nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int, cols: int,
-               bias: Optional[Tensor]) -> Tensor:
-    """x @ dequant(W).T + bias for x [..., cols] -> [..., rows] (W frozen; no full-precision W kept)."""
-    _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
-    check_device(x, "x")
-    return _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
+def _linear_setup(ctx, args, out):
+    x, w, bias = args
+    ctx.w = w  # frozen: never modified, no version check needed
+    ctx.bias_grad = bias is not None
 
 
-@nf4_linear.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias):
-    _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
-    return x.new_empty((*x.shape[:-1], rows))
+def _linear_backward(ctx, dy):
+    w = ctx.w
+    dx = db = None
+    if ctx.needs[0]:
+        dx = nf4_linear_grad_input.run(ctx, dy.contiguous(), w)
+    if ctx.bias_grad and ctx.needs[2]:
+        db = dy.reshape(-1, w.rows).sum(0)
+    return dx, None, db
 
 
-@torch.library.custom_op("lorart::nf4_linear_grad_input", mutates_args=(),
-                         schema="(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, int blocksize, int rows, int cols) -> Tensor")
-def nf4_linear_grad_input(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
-                          nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int,
-                          cols: int) -> Tensor:
-    """dx = dy @ dequant(W) for dy [..., rows] -> [..., cols] (re-dequantizes into a reused buffer)."""
-    _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
+def _linear_samples(device, dtype):
+    if dtype == torch.float64:
+        return []
+    w, w2 = sample_weight(1, 24, 64, device), sample_weight(2, 20, 96, device, False)
+    x = lambda seed, *s: randn(seed, *s, dtype=dtype, device=device, scale=s[-1] ** -0.5)  # noqa: E731
+    return [(x(3, 1, 64), w, x(4, 24)), (x(5, 20, 64), w, None), (x(6, 2, 3, 96), w2, x(7, 20)),
+            (x(8, 0, 64), w, x(9, 24))]
+
+
+nf4_linear = Op("nf4_linear", _linear, check=_check_linear,
+                fake=lambda x, w, bias: x.new_empty((*x.shape[:-1], w.rows)),
+                setup=_linear_setup, backward=_linear_backward, diff=("x", "bias"),
+                autocast=ac.Lower("x", "bias"), samples=_linear_samples)
+"""x @ dequant(W).T + bias for x [..., cols] -> [..., rows]; gradients to x and bias (never to W)."""
+
+
+def _check_grad_input(dy: Tensor, w: NF4Args) -> None:
+    check_weight_arg(w)
     check_dtype(dy, "dy", FLOAT_DTYPES)
-    check_device(dy, "dy")
-    return _grad_input_impl(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols)
+    if dy.dim() == 0 or dy.shape[-1] != w.rows:
+        raise ValueError(f"lorart: argument `dy`: expected last dimension {w.rows} (out_features), got shape "
+                         f"{list(dy.shape)}")
 
 
-def _grad_input_impl(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols) -> Tensor:
+def _grad_input(dy: Tensor, w: NF4Args) -> Tensor:
     lead = dy.shape[:-1]
     m = math.prod(lead)
     if m == 0:
-        return dy.new_zeros((*lead, cols))
-    w = _workspace(dy.device, dy.dtype, rows * cols).view(rows, cols)
-    _dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, w)
+        return dy.new_zeros((*lead, w.cols))
+    wd = dequantized(w, dy.dtype, dy.device)
     if dy.dim() == 2:
-        return torch.mm(dy, w)
-    return torch.matmul(dy.reshape(m, rows), w).reshape(*lead, cols)
+        return torch.mm(dy, wd)
+    return torch.matmul(dy.reshape(m, w.rows), wd).reshape(*lead, w.cols)
 
 
-@nf4_linear_grad_input.register_fake
-def _(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols):
-    _check_weight(packed, absmax, nested_absmax, nested_code, blocksize, rows, cols)
-    return dy.new_empty((*dy.shape[:-1], cols))
+def _grad_input_samples(device, dtype):
+    if dtype == torch.float64:
+        return []
+    w = sample_weight(1, 24, 64, device)
+    return [(randn(2, 3, 24, dtype=dtype, device=device), w), (randn(3, 2, 30, 24, dtype=dtype, device=device), w),
+            (randn(4, 0, 24, dtype=dtype, device=device), w)]
 
 
-def _setup_context(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
-    ctx.meta = (offset, blocksize, rows, cols)
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[9]
+nf4_linear_grad_input = Op("nf4_linear_grad_input", _grad_input, check=_check_grad_input,
+                           fake=lambda dy, w: dy.new_empty((*dy.shape[:-1], w.cols)), device="dy",
+                           samples=_grad_input_samples)
+"""dx = dy @ dequant(W) for dy [..., rows] -> [..., cols] (W re-dequantized into a reused buffer)."""
 
 
-def _backward(ctx, dy):
-    packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
-    offset, blocksize, rows, cols = ctx.meta
-    dx = None
-    if ctx.needs_input_grad[0]:
-        dx = nf4_linear_grad_input(dy.contiguous(), packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                   rows, cols)
-    db = dy.reshape(-1, rows).sum(0) if ctx.bias_grad else None
-    return dx, None, None, None, None, None, None, None, None, db
-
-
-nf4_linear.register_autograd(_backward, setup_context=_setup_context)
-_LINEAR_AUTOCAST = _ac.Lower(0, 9)  # x, bias: as F.linear under autocast (the weight decodes to x's dtype)
-_ac.register("nf4_linear", _LINEAR_AUTOCAST)
-for _name in ("nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear_grad_input"):
-    _ac.register(_name, _ac.Keep())
-
-
-# ---- eager fast path ----------------------------------------------------------------------------------------
-# The custom op's dispatch (autograd wrapper, dynamo guard, redispatch) costs tens of microseconds per call,
-# which is the whole budget of a decode-size GEMV. Outside torch.compile, nf4_linear_eager runs the same
-# checks and the same implementations through a plain autograd.Function; under torch.compile it is the op.
-class _NF4LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols):
-        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
-        ctx.meta = (offset, blocksize, rows, cols)
-        return _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
-        offset, blocksize, rows, cols = ctx.meta
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _grad_input_impl(dy.contiguous(), packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                  rows, cols)
-        if ctx.needs_input_grad[1]:
-            db = dy.reshape(-1, rows).sum(0)
-        return dx, db, None, None, None, None, None, None, None, None
-
-
-def nf4_linear_eager(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
-                     nested_code: Optional[Tensor], offset: float, blocksize: int, rows: int, cols: int,
-                     bias: Optional[Tensor]) -> Tensor:
-    """Same result and gradients as torch.ops.lorart.nf4_linear, without the dispatcher in eager mode."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lorart.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
-                                           cols, bias)
-    dev = _ac.device_on(x)
-    if dev is not None:
-        args = (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
-        with _ac.excluded(dev):
-            return nf4_linear_eager(*_LINEAR_AUTOCAST.cast(args, dev))
-    _check_linear(x, packed, absmax, nested_absmax, nested_code, blocksize, rows, cols, bias)
-    check_device(x, "x")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _NF4LinearFn.apply(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
-                                  cols)
-    return _linear_impl(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, bias)
-
-__all__ = ["nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear", "nf4_linear_grad_input",
-           "nf4_linear_eager",
-           "release_workspaces", "GEMV_MAX_ROWS"]
+__all__ = ["NF4Args", "CheckedNF4", "nf4_quantize", "nf4_double_quant", "nf4_dequantize", "nf4_linear",
+           "nf4_linear_grad_input", "check_weight", "check_weight_arg", "check_blocksize", "core", "base_linear",
+           "dequantized", "sample_weight", "release_workspaces", "GEMV_MAX_ROWS", "NESTED_BLOCKSIZE"]

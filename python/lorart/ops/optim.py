@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _autocast as _ac
-from ._common import _C, check_device, stream
+from ._common import _C, stream
+from ._define import Op, randn
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 256  # elements per absmax of the 8-bit states
@@ -76,124 +76,81 @@ def _states8(q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs):
             ("absmax_exp_avg_sqs", absmax_exp_avg_sqs, torch.float32, True)]
 
 
-@torch.library.custom_op("lorart::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
-def adamw_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-) -> None:
-    """One AdamW step (decoupled weight decay, torch.optim.AdamW's arithmetic) over lists of tensors, in place.
-
-    params: float32|bfloat16|float16; grads: params' dtypes; exp_avgs, exp_avg_sqs: float32; all contiguous,
-    element counts matching per index (shapes may differ), one device. steps[i]: tensor i's step count after
-    this step (>= 1). CUDA: one fused launch on torch's current stream, no host synchronisation.
-    """
-    _run(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize)
+def _run(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+         steps: list[int], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+         maximize: bool = False) -> None:
+    if params:
+        _C.adamw_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [int(s) for s in steps],
+                      float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
+                      stream(params[0]))
 
 
-def _run(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+def _check32(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize=False):
     _check("adamw_step_", params, grads, _states32(exp_avgs, exp_avg_sqs), steps, lr, beta1, beta2, eps,
            weight_decay)
-    if not params:
-        return
-    check_device(params[0], "params[0]")
-    _C.adamw_step(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [int(s) for s in steps], float(lr), float(beta1), float(beta2),
-        float(eps), float(weight_decay), bool(maximize), stream(params[0]),
-    )
 
 
-def adamw_step_eager(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                     maximize=False) -> None:
-    """adamw_step_ for optimizers: the same checks and kernel without the dispatcher's per-call cost
-    (~50-100 us here), version counters bumped as the op does; the op itself while tracing."""
-    if torch.compiler.is_compiling():
-        torch.ops.lorart.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                                     weight_decay, maximize)
-        return
-    _run(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize)
-    for ts in (params, exp_avgs, exp_avg_sqs):
-        torch.autograd.graph.increment_version(ts)
+_HP = (1e-2, 0.9, 0.999, 1e-8, 0.01)  # lr, beta1, beta2, eps, weight_decay
 
 
-@adamw_step_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize=False):
-    _check("adamw_step_", params, grads, _states32(exp_avgs, exp_avg_sqs), steps, lr, beta1, beta2, eps,
-           weight_decay)
-    return None
+def _samples32(device, dtype):
+    if dtype not in _PARAM_DTYPES:
+        return []
+    shapes = ((8, 6), (300,), (0, 3))
+    p = [randn(i, *s, dtype=dtype, device=device) for i, s in enumerate(shapes)]
+    g = [randn(10 + i, *s, dtype=dtype, device=device) for i, s in enumerate(shapes)]
+    m = [randn(20 + i, *s, device=device, scale=0.1) for i, s in enumerate(shapes)]
+    v = [randn(30 + i, *s, device=device, scale=0.1).abs() for i, s in enumerate(shapes)]
+    return [(p, g, m, v, [1, 3, 1]) + _HP + (False,), (p[:1], g[:1], m[:1], v[:1], [2]) + _HP + (True,)]
 
 
+adamw_step_ = Op("adamw_step_", _run, check=_check32, fake=lambda *a: None,
+                 mutates=("params", "exp_avgs", "exp_avg_sqs"), device="params", samples=_samples32)
+"""One AdamW step (decoupled weight decay, torch.optim.AdamW's arithmetic) over lists of tensors, in place.
 
-@torch.library.custom_op("lorart::adamw8_step_",
-                         mutates_args=("params", "q_exp_avgs", "q_exp_avg_sqs", "absmax_exp_avgs", "absmax_exp_avg_sqs"))
-def adamw8_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    q_exp_avgs: list[Tensor],
-    q_exp_avg_sqs: list[Tensor],
-    absmax_exp_avgs: list[Tensor],
-    absmax_exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-) -> None:
-    """One AdamW step with 8-bit blockwise states (bitsandbytes' 8-bit Adam layout), in place.
-
-    params: float32|bfloat16|float16; grads: params' dtypes; q_exp_avgs, q_exp_avg_sqs: uint8 with params'
-    element counts; absmax_exp_avgs, absmax_exp_avg_sqs: float32 with ceil(numel / 256) elements; all
-    contiguous, one device. Byte q of block b stands for code[q] * absmax[b] (dynamic_map(signed=True) for
-    exp_avg, dynamic_map(signed=False) for exp_avg_sq). Fresh states: zero bytes and zero absmax.
-    """
-    _run8(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2,
-          eps, weight_decay, maximize)
+params: float32|bfloat16|float16; grads: params' dtypes; exp_avgs, exp_avg_sqs: float32; all contiguous, element
+counts matching per index (shapes may differ), one device. steps[i]: tensor i's step count after this step
+(>= 1). CUDA: one fused launch on torch's current stream, no host synchronisation. Called in eager mode it skips
+the dispatcher (~50-100 us here) and bumps the version counters as the op does."""
 
 
-def _run8(params, grads, q1, q2, a1, a2, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+def _run8(params: list[Tensor], grads: list[Tensor], q_exp_avgs: list[Tensor], q_exp_avg_sqs: list[Tensor],
+          absmax_exp_avgs: list[Tensor], absmax_exp_avg_sqs: list[Tensor], steps: list[int], lr: float,
+          beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool = False) -> None:
+    if params:
+        _C.adamw8_step(list(params), list(grads), list(q_exp_avgs), list(q_exp_avg_sqs), list(absmax_exp_avgs),
+                       list(absmax_exp_avg_sqs), [int(s) for s in steps], float(lr), float(beta1), float(beta2),
+                       float(eps), float(weight_decay), bool(maximize), stream(params[0]))
+
+
+def _check8(params, grads, q1, q2, a1, a2, steps, lr, beta1, beta2, eps, weight_decay, maximize=False):
     _check("adamw8_step_", params, grads, _states8(q1, q2, a1, a2), steps, lr, beta1, beta2, eps, weight_decay)
-    if not params:
-        return
-    check_device(params[0], "params[0]")
-    _C.adamw8_step(
-        list(params), list(grads), list(q1), list(q2), list(a1), list(a2), [int(s) for s in steps], float(lr), float(beta1),
-        float(beta2), float(eps), float(weight_decay), bool(maximize), stream(params[0]),
-    )
 
 
-def adamw8_step_eager(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr,
-                      beta1, beta2, eps, weight_decay, maximize=False) -> None:
-    """adamw8_step_ without the dispatcher's per-call cost (as adamw_step_eager); the op while tracing."""
-    args = (params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2,
-            eps, weight_decay, maximize)
-    if torch.compiler.is_compiling():
-        torch.ops.lorart.adamw8_step_(*args)
-        return
-    _run8(*args)
-    for ts in (params, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs):
-        torch.autograd.graph.increment_version(ts)
+def _samples8(device, dtype):
+    if dtype not in _PARAM_DTYPES:
+        return []
+    shapes = ((8, 40), (600,))
+    p = [randn(i, *s, dtype=dtype, device=device) for i, s in enumerate(shapes)]
+    g = [randn(10 + i, *s, dtype=dtype, device=device) for i, s in enumerate(shapes)]
+    q1 = [torch.randint(0, 256, s, dtype=torch.uint8, generator=torch.Generator().manual_seed(i)).to(device)
+          for i, s in enumerate(shapes)]
+    q2 = [torch.randint(0, 256, s, dtype=torch.uint8, generator=torch.Generator().manual_seed(9 + i)).to(device)
+          for i, s in enumerate(shapes)]
+    a1 = [randn(20 + i, _blocks(t.numel()), device=device).abs() for i, t in enumerate(p)]
+    a2 = [randn(30 + i, _blocks(t.numel()), device=device).abs() for i, t in enumerate(p)]
+    return [(p, g, q1, q2, a1, a2, [1, 4]) + _HP + (False,)]
 
 
-@adamw8_step_.register_fake
-def _(params, grads, q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-      weight_decay, maximize=False):
-    _check("adamw8_step_", params, grads, _states8(q_exp_avgs, q_exp_avg_sqs, absmax_exp_avgs, absmax_exp_avg_sqs),
-           steps, lr, beta1, beta2, eps, weight_decay)
-    return None
+adamw8_step_ = Op("adamw8_step_", _run8, check=_check8, fake=lambda *a: None,
+                  mutates=("params", "q_exp_avgs", "q_exp_avg_sqs", "absmax_exp_avgs", "absmax_exp_avg_sqs"),
+                  device="params", samples=_samples8)
+"""One AdamW step with 8-bit blockwise states (bitsandbytes' 8-bit Adam layout), in place.
 
-
-for _name in ("adamw_step_", "adamw8_step_"):
-    _ac.register(_name, _ac.Keep())
+params: float32|bfloat16|float16; grads: params' dtypes; q_exp_avgs, q_exp_avg_sqs: uint8 with params' element
+counts; absmax_exp_avgs, absmax_exp_avg_sqs: float32 with ceil(numel / 256) elements; all contiguous, one device.
+Byte q of block b stands for code[q] * absmax[b] (dynamic_map(signed=True) for exp_avg, dynamic_map(signed=False)
+for exp_avg_sq). Fresh states: zero bytes and zero absmax."""
 
 
 # ---- the 8-bit states' maps and conversions (host side) ---------------------------------
@@ -227,5 +184,5 @@ def dequantize_blockwise8(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return out
 
 
-__all__ = ["adamw_step_", "adamw_step_eager", "adamw8_step_", "adamw8_step_eager", "check_adamw_hparams",
+__all__ = ["adamw_step_", "adamw8_step_", "check_adamw_hparams",
            "dynamic_map", "quantize_blockwise8", "dequantize_blockwise8", "BLOCK"]

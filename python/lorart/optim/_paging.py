@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from ..ops.optim import BLOCK, adamw8_step_eager, adamw_step_eager
+from ..ops.optim import BLOCK, adamw8_step_, adamw_step_
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class _Layout32(StateLayout):
         return planes[0][0, off:off + n].view(shape), planes[0][1, off:off + n].view(shape)
 
     def step(self, params, grads, states, steps, group):
-        adamw_step_eager(params, grads, [s[0] for s in states], [s[1] for s in states], steps, *_hparams(group))
+        adamw_step_(params, grads, [s[0] for s in states], [s[1] for s in states], steps, *_hparams(group))
 
 
 class _Layout8(StateLayout):
@@ -99,7 +99,7 @@ class _Layout8(StateLayout):
         return (q[0, off:off + n].view(shape), q[1, off:off + n].view(shape), a[0, b:b + nb], a[1, b:b + nb])
 
     def step(self, params, grads, states, steps, group):
-        adamw8_step_eager(params, grads, *([s[k] for s in states] for k in range(4)), steps, *_hparams(group))
+        adamw8_step_(params, grads, *([s[k] for s in states] for k in range(4)), steps, *_hparams(group))
 
 
 LAYOUT32 = _Layout32()
