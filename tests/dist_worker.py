@@ -3,7 +3,9 @@ with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_P
 
 SPEC: {"runs": [{"out", "model", "data", "eval", "opts", "resume"?}], "report": folder,
        "own_group": true (default; one gloo group for all runs) | false (lorart.train starts and ends it),
-       "fail": {"rank", "step", "how": "exit" | "hang" | "raise"}?}; a run's "opts_rank1": rank 1's options differ.
+       "fail": {"rank", "step", "how": "exit" | "hang" | "raise"}?}; a run's "opts_rank1" / "data_rank1": rank 1's
+options / data differ; "expect_error": go on with the next run after its error; "copy_from": a folder copied to
+"out" first (to resume one of its checkpoints).
 Each rank writes report/rank{R}.json: per run, the history it returned, or the error it raised.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -87,8 +90,13 @@ def main(spec_path: str) -> int:
         if rank == 1:
             opts.update(run.get("opts_rank1", {}))
         t0 = time.time()
+        if run.get("copy_from"):   # resume a copy of an earlier run of this launch
+            if rank == 0:
+                shutil.copytree(run["copy_from"], run["out"])
+            dist.barrier()
         try:
-            res = lorart.train(run["model"], run["data"], eval_data=run["eval"], output_dir=run["out"],
+            data = run.get("data_rank1", run["data"]) if rank == 1 else run["data"]
+            res = lorart.train(run["model"], data, eval_data=run["eval"], output_dir=run["out"],
                                resume=run.get("resume", False), progress=False, callback=callback, **opts)
             report.append({"out": run["out"], "history": res.history, "adapter_dir": res.adapter_dir,
                            "seconds": time.time() - t0, "held": held(res.model)})
@@ -97,7 +105,8 @@ def main(spec_path: str) -> int:
                            "reported_by": getattr(e, "reported_by", None), "seconds": time.time() - t0,
                            "traceback": traceback.format_exc()})
             code = 2
-            break
+            if not run.get("expect_error"):
+                break
     with open(os.path.join(spec["report"], f"rank{rank}.json"), "w") as f:
         json.dump({"runs": report, **checks}, f)
     if spec.get("own_group", True) and code == 0:

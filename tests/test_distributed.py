@@ -163,7 +163,14 @@ def two(env):
     runs.append(_run(env, "1to2-lora", "lora", resume=_resume_from(env["lora"], d / "1to2-lora", 2)))
     runs.append(_run(env, "1to2-fsdp-full", "full", opts={"fsdp": True},
                      resume=_resume_from(env["full"], d / "1to2-fsdp-full", 2)))
-    runs.append(_run(env, "mismatch", "lora", opts_rank1={"lr": 1e-3}))
+    # dropout 0.1: each rank its own dropout stream, restored exactly by a resume on as many ranks
+    runs.append(_run(env, "ddp-dropout", "lora", opts={"dropout": 0.1}))
+    runs.append(_run(env, "2to2-dropout", "lora", opts={"dropout": 0.1}, copy_from=str(d / "ddp-dropout"),
+                     resume=str(d / "2to2-dropout" / "checkpoints" / "step-0000002")))
+    other = d / "other.jsonl"   # one example less
+    other.write_text("".join(open(env["data"]).readlines()[:-1]))
+    runs.append(_run(env, "mismatch", "lora", opts_rank1={"lr": 1e-3}, expect_error=True))
+    runs.append(_run(env, "mismatch-data", "lora", data_rank1=str(other), expect_error=True))
     codes, reports, seconds, errs = _launch(d, "two", {"runs": runs, "paged": True})
     assert reports[0] is not None and reports[1] is not None, f"codes {codes}: {errs}"
     return {"codes": codes, "reports": [{os.path.basename(r["out"]): r for r in rep["runs"]} for rep in reports],
@@ -229,6 +236,15 @@ def test_resume_one_to_two_ranks(env, two):
     _assert_same_run(env["full"], str(env["dir"] / "1to2-fsdp-full"))
 
 
+def test_resume_on_as_many_ranks_is_exact_with_dropout(env, two):
+    _ok(two, "ddp-dropout")
+    _ok(two, "2to2-dropout")
+    a, b = (os.path.join(env["dir"], n) for n in ("ddp-dropout", "2to2-dropout"))
+    assert _losses(_metrics(a)) == _losses(_metrics(b)) and _evals(_metrics(a)) == _evals(_metrics(b))
+    wa, wb = _artifact(os.path.join(a, "adapter")), _artifact(os.path.join(b, "adapter"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("src", ["ddp-lora", "fsdp-full"])
 def test_resume_two_ranks_to_one(env, two, src, tmp_path):
     _ok(two, src)
@@ -246,11 +262,12 @@ def test_paged_adamw_on_fsdp_shards_updates_as_on_the_whole_parameter(two):
         assert r["weight"] == 0.0 and r["exp_avg"] == 0.0 and r["exp_avg_sq"] == 0.0, r
 
 
-def test_ranks_started_differently_are_refused_on_every_rank(two):
+@pytest.mark.parametrize("run,what", [("mismatch", "options.lr"), ("mismatch-data", "fingerprint.data")])
+def test_ranks_started_differently_are_refused_on_every_rank(two, run, what):
     for rank in range(2):
-        r = two["reports"][rank]["mismatch"]
+        r = two["reports"][rank][run]
         assert r.get("error") == "ValueError", r
-        assert "not started with the same run" in r["message"] and "options.lr" in r["message"], r["message"]
+        assert "not started with the same run" in r["message"] and what in r["message"], r["message"]
     assert two["codes"] == [2, 2]
 
 
