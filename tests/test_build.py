@@ -33,10 +33,14 @@ def test_cuda_tensor_error_without_gpu():
 
 
 def test_num_threads_roundtrip():
-    n = lorart._core._C.get_num_threads()
-    lorart._core._C.set_num_threads(1)
-    assert lorart._core._C.get_num_threads() == 1
-    lorart._core._C.set_num_threads(n)
+    n = lorart.get_num_threads()
+    lorart.set_num_threads(1)
+    assert lorart.get_num_threads() == 1 == lorart.build_info()["cpu_threads"]
+    lorart.set_num_threads(n)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="argument `n`"):
+            lorart.set_num_threads(bad)
+    assert lorart.get_num_threads() == n
 
 
 def test_info_reports_cpu_gpus_and_extras():

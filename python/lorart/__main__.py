@@ -24,10 +24,14 @@ def cmake_dir() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     from .cli import Parser
 
+    import lorart
+
     p = Parser(prog="lorart", description="Parameter-efficient fine-tuning on a C++/CUDA core.")
+    p.add_argument("--version", action="version", version=f"lorart {lorart.__version__}",
+                   help="print lorart's version and exit")
     p.add_argument("--cmake-dir", action="store_true",
                    help="print the folder of lorartConfig.cmake (cmake -Dlorart_DIR=...) and exit")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     info = sub.add_parser("info", help="version, CUDA kernels compiled and the GPUs', CPU bf16/AMX support, extras "
                                         "installed")
     info.set_defaults(func=_cmd_info)

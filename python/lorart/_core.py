@@ -29,6 +29,18 @@ def cuda_usable() -> bool:
     return cuda_status()[0] > 0
 
 
+def set_num_threads(n: int) -> None:
+    """Threads of lorart's own CPU kernels (its thread pool; torch's are set with torch.set_num_threads). On a
+    machine shared with other busy processes, 1 avoids waiting for descheduled workers."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"lorart: set_num_threads: argument `n`: expected an integer >= 1, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
 def build_info() -> dict:
     """Version, whether CUDA kernels were compiled, for which architectures, and
     whether a GPU is usable now."""

@@ -3,6 +3,7 @@
 - `InputError` (a `ValueError`): a bad argument, file or environment. Its message names the argument or the file
   (and key) and what was expected. The CLI prints it as one line `lorart: error: ...` and exits with code 2.
 - `FileFormatError`: a file that breaks the rules of its format (lorart's strict loaders raise it).
+- `MissingExtraError`: an optional package (an extra of pyproject.toml) is needed but not installed.
 - `OutputError`: a file or folder lorart could not write (disk full, read-only, permission): nothing partial is
   left behind.
 
@@ -21,6 +22,10 @@ class InputError(ValueError):
 
 class FileFormatError(InputError):
     """A file that breaks its format's rules; the message names the file and the key."""
+
+
+class MissingExtraError(InputError):
+    """An optional package is not installed; the message names the `pip install "lorart[extra]"` to run."""
 
 
 class OutputError(InputError, OSError):
@@ -72,4 +77,4 @@ def write_error(path: str, exc: BaseException) -> OutputError | None:
     return None
 
 
-__all__ = ["InputError", "FileFormatError", "OutputError", "write_error", "free_bytes"]
+__all__ = ["InputError", "FileFormatError", "MissingExtraError", "OutputError", "write_error", "free_bytes"]

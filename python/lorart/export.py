@@ -191,9 +191,10 @@ def add_subcommand(sub) -> None:
     c.add_argument("--model", help="the base: HF model folder or .gguf file (default: the local base the adapter "
                                    "records, else the embedded model)")
     c.add_argument("--adapter", help="the trained folder (lorart-output/adapter: lora, qlora, full, bitfit; or a PEFT "
-                                     "LoRA folder); none: the base model alone, converted")
-    c.add_argument("--out", required=True, help="the folder (hf) or file (gguf) to write")
-    c.add_argument("--format", choices=["hf", "gguf"], default="hf")
+                                     "LoRA folder; default: none, the base model alone, converted)")
+    c.add_argument("--out", required=True, help="the folder (hf) or file (gguf) to write (required)")
+    c.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="an HF safetensors folder or a llama.cpp GGUF file (default hf)")
     c.add_argument("--dtype", choices=list(HF_DTYPES), default="bf16", help="weights of an hf export (default bf16)")
     c.add_argument("--gguf-type", choices=["f16", "q8_0", "f32"], default="f16",
                    help="2-d weights of a gguf export (default f16; norms stay f32)")

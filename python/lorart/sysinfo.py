@@ -1,5 +1,6 @@
 """What this machine and installation offer lorart: optional extras, the CPU's bf16 support, the GPUs and
-whether the CUDA kernels were compiled for them (`lorart info`)."""
+whether the CUDA kernels were compiled for them (`lorart info`); `require` (a missing extra is one clear error)
+and `gpu_problem` (a GPU the kernels were not compiled for is refused at start, not at the first kernel)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -10,11 +11,53 @@ import platform
 # pyproject.toml's optional extras: extra -> (distribution, module) pairs (tests check the two agree)
 EXTRAS = {
     "models": (("gguf", "gguf"), ("tokenizers", "tokenizers"), ("jinja2", "jinja2"), ("matplotlib", "matplotlib"),
-               ("tqdm", "tqdm")),
+               ("tqdm", "tqdm"), ("pyyaml", "yaml")),
     "data": (("pyarrow", "pyarrow"),),
+    "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client")),
+    "tensorboard": (("tensorboard", "tensorboard"),),
+    "wandb": (("wandb", "wandb"),),
+    "mlflow": (("mlflow-skinny", "mlflow"),),
     "test": (("pytest", "pytest"), ("bitsandbytes", "bitsandbytes"), ("peft", "peft"),
-             ("transformers", "transformers"), ("pyarrow", "pyarrow")),
+             ("transformers", "transformers"), ("pyarrow", "pyarrow"), ("tensorboard", "tensorboard"),
+             ("wandb", "wandb"), ("mlflow-skinny", "mlflow"), ("openai", "openai"), ("httpx", "httpx"),
+             ("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client")),
 }
+
+
+def extra_for(module: str):
+    """(extra, distribution) that provides the top-level `module` (the first extra other than `test` listing it),
+    or None when no extra does."""
+    top = module.split(".")[0]
+    for extra, pkgs in sorted(EXTRAS.items(), key=lambda kv: kv[0] == "test"):
+        for dist, mod in pkgs:
+            if mod == top:
+                return extra, dist
+    return None
+
+
+def missing_module_message(module: str, what: str = "this") -> str:
+    """One line for a module that is not installed: the extra to install when an extra provides it."""
+    top = module.split(".")[0]
+    found = extra_for(top)
+    if found is None:
+        return f"{what} needs the Python module `{top}`, which is not installed"
+    extra, dist = found
+    how = f'pip install "lorart[{extra}]"' if extra != "test" else f"pip install {dist}"
+    return f"{what} needs the `{dist}` package, which is not installed: {how}"
+
+
+def require(module: str, what: str):
+    """Import `module` (e.g. "tensorboard", "yaml") or raise MissingExtraError naming the extra to install; `what`
+    says what needs it ("--report-to tensorboard")."""
+    import importlib
+
+    from .errors import MissingExtraError
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or module.split(".")[0] != e.name.split(".")[0]:
+            raise   # the module is there but one of its own dependencies is missing: not an extra's fault
+        raise MissingExtraError(f"lorart: {missing_module_message(module, what)}") from None
 
 
 def _version(dist: str, module: str):
@@ -99,6 +142,42 @@ def arch_support(cc: int, compiled: str) -> str:
     if any(ptx and not exact and a <= cc for a, _, ptx, exact in archs):
         return "ptx"
     return "none"
+
+
+def gpu_problem(cc: int, name: str, compiled: str, cuda_compiled: bool, usable: int = 1, why: str = ""):
+    """Why lorart's kernels cannot run on a GPU of compute capability `cc` (e.g. 86), or None when they can:
+    a build without CUDA kernels, a GPU the runtime cannot use (`usable` devices, reason `why`), or an
+    architecture neither compiled nor reachable through PTX (`arch_support` "none"). "ptx" is allowed: the
+    driver JIT-compiles the kernels at first use."""
+    sm = f"sm_{cc}"
+    if not cuda_compiled:
+        return (f"this lorart build has no CUDA kernels (nvcc was not found when it was built); reinstall with CUDA "
+                f"available (LORART_CUDA=ON, CUDAARCHS={cc}) or use the CPU (--device cpu)")
+    if usable < 1:
+        return f"lorart's CUDA kernels cannot use the GPU: {why or 'no usable device'}"
+    if arch_support(cc, compiled) == "none":
+        archs = ", ".join(f"sm_{a}" for a in (compiled or "").replace(";", ",").split(",") if a.strip()) or "none"
+        return (f"GPU {name} ({sm}) is not an architecture lorart's CUDA kernels were compiled for ({archs}), and "
+                f"no compiled PTX can be JIT-compiled for it; rebuild for it (CUDAARCHS={cc} pip install "
+                f"--no-build-isolation .) or use the CPU (--device cpu)")
+    return None
+
+
+def check_gpu(device) -> None:
+    """Raise InputError when lorart's CUDA kernels cannot run on the torch.device `device` (see gpu_problem):
+    called when a run or a command starts on a GPU, so that the user reads why instead of a kernel error."""
+    import torch
+
+    from ._core import build_info
+    from .errors import InputError
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    info = build_info()
+    problem = gpu_problem(major * 10 + minor, torch.cuda.get_device_name(index),
+                          str(info.get("cuda_architectures", "")), bool(info["cuda_compiled"]),
+                          int(info["cuda_devices"]), str(info.get("gpu_unusable_reason", "")))
+    if problem is not None:
+        raise InputError(f"lorart: device {device}: {problem}")
 
 
 def gpu_info(compiled: str) -> list:

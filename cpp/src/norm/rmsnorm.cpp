@@ -19,20 +19,9 @@ namespace {
 using detail::Compute;
 using detail::load;
 using detail::store;
+using detail::sum8;
 // a float value rounded to T's precision and widened back (identity for float and double)
 template <class T, class F> inline F round_to(F v) { return load(store<T>(v)); }
-
-// sum of f(j) over j < n in 8 interleaved partial sums (a fixed order GCC can vectorise without -ffast-math)
-template <class Fn>
-inline auto sum8(int64_t n, Fn f) -> decltype(f(0)) {
-  using F = decltype(f(0));
-  F acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += f(j + k);
-  for (int k = 0; j < n; ++j, ++k) acc[k] += f(j);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
 
 template <class T, class F = typename Compute<T>::type>
 LORART_CPU_CLONES void forward_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, F* rstd,

@@ -250,10 +250,10 @@ def check_shape(model: nn.Module, saved: dict | None, where: str) -> None:
                               f"{k}={v}, this model has {have[k]}")
 
 
-def make_config(cls: type, cfg, where: str | None = None, **kw):
+def make_config(cls: type, cfg, where: str | None = None, prefix: str = "config.", **kw):
     """Build `cls.Config` from a dict / Config instance / None plus keyword overrides; unknown keys and values of
     the wrong type raise (an int field takes an int, not 16.5 or "16"; a bool field a bool). `where` names the
-    file the dict came from."""
+    file the dict came from, `prefix` the dict's place in it."""
     if cfg is None:
         cfg = {}
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -268,17 +268,17 @@ def make_config(cls: type, cfg, where: str | None = None, **kw):
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(merged) - fields)
     if unknown:
-        at = f"lorart: {where}: key `config.{unknown[0]}`" if where else \
+        at = f"lorart: {where}: key `{prefix}{unknown[0]}`" if where else \
             f"lorart: method {cls.name!r}: unknown option `{unknown[0]}`"
         raise MethodError(f"{at}: not an option of method {cls.name!r}; valid options: {', '.join(sorted(fields))}")
     for k, v in list(merged.items()):
-        merged[k] = _typed(cls, k, v, hints[k], where)
+        merged[k] = _typed(cls, k, v, hints[k], where, prefix)
     return cls.Config(**merged)
 
 
-def _typed(cls: type, key: str, v, hint, where: str | None):
+def _typed(cls: type, key: str, v, hint, where: str | None, prefix: str = "config."):
     """`v` checked against the Config field's type (lists become tuples)."""
-    f = Fields({key: v}, where, "config.", MethodError) if where else \
+    f = Fields({key: v}, where, prefix, MethodError) if where else \
         Fields({key: v}, f"method {cls.name!r}", error=MethodError, noun="option")
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint

@@ -21,7 +21,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token ids from float logits [B, vocab]: argmax when temperature is 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -81,7 +82,7 @@ def generate(model, input_ids, max_new_tokens: int = 128, temperature: float = 0
         for _ in range(max_new_tokens):
             out = model(step_ids, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
                         logits_to_keep=1)
-            nxt = _sample(out.logits[:, -1].float(), temperature, top_p, generator)
+            nxt = sample_next(out.logits[:, -1].float(), temperature, top_p, generator)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..sysinfo import require
 from .gguf_import import permute_qk
 
 GGUF_TYPES = ("f16", "q8_0", "f32")
@@ -79,7 +80,7 @@ def _q8_0_ok(t: torch.Tensor) -> bool:
 
 def write_gguf(model, tokenizer, path: str, gguf_type: str = "f16", name: Optional[str] = None) -> str:
     """Write `model` (plain Llama-family, no adapters left) and `tokenizer` to the GGUF file `path`."""
-    import gguf
+    gguf = require("gguf", "GGUF export")
 
     if gguf_type not in GGUF_TYPES:
         raise InputError(f"lorart: export: argument `gguf_type`: expected one of {', '.join(GGUF_TYPES)}, got "

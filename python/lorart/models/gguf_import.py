@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..sysinfo import require
 from .config import LlamaConfig
 from .loading import LinearFactory, build_model
 from .tokenizer import Tokenizer
@@ -58,10 +59,7 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 class GGUFFile:
     def __init__(self, path: str):
-        try:
-            import gguf
-        except ImportError as e:  # pragma: no cover
-            raise ImportError("GGUF import needs the `gguf` package: pip install gguf") from e
+        gguf = require("gguf", "reading a GGUF file")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such GGUF file")
         self.path = path
@@ -123,6 +121,7 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
 
 def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
     """Byte-level BPE tokenizer rebuilt from GGUF metadata with the `tokenizers` library."""
+    require("tokenizers", "a GGUF file's tokenizer")
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     kind = g.field("tokenizer.ggml.model")

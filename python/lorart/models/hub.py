@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..errors import MissingExtraError
 from .loading import LinearFactory, as_dtype, load_hf_folder, save_hf_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,6 +113,8 @@ def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
     if os.path.exists(os.path.join(folder, "config.json")):
         try:
             return load_hf_folder(folder, dtype=dtype, device=device, linear_factory=linear_factory)
+        except MissingExtraError:
+            raise   # a package to install, not a broken cache: never delete the cache for it
         except (ValueError, OSError, RuntimeError) as e:
             warnings.warn(f"ignoring the broken GGUF cache {folder} ({e}); converting again")
             shutil.rmtree(folder, ignore_errors=True)

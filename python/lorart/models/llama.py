@@ -9,6 +9,9 @@ Seams for other methods:
 - `LlamaAttention.prefix_kv` (None or a `(k, v)` pair shaped `[B or 1, n_kv_heads, P, head_dim]`)
   is prepended to the keys/values of that layer and is visible to every query (prefix tuning).
   The prefix keys are used as given (no RoPE is applied to them).
+- A cache object with an `attend(layer_idx, q, k, v)` method (q/k/v after RoPE, `[1, heads, N, head_dim]`)
+  computes the attention itself: lorart.serving packs the tokens of many requests into one row of N tokens,
+  each request attending only to its own keys (per-request KV caches, continuous batching).
 """
 from __future__ import annotations
 
@@ -120,6 +123,9 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and hasattr(cache, "attend"):  # packed sequences, each with its own cache (serving)
+            out = cache.attend(self.layer_idx, q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         is_causal = mask is None and T > 1 and k.shape[2] == T

@@ -8,10 +8,9 @@ import re
 from datetime import datetime
 from typing import Optional, Sequence, Union
 
-import tokenizers
-
 from ..errors import FileFormatError, InputError
 from ..fileformats import read_json
+from ..sysinfo import require
 
 
 def _token_str(t) -> Optional[str]:
@@ -27,7 +26,7 @@ class Tokenizer:
     `eos_ids` lists every id that ends generation (e.g. Llama 3 has several).
     """
 
-    def __init__(self, tk: tokenizers.Tokenizer, *, bos_token: Optional[str] = None,
+    def __init__(self, tk: "tokenizers.Tokenizer", *, bos_token: Optional[str] = None,
                  eos_token: Optional[str] = None, pad_token: Optional[str] = None,
                  chat_template: Optional[str] = None, add_bos_token: bool = False,
                  extra_eos_ids: Sequence[int] = ()):
@@ -106,6 +105,7 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
             return None
+        tokenizers = require("tokenizers", "reading tokenizer.json")
         try:
             tk = tokenizers.Tokenizer.from_file(path)
         except Exception as e:   # the tokenizers library raises a bare Exception for a corrupt file
@@ -239,12 +239,10 @@ def render_bounded(template, variables: dict) -> str:
 
 
 def _compile_template(source: str):
-    try:
-        import jinja2
-        from jinja2.compiler import CodeGenerator
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("chat templates need jinja2: pip install jinja2") from e
+    require("jinja2", "a chat template")
+    import jinja2
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedCodeGenerator(CodeGenerator):
         def visit_Concat(self, node, frame):   # `a ~ b`: its result is checked too

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 from .._atomic import strict_json
 from ..methods import METHODS, MethodError
 from .compare_report import write_reports
+from .options import OptionError, TrainOptions
+from .reporting import check_installed
 
 # each method's learning rate in the range the literature uses, scaled for a few dozen steps (Method.default_lr)
 DEFAULT_LR = {name: cls.default_lr for name, cls in METHODS.items()}
@@ -38,10 +40,17 @@ def compare(methods: Sequence[str] | str = tuple(METHODS), model: Optional[str] 
             eval_data: Optional[str] = None, output_dir: str = "lorart-compare", max_steps: int = 20,
             batch_size: int = 4, max_seq_len: int = 96, seed: int = 0, num_samples: int = 16,
             lr: Optional[dict | float] = None, method_options: Optional[dict] = None, device: str = "auto",
-            general: bool = True, progress: bool = True) -> dict:
+            general: bool = True, progress: bool = True, report_to="none") -> dict:
     """Train each method (same data, steps, batch and seed; each with its own learning rate, DEFAULT_LR unless
-    `lr` gives one for all or a {method: lr} dict) and write the comparison. Returns {"rows", "paths"}."""
+    `lr` gives one for all or a {method: lr} dict) and write the comparison. Returns {"rows", "paths"}.
+    `report_to` as lorart.train's: each method is a run of the trackers (TensorBoard: OUTPUT_DIR/runs/METHOD/
+    tensorboard, so `tensorboard --logdir OUTPUT_DIR/runs` shows them side by side)."""
     methods = _parse_methods(methods)
+    try:
+        trackers = TrainOptions(report_to=report_to).trackers()
+    except OptionError as e:
+        raise MethodError(f"lorart.compare: argument `report_to`: {e.detail}") from None
+    check_installed(trackers)   # a missing tracker package fails here, not in the first method's process
     for name, v in (("max_steps", max_steps), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise MethodError(f"lorart.compare: argument `{name}`: expected an int >= 1, got {v!r}")
@@ -61,7 +70,8 @@ def compare(methods: Sequence[str] | str = tuple(METHODS), model: Optional[str] 
         spec = {"method": m, "model": model, "data": data, "eval_data": eval_data, "max_steps": max_steps,
                 "batch_size": batch_size, "max_seq_len": max_seq_len, "seed": seed, "num_samples": num_samples,
                 "lr": lrs[m], "method_options": (method_options or {}).get(m), "device": device,
-                "general": general, "output_dir": os.path.join(out, "runs", m), "eval_before": m == first_identity}
+                "general": general, "output_dir": os.path.join(out, "runs", m), "eval_before": m == first_identity,
+                "report_to": list(trackers)}
         if progress:
             print(f"[{i + 1}/{len(methods)}] {m}: training {max_steps} steps (lr {lrs[m]:g}) ...", file=sys.stderr,
                   flush=True)
@@ -108,19 +118,27 @@ def add_subcommand(sub) -> None:
     c = sub.add_parser("compare", help="train several methods on the same data and compare them (table + chart)")
     c.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     c.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    c.add_argument("--data", help="training JSONL (default: the bundled answer-format set)")
-    c.add_argument("--eval-data", help="held-out JSONL (default: the bundled held-out set with the default data)")
-    c.add_argument("--output-dir", default="lorart-compare")
-    c.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])
-    c.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    c.add_argument("--max-seq-len", type=int, default=DEFAULTS["max_seq_len"])
+    c.add_argument("--data", help="training data, as train's --data (default: the bundled answer-format set)")
+    c.add_argument("--eval-data", help="held-out data, as train's --eval-data (default: the bundled held-out set with "
+                                       "the default data)")
+    c.add_argument("--output-dir", default="lorart-compare", help="where the table, chart and runs go (default "
+                                                                  "%(default)s)")
+    c.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"],
+                   help="optimizer steps per method (default %(default)s)")
+    c.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="examples per step (default "
+                                                                                   "%(default)s)")
+    c.add_argument("--max-seq-len", type=int, default=DEFAULTS["max_seq_len"],
+                   help="tokens per example; longer ones are truncated (default %(default)s)")
     c.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"],
-                   help="held-out prompts answered greedily for the task accuracy")
-    c.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+                   help="held-out prompts answered greedily for the task accuracy (default %(default)s)")
+    c.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="the same seed for every method (default "
+                                                                       "%(default)s)")
     c.add_argument("--lr", type=float, help="one learning rate for every method (default: per method, "
                                             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     c.add_argument("--no-general", action="store_true", help="skip the general-text perplexity (forgetting) check")
+    c.add_argument("--report-to", default="none", metavar="TRACKERS",
+                   help="experiment trackers, as for train: each method is one run (default %(default)s)")
     c.set_defaults(func=_cmd_compare)
 
 
@@ -128,7 +146,7 @@ def _cmd_compare(args) -> int:
     res = compare(args.methods, model=args.model, data=args.data, eval_data=args.eval_data,
                   output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                   max_seq_len=args.max_seq_len, seed=args.seed, num_samples=args.num_samples, lr=args.lr,
-                  device=args.device, general=not args.no_general)
+                  device=args.device, general=not args.no_general, report_to=args.report_to)
     with open(res["paths"]["markdown"]) as f:
         print(f.read())
     for k, p in res["paths"].items():

@@ -12,7 +12,7 @@ import torch
 from .._atomic import strict_json
 from ..models import generate, load_model
 from .run import train
-from .setup import resolve_device
+from .setup import default_dtype, resolve_device
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -52,7 +52,7 @@ def _exact(samples: list) -> float | None:
 def run(spec: dict) -> dict:
     dev = resolve_device(spec.get("device", "auto"))
     torch.manual_seed(spec["seed"])
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     model, tok = load_model(spec.get("model"), dtype=dtype, device=dev)
     vocab = model.config.vocab_size
     base_lat = measure_latency(model, vocab, dev)
@@ -65,7 +65,8 @@ def run(spec: dict) -> dict:
                 batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], seed=spec["seed"],
                 warmup=spec.get("warmup", 2), eval_every=spec["max_steps"], save_every=spec["max_steps"],
                 num_samples=spec["num_samples"], sample_max_new_tokens=spec.get("sample_max_new_tokens", 24),
-                keep_checkpoints=1, eval_before=spec.get("eval_before", True), overwrite=True)
+                keep_checkpoints=1, eval_before=spec.get("eval_before", True), overwrite=True,
+                report_to=spec.get("report_to") or "none")
     meth = res.method
     rep = meth.report()
     merged = bool(meth.merge())

@@ -17,7 +17,8 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
-from .._atomic import describe_os_error, os_error_of, remove_stale_temps, strict_json, write_json_atomic
+from .._atomic import (atomic_file, describe_os_error, os_error_of, remove_stale_temps, strict_json,
+                       write_json_atomic)
 from ..errors import OutputError, write_error
 from .checkpoint import checkpoint_root, latest_checkpoint
 
@@ -26,7 +27,9 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "samples.md", "loss.png")
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "samples.md", "loss.png", "config.yaml")
+# (the experiment trackers' folders, tensorboard/ wandb/ mlruns/, hold one sub-run per run: never removed)
+CONFIG_HEADER = "# lorart train configuration"   # how config.yaml starts when lorart wrote it (config.py)
 LOCK = ".lorart.lock"
 METRICS = "metrics.jsonl"
 
@@ -51,7 +54,14 @@ class RunFolder:
         """The RUN_FILES a previous run left here."""
         if not os.path.isdir(self.path):
             return []
-        return [f for f in RUN_FILES if os.path.lexists(self.join(f))]
+        return [f for f in RUN_FILES if os.path.lexists(self.join(f)) and (f != "config.yaml" or self._our_config())]
+
+    def _our_config(self) -> bool:
+        try:
+            with open(self.join("config.yaml"), "rb") as f:
+                return f.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode()
+        except OSError:
+            return False
 
     def check_allowed(self, resume, overwrite: bool) -> None:
         """Refuse a folder holding a previous run unless resuming or overwriting (checked before any loading)."""
@@ -67,6 +77,10 @@ class RunFolder:
             st = os.statvfs(parent) if hasattr(os, "statvfs") else None
             why = "read-only file system" if st is not None and st.f_flag & os.ST_RDONLY else "permission denied"
             raise ValueError(f"lorart.train: argument `output_dir`: {self.path} cannot be written ({parent}: {why})")
+        if os.path.lexists(self.join("config.yaml")) and not self._our_config():
+            raise ValueError(f"lorart.train: argument `output_dir`: {self.join('config.yaml')} was not written by "
+                             "lorart, which writes the run's resolved configuration there; move it, or choose "
+                             "another output_dir")
         prev = self.previous_run()
         if prev and not resume and not overwrite:
             raise ValueError(f"lorart.train: argument `output_dir`: {self.path} holds a previous run "
@@ -154,6 +168,14 @@ class RunFolder:
         if self._metrics_fd is not None:
             os.close(self._metrics_fd)
             self._metrics_fd = None
+
+    def write_text(self, name: str, text: str) -> str:
+        path = self.join(name)
+        with self.writing(name, path):
+            with atomic_file(path) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+        return path
 
     def write_json(self, name: str, obj, lines: bool = False) -> str:
         path = self.join(name)

@@ -6,11 +6,22 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence, Union
 
+from ..errors import InputError
 from ..methods import METHODS
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # the answer format of the bundled default data (python/lorart/data/default)
 DEFAULT_FORMAT_REGEX = r"ANSWER: [^|\n]*\S[^|\n]* \| CONFIDENCE: (high|medium|low)"
+TRACKERS = ("tensorboard", "wandb", "mlflow")   # report_to: the experiment trackers lorart.training.reporting knows
+
+
+class OptionError(InputError):
+    """A TrainOptions field with a bad value: `name` is the field, `detail` what was expected and what came (the
+    config-file loader re-words it as `FILE: key `name`: detail`)."""
+
+    def __init__(self, name: str, detail: str):
+        super().__init__(f"lorart.train: argument `{name}`: {detail}")
+        self.name, self.detail = name, detail
 
 
 @dataclass
@@ -48,14 +59,15 @@ class TrainOptions:
     format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
     log_every: int = 1
     keep_checkpoints: int = 2
-    dtype: Optional[str] = None              # None: bf16 on CUDA, fp32 on CPU
+    dtype: Optional[str] = None              # None: setup.default_dtype; float16 trains with loss scaling
+    report_to: Union[str, Sequence[str]] = "none"  # "none" or TRACKERS names (a list or comma-separated)
     fsdp: bool = False                       # under torchrun: shard with FSDP2 instead of replicating (DDP)
     dist_timeout: float = 600.0              # seconds a rank waits for the others before it stops (torchrun)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainOptions":
         def bad(name, expected, got):
-            raise ValueError(f"lorart.train: argument `{name}`: expected {expected}, got {got!r}")
+            raise OptionError(name, f"expected {expected}, got {got!r}")
 
         if self.method not in METHODS:
             bad("method", "one of " + ", ".join(METHODS), self.method)
@@ -114,8 +126,21 @@ class TrainOptions:
             try:
                 re.compile(self.format_regex)
             except re.error as e:
-                raise ValueError(f"lorart.train: argument `format_regex`: invalid regex: {e}") from None
+                raise OptionError("format_regex", f"invalid regex: {e}") from None
+        self.report_to = self.trackers()
         return self
+
+    def trackers(self) -> tuple:
+        """report_to as a tuple of TRACKERS names ("none" -> ()); OptionError for anything else."""
+        v = self.report_to
+        names = [t.strip() for t in v.split(",")] if isinstance(v, str) else v
+        if not isinstance(names, (list, tuple)) or not all(isinstance(t, str) for t in names):
+            raise OptionError("report_to", f"expected 'none' or some of {', '.join(TRACKERS)}, got {v!r}")
+        names = [t for t in names if t and t != "none"]
+        bad = [t for t in names if t not in TRACKERS]
+        if bad:
+            raise OptionError("report_to", f"expected 'none' or some of {', '.join(TRACKERS)}, got {bad[0]!r}")
+        return tuple(dict.fromkeys(names))
 
     @classmethod
     def from_keywords(cls, options: dict) -> "TrainOptions":
@@ -132,7 +157,8 @@ class TrainOptions:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
+        for k in ("targets", "report_to"):
+            d[k] = d[k] if isinstance(d[k], str) else list(d[k])
         return d
 
     # options that change the training trajectory: a checkpoint only resumes a run with the same ones
@@ -144,6 +170,14 @@ class TrainOptions:
     def fingerprint(self) -> dict:
         d = self.to_dict()
         return {k: d[k] for k in self.TRAJECTORY}
+
+
+def parse_targets(s: str):
+    """A targets string as the command line and config files read it: "all-linear" and regexes stay a string,
+    "q_proj,v_proj" becomes a tuple of module names."""
+    if s == "all-linear" or any(c in s for c in "^$*+?[]()\\|"):
+        return s
+    return tuple(t.strip() for t in s.split(",") if t.strip())
 
 
 def option_names() -> list:

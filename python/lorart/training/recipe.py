@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
@@ -27,17 +28,21 @@ from .._atomic import strict_json
 from ..data import batch_indices, collate
 from ..methods import method_class
 from ..methods.base import make_config
+from ..errors import InputError, MissingExtraError
 from ..optim import PagedAdamW
 from . import sharding
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
+from .config import CONFIG_FILE, config_header, dump_config, resolved_config
 from .distributed import Distributed
 from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples, target_tokens
 from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint, tensors_digest
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
+from .precision import LossScaler, check_method
 from .progress import Progress
+from .reporting import Reporter
 from .result import TrainResult, format_metrics
 from .setup import attach_method, format_regex_for, load_base, load_data, method_config, resolve_device, resolve_dtype
 
@@ -63,6 +68,8 @@ class RunState:
     best_weights: Optional[dict] = None                 # with early stopping: the trainable weights of best_step
     stopped_early: bool = False
     skipped: list = field(default_factory=list)         # steps skipped for a non-finite loss / gradient norm
+    overflow_steps: list = field(default_factory=list)  # float16: steps skipped for a loss-scale overflow
+    trackers: dict = field(default_factory=dict)        # the experiment trackers' run names (reporting.py)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -91,15 +98,19 @@ class Recipe:
     def __init__(self, opts: TrainOptions, output_dir="lorart-output", *, device="auto", progress: bool = True,
                  stream=None, callback: Optional[Callable[[dict], Optional[bool]]] = None):
         self.opts = opts
+        self.reporter = Reporter(opts.trackers())   # a tracker's missing package fails here, before any loading
         self.folder = RunFolder(output_dir)
+        self.device_arg = device
         self.dist, self.device = Distributed.from_env(resolve_device(device), opts.dist_timeout, opts.fsdp)
-        self.dtype = resolve_dtype(opts, self.device)
+        self.dtype = resolve_dtype(opts, self.device, method_class(opts.method).keeps_dtypes)
+        check_method(method_class(opts.method), self.dtype)   # float16 needs float32 trainable weights
         self.callback = callback
         self.progress = Progress(0, stream=stream if stream is not None else sys.stderr, log_every=opts.log_every,
                                  enabled=progress and self.dist.is_main)
         self.state = RunState()
         self.notes: list = []
         self._order: dict = {}
+        self._finished = False
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self, model=None, data=None, *, tokenizer=None, eval_data=None, general_data=True, resume=False,
@@ -117,6 +128,7 @@ class Recipe:
             self.train_model = dist.wrap(self.model)   # DDP, or sharded in place by FSDP2; the model itself alone
             self._setup_optimizer()
             self._take_folder(resume, overwrite)
+            dist.on_main(lambda: self._start_reporting(model, data, eval_data, general_data))   # rank 0's trackers
             o, d = self.opts, self.data
             ranks = "" if dist.single else (f"; {dist.world_size} processes ({dist.backend}, "
                                             f"{'FSDP2' if dist.fsdp else 'DDP'})")
@@ -168,6 +180,7 @@ class Recipe:
         self.optimizer = PagedAdamW(list(self.params.values()), lr=o.lr, weight_decay=o.weight_decay)
         warmup = min(o.warmup_steps(self.total), self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, self.total, warmup))
+        self.scaler = LossScaler(self.device, self.dtype, self.optimizer)   # float16: dynamic loss scaling
 
     def _take_folder(self, resume, overwrite: bool) -> None:
         """Rank 0 takes the folder (lock, overwrite) and reads the checkpoint to resume; every rank restores it."""
@@ -186,6 +199,26 @@ class Recipe:
             self.progress.message(f"no checkpoint in {self.folder.path}: starting from the beginning")
             self.folder.clear_previous()
         return found
+
+    def _start_reporting(self, model, data, eval_data, general_data) -> None:
+        """config.yaml (the resolved configuration, which repeats the run) and the experiment trackers."""
+        cfg = resolved_config(self.opts, model=model, data=data, eval_data=eval_data, general_data=general_data,
+                              output_dir=self.folder.path, device=self.device_arg)
+        try:
+            text = dump_config(cfg, config_header(self.device_arg, self.device, self.opts.dtype, self.dtype))
+            self.folder.write_text(CONFIG_FILE, text)
+        except MissingExtraError as e:   # no pyyaml: the run goes on, and says so
+            self.notes.append(f"{CONFIG_FILE} was not written: {str(e).removeprefix('lorart: ')}")
+            text = json.dumps(cfg, indent=2)
+        name = os.path.basename(self.folder.path) + (f" (resumed at step {self.state.step})" if self.state.step
+                                                     else "")
+        try:
+            self.reporter.start(self.folder.path, name, self.state, cfg, text)
+        except InputError:
+            self.reporter.close(ok=False)
+            if not self.state.step:   # nothing trained yet: leave no run behind (a retry needs no --overwrite)
+                self.folder.clear_previous()
+            raise
 
     def find_checkpoint(self, checkpoint=True) -> Optional[tuple]:
         """(folder, state) of the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones
@@ -250,6 +283,7 @@ class Recipe:
                 sharding.local_of(p).copy_(saved["weights"][n])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved.get("scaler") or {})
         ranks = saved.get("rng_ranks") or [saved["rng"]]
         if len(ranks) == self.dist.world_size:   # the same world size: each rank's own dropout stream
             set_rng_state(ranks[self.dist.rank], self.device)
@@ -283,6 +317,7 @@ class Recipe:
                 st.before, st.samples_before = self.evaluate()
                 self.progress.message(f"before training: {format_metrics(st.before)} "
                                       f"({time.perf_counter() - t0:.1f} s)")
+                self.reporter.before(st.before)
             else:
                 st.before = {"eval_loss": None, "eval_ppl": None, "general_ppl": None, "format_accuracy": None}
             # the dropout stream starts here (one per rank); checkpoints hold its state
@@ -336,7 +371,7 @@ class Recipe:
             with self.dist.no_sync(self.train_model, last=k == len(batches) - 1):
                 with autocast_ctx(self.device, self.dtype):
                     nll, _ = batch_nll_sum(self.model, part, self.device, self.train_model)
-                (nll * weight / max(ntgt, 1)).backward()
+                self.scaler.backward(nll * weight / max(ntgt, 1))   # float16: times the loss scale
             total += float(nll.detach()) * weight
             del nll
         return total, ntgt
@@ -352,19 +387,23 @@ class Recipe:
         return float(norm)
 
     def step(self) -> dict:
-        """One optimizer step; its metrics record. A non-finite loss or gradient norm is never applied: the
+        """One optimizer step; its metrics record. A non-finite loss or gradient norm is never applied: with
+        float16, an overflow of the loss scale skips the step and lowers the scale (precision.py); otherwise the
         step is skipped (within `skip_nonfinite`) or the run stops with NonFiniteError."""
         st = self.state
         t0 = time.perf_counter()
         batches, idx = self.next_batches()
         loss_sum, ntgt = self.forward_backward(batches)
         loss_sum = self.dist.sum([loss_sum])[0]
+        self.scaler.unscale()
         loss, gnorm = loss_sum / max(ntgt, 1), self.grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
-        finite = math.isfinite(loss) and math.isfinite(gnorm)
-        if finite:
-            self.optimizer.step()
-        self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
+        scale = self.scaler.scale
+        outcome = self.scaler.outcome(loss, gnorm)
+        self.scaler.step(outcome)   # the update when "ok"; the loss scale adjusted
+        with warnings.catch_warnings():   # a skipped first step is meant: torch would warn the order is wrong
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            self.scheduler.step()   # a skipped step still advances the schedule: lr stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         dt = time.perf_counter() - t0
@@ -374,14 +413,23 @@ class Recipe:
         rec = {"step": st.step, "epoch": round(st.epoch + st.pos / self.batches_per_epoch, 4), "loss": loss,
                "grad_norm": gnorm, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
                "elapsed_s": round(st.train_time_s, 3)}
-        if not finite:
+        if self.scaler.enabled:
+            rec["loss_scale"] = scale
+        if outcome == "overflow":
+            rec["overflow"] = True
+            st.overflow_steps.append(st.step)
+            self.progress.message(f"step {st.step}: float16 gradients overflowed at loss scale {scale:g}: step "
+                                  f"skipped, scale lowered to {self.scaler.scale:g} ({len(st.overflow_steps)} "
+                                  "overflow steps so far)")
+        elif outcome == "nonfinite":
             self._non_finite(rec)
         return rec
 
     def _non_finite(self, rec: dict) -> None:
         st, o = self.state, self.opts
         what = f"the loss is {rec['loss']}" if not math.isfinite(rec["loss"]) else \
-            f"the gradient norm is {rec['grad_norm']}"
+            f"the gradient norm is {rec['grad_norm']}" + (
+                f" even at the smallest float16 loss scale ({rec['loss_scale']:g})" if "loss_scale" in rec else "")
         st.skipped.append(st.step)
         rec["skipped"] = True
         if len(st.skipped) <= o.skip_nonfinite:
@@ -391,6 +439,7 @@ class Recipe:
         st.history.append(rec)
         if self.dist.is_main:
             self.folder.append_metrics([rec])
+        self.reporter.log_records([rec], self.state, self.scaler, self.device)   # trackers: rank 0's only
         raise self._agreed(NonFiniteError(
             f"lorart.train: step {st.step}: {what} (not finite): training stopped without applying it; no adapter "
             f"was written; newest checkpoint kept: {latest_checkpoint(self.folder.path) or 'none'}. Lower lr or "
@@ -427,6 +476,7 @@ class Recipe:
             st.history.extend(records)
             if self.dist.is_main:
                 self.folder.append_metrics(records)
+            self.reporter.log_records(records, st, self.scaler, self.device)   # trackers: rank 0's only
             if st.step % self.save_every == 0 or st.step == self.total or st.stopped_early:
                 self.save_checkpoint()
             # a callback on any rank stops them all
@@ -450,7 +500,8 @@ class Recipe:
         st, dist = self.state, self.dist
         state = {"weights": dist.full_state(self.params),
                  "optimizer": dist.full_optimizer_state(self.optimizer.state_dict()),
-                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device), "state": st.to_dict()}
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": rng_state(self.device), "state": st.to_dict()}
         if not dist.single:
             state.update(world_size=dist.world_size, rng_ranks=dist.gather(rng_state(self.device)))
 
@@ -506,14 +557,22 @@ class Recipe:
             train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None, train_time_s=st.train_time_s,
             tokens_per_s=tps, memory=mem, history=st.history, samples_before=st.samples_before,
             samples_after=samples_after, notes=self.notes, model=self.model, tokenizer=self.tokenizer,
-            method=self.method, skipped_steps=list(st.skipped))
+            method=self.method, skipped_steps=list(st.skipped), overflow_steps=list(st.overflow_steps))
         mem_ranks = dist.gather(mem)
-        dist.on_main(lambda: out.write_json("summary.json", self.summary(res, mem_ranks)))
+
+        def write_summary():
+            summary = self.summary(res, mem_ranks)
+            out.write_json("summary.json", summary)
+            self.reporter.finish(st.before, after, st.step, summary)
+        dist.on_main(write_summary)
         pg.message(comparison_table(st.before, after))
         mem_txt = ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())
-        pg.message(f"{st.step} steps in {st.train_time_s:.1f} s ({tps:,.0f} tok/s); {mem_txt}; outputs in {out.path}")
+        fp16 = f"; {len(st.overflow_steps)} float16 overflow steps skipped" if self.scaler.enabled else ""
+        pg.message(f"{st.step} steps in {st.train_time_s:.1f} s ({tps:,.0f} tok/s); {mem_txt}{fp16}; outputs in "
+                   f"{out.path}")
         for n in self.notes[1 if self.notes and self.notes[0].startswith("restored") else 0:]:
             pg.message("note: " + n)
+        self._finished = True
         return res
 
     def _write_outputs(self, samples_after: list, after: dict) -> dict:
@@ -541,7 +600,7 @@ class Recipe:
         out = {k: getattr(res, k) for k in ("output_dir", "adapter_dir", "metrics_path", "samples_path", "plot_path",
                                             "steps", "total_steps", "stopped_early", "best_step", "before", "after",
                                             "train_loss", "train_time_s", "tokens_per_s", "memory", "skipped_steps",
-                                            "notes")}
+                                            "overflow_steps", "notes")}
         out.update({"method": self.method.report(), "artifact_bytes": self.method.storage_bytes(res.adapter_dir),
                     "model": self.model_name, "device": str(self.device),
                     "dtype": str(self.dtype).replace("torch.", ""), "train_data": d.train_path,
@@ -553,5 +612,8 @@ class Recipe:
 
     def close(self, failed: bool = False) -> None:
         self.progress.close()
-        self.folder.release()
-        self.dist.close(failed)
+        try:
+            self.reporter.close(ok=self._finished)
+        finally:
+            self.folder.release()
+            self.dist.close(failed)

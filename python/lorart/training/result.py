@@ -32,6 +32,7 @@ class TrainResult:
     tokenizer: Any = field(repr=False, default=None)
     method: Any = field(repr=False, default=None)   # the lorart.methods.Method trained (report(), merge(), ...)
     skipped_steps: list = field(default_factory=list)   # steps skipped for a non-finite loss (skip_nonfinite)
+    overflow_steps: list = field(default_factory=list)  # float16: steps skipped for a loss-scale overflow
 
 
 def format_metrics(mt: dict) -> str:

@@ -13,12 +13,19 @@ from ..data import default_dataset_paths, load_examples, pack_examples, split_ex
 from ..methods import Method, prepare
 from ..models import LlamaForCausalLM, Tokenizer, base_model_id, load_model
 from ..models.loading import as_dtype
+from ..sysinfo import check_gpu
 from .options import DEFAULT_FORMAT_REGEX, TrainOptions
 
 
 def resolve_device(device) -> torch.device:
+    """The torch.device a run or a command uses ("auto": the GPU when lorart's kernels can use it). A GPU whose
+    architecture the kernels were not compiled for is refused here, at the start (sysinfo.check_gpu), instead of
+    failing at its first kernel launch."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and cuda_usable() else "cpu")
+        dev = torch.device("cuda" if torch.cuda.is_available() and cuda_usable() else "cpu")
+        if dev.type == "cuda":
+            check_gpu(dev)
+        return dev
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -28,12 +35,28 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"lorart.train: argument `device`: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("lorart.train: argument `device`: 'cuda' was asked for but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"lorart.train: argument `device`: {device!r}: torch sees {torch.cuda.device_count()} CUDA "
+                         f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "cuda":
+        check_gpu(dev)
     return dev
 
 
-def resolve_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype:
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype when none is asked for: float32 on the CPU; bfloat16 on a GPU that computes in it (sm_80
+    and later), else float16 (a T4 or V100: training then uses loss scaling, precision.py)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def resolve_dtype(opts: TrainOptions, device: torch.device, keeps_dtypes: bool = False) -> torch.dtype:
+    """opts.dtype, or default_dtype; float32 instead of a default float16 for a method that keeps its trainable
+    tensors in the layers' dtype (`keeps_dtypes`: float16 loss scaling cannot unscale them, precision.py)."""
     if opts.dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
+        return torch.float32 if dtype == torch.float16 and keeps_dtypes else dtype
     return as_dtype(opts.dtype)
 
 
