@@ -7,7 +7,7 @@
 #
 # Device tool call (carry .whl for bitsandbytes; see docs/DEVELOPING.md):
 #   bash bench/gpu_check.sh            [QUICK=1 for a short run; SKIP_BUILD=1 to reuse a build]
-# Budget: under 8 minutes on an H100 (build ~1 min with 16 cores).
+# Budget: under 11 minutes on an H100 (build ~1 min with 16 cores; bench/train.py up to 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -70,6 +70,11 @@ for b in nf4 lora optim fused; do
   cat "$OUT/bench-$b.txt"
 done
 
+step "bench/train.py (whole LoRA/QLoRA steps vs PEFT and bitsandbytes + PEFT; 7B shapes, 4 layers, random weights)"
+timeout 420 $PY bench/train.py --device cuda --layers ${TRAIN_LAYERS:-4} --steps 3 --rounds 1 --timeout 180 \
+  --workdir /tmp/lorart-bench-train --json "$OUT/train.json" > "$OUT/bench-train.txt" 2>&1 || fail "bench/train.py"
+cat "$OUT/bench-train.txt"
+
 step "summary"
 {
   echo "## $(date -u +%F) — ${DEVICE:-unknown device} (bench/gpu_check.sh)"
@@ -82,7 +87,7 @@ step "summary"
   for tool in memcheck racecheck; do
     echo "compute-sanitizer $tool: \`$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.txt" | tail -1)\`"
   done
-  for b in nf4 lora optim fused; do
+  for b in nf4 lora optim fused train; do
     [ -f "$OUT/bench-$b.txt" ] || continue
     echo; echo "### bench/$b.py"; echo; echo '```'; cat "$OUT/bench-$b.txt"; echo '```'
   done

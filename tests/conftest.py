@@ -5,10 +5,16 @@ elsewhere they are skipped (with the reason), never silently dropped.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import lorart
+
+# CPU runs train in float32 unless a test asks otherwise, whatever the host's bf16 support (the default dtype of
+# lorart.train follows it: lorart.training.setup.resolve_dtype); subprocesses inherit this
+os.environ.setdefault("LORART_CPU_BF16", "0")
 
 
 def _cuda_skip_reason() -> str | None:

@@ -3,8 +3,9 @@
     import lorart
     print(lorart.build_info())
 """
-from ._core import build_info, system_info, format_build_info, cuda_compiled, cuda_usable  # noqa: F401
+from ._core import build_info, cuda_compiled, cuda_usable  # noqa: F401
 from ._core import set_num_threads, get_num_threads  # noqa: F401
+from .sysinfo import system_info, format_build_info  # noqa: F401
 from . import ops  # noqa: F401  (registers torch.ops.lorart.*)
 from . import nf4  # noqa: F401,E402
 from . import optim  # noqa: F401  (lorart.optim.PagedAdamW)

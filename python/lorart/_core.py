@@ -1,4 +1,4 @@
-"""Loading of the compiled core (lorart._C) and what the build contains."""
+"""Loading of the compiled core (lorart._C) and what the build contains (lorart.sysinfo: the machine)."""
 from __future__ import annotations
 
 import functools
@@ -56,38 +56,3 @@ def build_info() -> dict:
     info["torch_cuda"] = torch.cuda.is_available()
     info["cpu_threads"] = _C.get_num_threads()
     return info
-
-
-def system_info() -> dict:
-    """build_info() plus the machine and installation: the CPU (native bf16 / AMX), each GPU torch sees with
-    how lorart's kernels run on it, and the optional extras installed."""
-    from . import sysinfo
-
-    info = build_info()
-    info["cpu"] = sysinfo.cpu_info()
-    info["gpus"] = sysinfo.gpu_info(info.get("cuda_architectures", "") if info["cuda_compiled"] else "")
-    info["extras"] = sysinfo.extras()
-    return info
-
-
-def format_build_info(info: dict | None = None) -> str:
-    info = info or build_info()
-    lines = [f"lorart {info['version']}"]
-    if info["cuda_compiled"]:
-        rt = info["cuda_runtime_version"]
-        lines.append(
-            f"  CUDA kernels: compiled for sm_{info['cuda_architectures'].replace(',', ', sm_')} "
-            f"(CUDA runtime {rt // 1000}.{rt % 1000 // 10})"
-        )
-    else:
-        lines.append("  CUDA kernels: not compiled (CPU only)")
-    if info["gpu_usable"]:
-        lines.append(f"  GPU usable now: yes ({info['cuda_devices']} device(s))")
-    else:
-        lines.append(f"  GPU usable now: no ({info.get('gpu_unusable_reason', '')})")
-    lines.append(f"  torch {info['torch_version']} (torch.cuda available: {info['torch_cuda']})")
-    lines.append(f"  CPU kernel threads: {info['cpu_threads']}")
-    if "cpu" in info:
-        from .sysinfo import format_info
-        lines += format_info(info)
-    return "\n".join(lines)

@@ -17,8 +17,9 @@ from torch import nn
 from ._atomic import atomic_dir
 from .errors import FileFormatError, InputError
 from .fileformats import Fields, read_json, read_method_file, read_safetensors
-from .inject import lora_layers
+from .inject import ModelEdit, lora_layers
 from .nn.lora import LoRALinear, nf4_weight_of
+from .nn.selection import MUTATION_LOCK
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -264,11 +265,21 @@ def read_lora_folder(directory: str) -> tuple[LoraFileConfig, dict[str, dict[str
 def load_adapter(model: nn.Module, directory: str, name: str = "default", dropout: float | None = None,
                  activate: bool = True, trainable: bool = False) -> list[str]:
     """Load the PEFT-format adapter in `directory` into `model` as adapter `name`. Linear layers named by the
-    file that have no LoRA yet are wrapped in LoRALinear. All checks run before anything is changed. The
-    loaded weights are frozen unless `trainable`.
+    file that have no LoRA yet are wrapped in LoRALinear. All checks run before anything is changed, and a
+    failure while changing it (out of memory, an interrupt) undoes what was done. With `activate` the adapter
+    becomes the active one of the layers it covers; without, the model's output is unchanged (layers it wraps
+    run their base until an adapter is selected). The loaded weights are frozen unless `trainable`.
+    Thread-safe: loads into one model run one after the other (lorart.nn.selection.MUTATION_LOCK), and
+    forwards in other threads see each layer before or after the adapter was added, never half of it.
     Returns the module paths that received the adapter."""
-    cfg, pairs = read_lora_folder(directory)
-    wpath = os.path.join(directory, WEIGHTS_NAME)
+    cfg, pairs = read_lora_folder(directory)   # the files are read and checked before taking the lock
+    with MUTATION_LOCK:
+        return _apply_lora(model, cfg, pairs, os.path.join(directory, WEIGHTS_NAME), name, dropout, activate,
+                           trainable)
+
+
+def _apply_lora(model: nn.Module, cfg: LoraFileConfig, pairs: dict, wpath: str, name: str, dropout, activate: bool,
+                trainable: bool) -> list[str]:
     plan = []
     for path, ab in sorted(pairs.items()):
         try:
@@ -293,23 +304,21 @@ def load_adapter(model: nn.Module, directory: str, name: str = "default", dropou
     p = float(cfg.dropout if dropout is None else dropout)
     rs = cfg.rslora
     done = []
-    for path, m, A, B, r, alpha in plan:
-        if isinstance(m, LoRALinear):
-            prev = m.active_adapter
-            m.add_adapter(name, r, alpha, p, rs, init=False)
-            if not activate and prev is not None:
-                m.active_adapter = prev
-        else:
-            m = LoRALinear(m, r, alpha, p, rs, name, init=False).train(m.training)   # the replaced layer's mode
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, m)
-        with torch.no_grad():
-            wa, wb = m.lora_A[name].weight, m.lora_B[name].weight
-            wa.copy_(A.to(wa.dtype))
-            wb.copy_(B.to(wb.dtype))
-            wa.requires_grad_(trainable)
-            wb.requires_grad_(trainable)
-        done.append(path)
+    with ModelEdit(model) as edit:   # all or nothing
+        for path, m, A, B, r, alpha in plan:
+            if isinstance(m, LoRALinear):   # the adapter is complete (weights, flags) before a forward can see it
+                edit.add_adapter(m, name, r=r, alpha=alpha, dropout=p, rslora=rs, init=False, activate=activate,
+                                 weights=(A, B), trainable=trainable)
+            else:
+                new = LoRALinear(m, r, alpha, p, rs, name, init=False).train(m.training)  # the replaced layer's mode
+                with torch.no_grad():
+                    for w, t in ((new.lora_A[name].weight, A), (new.lora_B[name].weight, B)):
+                        w.copy_(t.to(w.dtype))
+                        w.requires_grad_(trainable)
+                if not activate:
+                    new.active_adapter = None
+                edit.replace(path, new)
+            done.append(path)
     return done
 
 

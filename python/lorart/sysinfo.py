@@ -8,6 +8,8 @@ import importlib.util
 import os
 import platform
 
+from . import _core
+
 # pyproject.toml's optional extras: extra -> (distribution, module) pairs (tests check the two agree)
 EXTRAS = {
     "models": (("gguf", "gguf"), ("tokenizers", "tokenizers"), ("jinja2", "jinja2"), ("matplotlib", "matplotlib"),
@@ -168,11 +170,10 @@ def check_gpu(device) -> None:
     called when a run or a command starts on a GPU, so that the user reads why instead of a kernel error."""
     import torch
 
-    from ._core import build_info
     from .errors import InputError
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
-    info = build_info()
+    info = _core.build_info()
     problem = gpu_problem(major * 10 + minor, torch.cuda.get_device_name(index),
                           str(info.get("cuda_architectures", "")), bool(info["cuda_compiled"]),
                           int(info["cuda_devices"]), str(info.get("gpu_unusable_reason", "")))
@@ -215,3 +216,35 @@ def format_info(info: dict) -> list:
                                                     f"(pip install \"lorart[{extra}]\")")
         lines.append(f"  extra [{extra}]: {state}")
     return lines
+
+
+def system_info() -> dict:
+    """build_info() plus the machine and installation: the CPU (native bf16 / AMX), each GPU torch sees with
+    how lorart's kernels run on it, and the optional extras installed."""
+    info = _core.build_info()
+    info["cpu"] = cpu_info()
+    info["gpus"] = gpu_info(info.get("cuda_architectures", "") if info["cuda_compiled"] else "")
+    info["extras"] = extras()
+    return info
+
+
+def format_build_info(info: dict | None = None) -> str:
+    info = info or _core.build_info()
+    lines = [f"lorart {info['version']}"]
+    if info["cuda_compiled"]:
+        rt = info["cuda_runtime_version"]
+        lines.append(
+            f"  CUDA kernels: compiled for sm_{info['cuda_architectures'].replace(',', ', sm_')} "
+            f"(CUDA runtime {rt // 1000}.{rt % 1000 // 10})"
+        )
+    else:
+        lines.append("  CUDA kernels: not compiled (CPU only)")
+    if info["gpu_usable"]:
+        lines.append(f"  GPU usable now: yes ({info['cuda_devices']} device(s))")
+    else:
+        lines.append(f"  GPU usable now: no ({info.get('gpu_unusable_reason', '')})")
+    lines.append(f"  torch {info['torch_version']} (torch.cuda available: {info['torch_cuda']})")
+    lines.append(f"  CPU kernel threads: {info['cpu_threads']}")
+    if "cpu" in info:
+        lines += format_info(info)
+    return "\n".join(lines)

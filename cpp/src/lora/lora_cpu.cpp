@@ -10,6 +10,7 @@
 #include "common/cpu_loop.h"
 #include "common/parallel.h"
 #include "lorart/detail/lora_math.h"
+#include "nf4/nf4_cpu_simd.h"
 
 namespace lorart::detail {
 namespace {
@@ -29,21 +30,105 @@ int64_t idx_at(const TensorView& idx, int64_t m) {
 
 }  // namespace
 
+#ifdef LORART_NF4_SIMD
+#define LORART_LORA_TARGET __attribute__((target("avx2,fma,f16c")))
+namespace {
+
+// lora_mix32 on 8 lanes.
+LORART_LORA_TARGET inline __m256i mix32_8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// One row of dropout (AVX2), bit-identical to the scalar loop: the hash of lora_dropout_hash on 8 consecutive
+// indices at a time (lanes whose 64-bit index would carry into the high word within the vector, once per 2^32
+// elements, take the scalar loop), keep = hash >= threshold (unsigned), x * keep_scale in float32, rounded to
+// the storage type as from_f32.
+template <class T>
+LORART_LORA_TARGET void dropout_row_avx2(const T* x, T* out, int64_t K, uint64_t base, const LoraDropoutKey& key,
+                                        float keep_scale) {
+  const __m256i k1 = _mm256_set1_epi32(static_cast<int>(key.k1)), thr = _mm256_set1_epi32(static_cast<int>(key.threshold));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 sc = _mm256_set1_ps(keep_scale);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const uint64_t idx = base + static_cast<uint64_t>(k);
+    const uint32_t lo = static_cast<uint32_t>(idx);
+    if (lo > 0xFFFFFFF8u) {  // the high word changes inside these 8 lanes
+      for (int j = 0; j < 8; ++j) {
+        const bool keep = lora_dropout_keep(key, idx + j);
+        out[k + j] = from_f32<T>(keep ? to_f32(x[k + j]) * keep_scale : 0.0f);
+      }
+      continue;
+    }
+    const uint32_t hi_term = static_cast<uint32_t>(idx >> 32) * 0x9E3779B1u ^ key.k2;
+    const __m256i l = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), lanes);
+    const __m256i h = mix32_8(_mm256_xor_si256(mix32_8(_mm256_xor_si256(l, k1)),
+                                               _mm256_set1_epi32(static_cast<int>(hi_term))));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h));
+    __m256 v;
+    if constexpr (std::is_same_v<T, float>) {
+      v = _mm256_loadu_ps(x + k);
+    } else if constexpr (std::is_same_v<T, bf16>) {
+      v = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k))), 16));
+    } else {
+      v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+    }
+    v = _mm256_and_ps(_mm256_mul_ps(v, sc), keep);  // dropped lanes: +0, as the scalar loop's 0.0f
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(out + k, v);
+    } else if constexpr (std::is_same_v<T, bf16>) {
+      const __m256i b = cpu::simd::to_bf16_bits(v);  // in the low half of each 32-bit lane
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), packed);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), cpu::simd::to_f16_bits(v));
+    }
+  }
+  for (; k < K; ++k) {
+    const bool keep = lora_dropout_keep(key, base + static_cast<uint64_t>(k));
+    out[k] = from_f32<T>(keep ? to_f32(x[k]) * keep_scale : 0.0f);
+  }
+}
+
+}  // namespace
+#undef LORART_LORA_TARGET
+#endif
+
+template <class T>
+void cpu_lora_dropout_row(const T* x, T* out, int64_t K, uint64_t base, const LoraDropoutKey& key,
+                          Acc<T> keep_scale) {
+#ifdef LORART_NF4_SIMD
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::simd::available()) return dropout_row_avx2<T>(x, out, K, base, key, keep_scale);
+  }
+#endif
+  for (int64_t k = 0; k < K; ++k) {
+    const bool keep = lora_dropout_keep(key, base + static_cast<uint64_t>(k));
+    out[k] = store<T>(keep ? load(x[k]) * keep_scale : Acc<T>(0));
+  }
+}
+template void cpu_lora_dropout_row<float>(const float*, float*, int64_t, uint64_t, const LoraDropoutKey&, float);
+template void cpu_lora_dropout_row<double>(const double*, double*, int64_t, uint64_t, const LoraDropoutKey&, double);
+template void cpu_lora_dropout_row<bf16>(const bf16*, bf16*, int64_t, uint64_t, const LoraDropoutKey&, float);
+template void cpu_lora_dropout_row<f16>(const f16*, f16*, int64_t, uint64_t, const LoraDropoutKey&, float);
+
 void cpu_lora_dropout(const TensorView& x, const TensorView& out, double p, uint64_t seed) {
   const int64_t M = x.shape[0], K = x.shape[1];
   const LoraDropoutKey key = lora_dropout_key(seed, p);
   dispatch_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = Acc<T>;
-    const A keep_scale = static_cast<A>(1.0 / (1.0 - p));
+    const auto keep_scale = static_cast<Acc<T>>(1.0 / (1.0 - p));
     const T* xp = x.ptr<T>();
     T* op = out.ptr<T>();
     parallel_for(M, rows_grain(K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
-        for (int64_t k = 0; k < K; ++k) {
-          const bool keep = lora_dropout_keep(key, static_cast<uint64_t>(m * K + k));
-          op[m * out.strides[0] + k] = store<T>(keep ? load(xp[m * x.strides[0] + k]) * keep_scale : A(0));
-        }
+        cpu_lora_dropout_row<T>(xp + m * x.strides[0], op + m * out.strides[0], K, static_cast<uint64_t>(m * K), key,
+                                keep_scale);
     });
   });
 }

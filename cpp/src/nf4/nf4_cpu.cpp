@@ -25,11 +25,26 @@ using detail::f16;
 template <class T>
 void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absmax, std::atomic<int64_t>& bad) {
   const int64_t nb = (n + bs - 1) / bs;
+  const bool fast = simd::available();
   detail::parallel_for(nb, 64, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(bs) + 1);
     std::vector<uint8_t> codes(static_cast<size_t>(bs) + 1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * bs, len = std::min(bs, n - s);
+      if (fast && len % 32 == 0) {  // whole 32-element units: the vector path (bit-identical)
+        const uint32_t mx = simd::absmax_bits(w + s, len);
+        if (mx >= 0x7f800000u) {
+          int64_t expected = -1;
+          bad.compare_exchange_strong(expected, b);
+          absmax[b] = NAN;
+          continue;
+        }
+        float amax;
+        std::memcpy(&amax, &mx, 4);
+        absmax[b] = amax;
+        simd::encode(w + s, len, detail::nf4_inv_scale(amax), packed + s / 2);
+        continue;
+      }
       // max |v| on the float bits (monotonic for finite values) and a non-finite flag: integer
       // reductions, which the compiler vectorizes (a float max/sum chain it may not reorder).
       uint32_t mx = 0, nonfinite = 0;
@@ -67,19 +82,11 @@ inline float block_scale(const NF4View& w, int64_t b) {
                                  w.nested_code.ptr<float>(), w.offset, b);
 }
 
-// Decodes the flat elements [e0, e1) into dst. Per block, the 16 code values times the block
-// scale are rounded to T once (the same float32 product as element-wise decoding, so the
+// Portable decode of the flat elements [e0, e1) into dst. Per block, the 16 code values times the
+// block scale are rounded to T once (the same float32 product as element-wise decoding, so the
 // result is bit-identical); then every element is one table lookup.
 template <class T>
-constexpr simd::Out out_kind() {
-  return std::is_same_v<T, float>          ? simd::Out::F32
-         : std::is_same_v<T, detail::bf16> ? simd::Out::BF16
-                                           : simd::Out::F16;
-}
-
-// (R: the type the decoded values are rounded to first, for float outputs: the GEMV's rule, see nf4_gemv)
-template <class T, class R = T>
-void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
+void decode_scalar(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
   const uint8_t* p = w.packed.ptr<uint8_t>();
   const int64_t bs = w.blocksize;
   float code[16];
@@ -88,18 +95,12 @@ void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
   while (i < e1) {
     const int64_t b = i / bs, end = std::min(e1, (b + 1) * bs);
     const float scale = block_scale(w, b);
-    const uint8_t* src = p + ((i + 1) >> 1);  // first whole byte at or after i
-    const int64_t pairs = (end - i - (i & 1)) / 2;
-    const int64_t chunks = simd::available() ? pairs / 16 : 0;
-    const bool scalar = (i & 1) || chunks * 16 < pairs || ((end - i - (i & 1)) & 1);
     T t[16];
-    if (scalar)
-      for (int q = 0; q < 16; ++q)
-        t[q] = detail::from_f32<T>(detail::to_f32(detail::from_f32<R>(code[q] * scale)));
+    for (int q = 0; q < 16; ++q) t[q] = detail::from_f32<T>(code[q] * scale);
     if (i & 1) { *dst++ = t[p[i >> 1] & 15]; ++i; }
-    if (chunks > 0)  // 16 bytes (32 elements) per step
-      simd::decode(src, chunks, scale, dst, out_kind<T>(), out_kind<R>());
-    for (int64_t k = chunks * 16; k < pairs; ++k) {
+    const uint8_t* src = p + (i >> 1);
+    const int64_t pairs = (end - i) / 2;
+    for (int64_t k = 0; k < pairs; ++k) {
       const uint8_t byte = src[k];
       dst[2 * k] = t[byte >> 4];
       dst[2 * k + 1] = t[byte & 15];
@@ -108,6 +109,34 @@ void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
     i += 2 * pairs;
     if (i < end) { *dst++ = t[p[i >> 1] >> 4]; ++i; }
   }
+}
+
+// Decodes the flat elements [e0, e1) into dst: whole blocks from a block boundary by the vector
+// kernels (nf4_cpu_simd.h), anything else (an unaligned start, a partial last block, a CPU
+// without AVX2) by decode_scalar. Both give the same bits.
+template <class T>
+void decode_range(const NF4View& w, int64_t e0, int64_t e1, T* dst) {
+  const int64_t bs = w.blocksize;
+  if (simd::available() && e0 % bs == 0) {
+    int64_t nblk = (e1 - e0) / bs;
+    if (bs == 32) nblk &= ~int64_t{1};  // the bs-32 kernel takes pairs of blocks
+    const uint8_t* src = w.packed.ptr<uint8_t>() + e0 / 2;
+    float scales[256];
+    for (int64_t b0 = 0; b0 < nblk; b0 += 256) {
+      const int64_t nb = std::min<int64_t>(256, nblk - b0);
+      for (int64_t j = 0; j < nb; ++j) scales[j] = block_scale(w, e0 / bs + b0 + j);
+      if constexpr (std::is_same_v<T, float>) {
+        if (bs >= 64) simd::decode_f32(src + b0 * bs / 2, nb, bs, scales, dst + b0 * bs);
+        else decode_scalar<T>(w, e0 + b0 * bs, e0 + (b0 + nb) * bs, dst + b0 * bs);
+      } else {
+        constexpr simd::Out kind = std::is_same_v<T, bf16> ? simd::Out::BF16 : simd::Out::F16;
+        simd::decode16(src + b0 * bs / 2, nb, bs, scales, reinterpret_cast<uint16_t*>(dst + b0 * bs), kind);
+      }
+    }
+    e0 += nblk * bs;
+    dst += nblk * bs;
+  }
+  if (e0 < e1) decode_scalar<T>(w, e0, e1, dst);
 }
 
 template <class T>
@@ -131,10 +160,14 @@ void add_lora(const GemvLora& l, int64_t r, int64_t m, float* res) {
   }
 }
 
-// res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns): AVX2+FMA where the
-// CPU has it (nf4_cpu_simd.h), else a loop the compiler vectorizes with its baseline ISA.
+template <class T>
+constexpr simd::Out out_kind() {
+  return std::is_same_v<T, float> ? simd::Out::F32 : std::is_same_v<T, bf16> ? simd::Out::BF16 : simd::Out::F16;
+}
+
+// res[i] = dot(x row i, wrow) for the m rows of x (row-major, k columns), a loop the compiler
+// vectorizes with its baseline ISA (the portable GEMV path).
 inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, float* res) {
-  if (simd::fma_available()) return simd::dot_rows(xf, m, k, w, res);
   for (int64_t i = 0; i < m; ++i) {
     const float* xr = xf + i * k;
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -147,24 +180,71 @@ inline void dot_rows(const float* xf, int64_t m, int64_t k, const float* w, floa
   }
 }
 
-// One output row r at a time: decode W[r, :] into a float row (L1-resident), then dot it
-// with each x row (converted to float once).
+// The vector GEMV (k a multiple of 64, blocksize >= 64: every 64-element step of a row lies in
+// one block). x rows are permuted once into the order in which simd::gemv_decode produces the
+// weights; one x row fuses decode and dot product, more rows decode each W row once into an
+// L1-resident buffer and share it. Every weight is code * scale rounded to T (lorart/nf4.h's rule).
+template <class T>
+void gemv_simd(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, const GemvLora* lora) {
+  constexpr simd::Out R = out_kind<T>();
+  const int64_t k = w.cols, rows = w.rows, steps = k / 64;
+  std::vector<float> xp(static_cast<size_t>(m * k));
+  int perm[64];
+  for (int e = 0; e < 64; ++e) perm[e] = simd::gemv_perm_index(e);
+  for (int64_t i = 0; i < m * k; i += 64)
+    for (int e = 0; e < 64; ++e) xp[i + perm[e]] = detail::to_f32(x[i + e]);
+  const uint8_t* packed = w.packed.ptr<uint8_t>();
+  const int64_t shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> wrow(m > 1 ? static_cast<size_t>(k) : 0), res(static_cast<size_t>(m));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e0 = r * k;
+      auto scale = [&](int64_t st) { return block_scale(w, (e0 + 64 * st) >> shift); };
+      if (m == 1) {
+        res[0] = simd::gemv_row1<R>(xp.data(), packed + e0 / 2, steps, scale);
+      } else {
+        simd::gemv_decode_row<R>(packed + e0 / 2, steps, scale, wrow.data());
+        simd::dot_rows(xp.data(), m, k, wrow.data(), res.data());
+      }
+      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
+      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
+    }
+  });
+}
+
+// One output row r at a time: decode W[r, :] rounded to T (as nf4_dequantize stores it: one rule,
+// lorart/nf4.h) into a float row (L1-resident), then dot it with each x row (converted to float once).
 template <class T>
 void gemv_t(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, const GemvLora* lora) {
   const int64_t k = w.cols, rows = w.rows;
+  if (simd::available() && k % 64 == 0 && w.blocksize >= 64) return gemv_simd<T>(x, m, w, bias, out, lora);
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = detail::to_f32(x[i]);
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> wrow(static_cast<size_t>(k)), res(static_cast<size_t>(m));
+    std::vector<T> wt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
-      // the weights decoded in float32 and rounded to T, as nf4_dequantize stores them (one rule, lorart/nf4.h)
-      decode_range<float, T>(w, r * k, (r + 1) * k, wrow.data());
+      if constexpr (std::is_same_v<T, float>) {
+        decode_range<float>(w, r * k, (r + 1) * k, wrow.data());
+      } else {
+        decode_range<T>(w, r * k, (r + 1) * k, wt.data());
+        for (int64_t j = 0; j < k; ++j) wrow[j] = detail::to_f32(wt[j]);
+      }
       dot_rows(xf.data(), m, k, wrow.data(), res.data());
       const float b = bias ? detail::to_f32(bias[r]) : 0.f;
       if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
       for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
     }
   });
+}
+
+// detail::dynamic_encode without branches (a data-dependent branch per level mispredicts half the
+// time): the number of midpoints strictly below x, ties to the lower index, NaN -> 0.
+inline uint8_t nearest256(const float* mids, float x) {
+  int idx = 0;
+  for (int step = 128; step >= 1; step >>= 1) idx += x > mids[idx + step - 1] ? step : 0;
+  return static_cast<uint8_t>(idx);
 }
 
 }  // namespace
@@ -183,6 +263,8 @@ void nf4_quantize(const TensorView& weight, int64_t n, int64_t blocksize, uint8_
 void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float* code, uint8_t* q,
                       float* nested_absmax) {
   const int64_t nn = (nb + kNF4NestedBlocksize - 1) / kNF4NestedBlocksize;
+  float mids[255];  // the same float32 midpoints as detail::dynamic_encode
+  for (int j = 0; j < 255; ++j) mids[j] = (code[j] + code[j + 1]) * 0.5f;
   detail::parallel_for(nn, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t s = c * kNF4NestedBlocksize, e = std::min(nb, s + kNF4NestedBlocksize);
@@ -190,7 +272,12 @@ void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float
       for (int64_t i = s; i < e; ++i) amax = std::max(amax, std::fabs(absmax[i] - offset));
       nested_absmax[c] = amax;
       const float inv = detail::nf4_inv_scale(amax);
-      for (int64_t i = s; i < e; ++i) q[i] = detail::dynamic_encode(code, (absmax[i] - offset) * inv);
+      int64_t i = s;
+      if (simd::available()) {
+        simd::nearest256(mids, absmax + s, (e - s) & ~int64_t{7}, offset, inv, q + s);
+        i += (e - s) & ~int64_t{7};
+      }
+      for (; i < e; ++i) q[i] = nearest256(mids, (absmax[i] - offset) * inv);
     }
   });
 }

@@ -41,6 +41,7 @@ def as_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
+
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
     mod_name, _, pname = name.rpartition(".")
     mod = model.get_submodule(mod_name)

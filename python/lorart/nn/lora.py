@@ -4,7 +4,8 @@
 
 PEFT's init (A: kaiming-uniform a=sqrt(5), B: zeros) and in-memory layout (``lora_A[name].weight`` [r, in],
 ``lora_B[name].weight`` [out, r]). Several named adapters per layer (``add_adapter``, ``set_adapter``,
-``disable_adapters``) and per-row adapter selection for mixed batches (``adapter_ids``, the grouped op).
+``disable_adapters``) and per-row adapter selection for mixed batches (``adapter_ids``, the grouped op; per
+call, per thread or per layer: lorart.nn.selection).
 
 Merging: a float base gets ``W += scaling * B @ A`` (lorart::lora_merge_, one rounding per element) after a
 copy of the original W is kept (on the host by default: ``keep_original="host"``, or "device"), so
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from ..ops import lora as lops
 from ..ops.lora_extra import lora_grouped_add_, lora_merge_, lora_merge_nonfinite
 from .nf4_linear import NF4Linear
+from .selection import MUTATION_LOCK, SELECTIONS, RowSelection, row_indices
 
 _SEED_BOUND = 1 << 62
 _tls = threading.local()
@@ -71,7 +73,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapters: list[str] = []
-        self.adapter_ids: Tensor | list | None = None  # per-row adapter selection (mixed batches)
+        self.adapter_ids: Tensor | list | None = None  # the layer's per-row adapter selection, for every thread
         self._original: Tensor | None = None            # the float base before merging (exact unmerge)
         self._merged_dense: Tensor | None = None        # NF4 base: dequant(W4) + deltas while merged
         self._original_nf4 = None                        # NF4 base before a requantizing merge
@@ -99,8 +101,15 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight.dtype, self.base_layer.weight.device
 
     def add_adapter(self, name: str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
-                    init: bool = True, dtype: torch.dtype | None = None) -> None:
-        """Add adapter `name` (PEFT init: A kaiming-uniform a=sqrt(5), B zeros) and make it active."""
+                    init: bool = True, dtype: torch.dtype | None = None, activate: bool = True,
+                    weights: tuple[Tensor, Tensor] | None = None, trainable: bool = True) -> None:
+        """Add adapter `name` (PEFT init: A kaiming-uniform a=sqrt(5), B zeros; or `weights` = (A, B) copied in)
+        and, when `activate`, make it active; its weights require grad when `trainable`. A forward in another
+        thread sees the adapter complete (weights and flags) or not at all."""
+        with MUTATION_LOCK:
+            self._add_adapter(name, r, alpha, dropout, rslora, init, dtype, activate, weights, trainable)
+
+    def _add_adapter(self, name, r, alpha, dropout, rslora, init, dtype, activate, weights, trainable) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"lorart: add_adapter: argument `name`: expected a non-empty name without '.', got {name!r}")
         if name in self.lora_A:
@@ -113,27 +122,36 @@ class LoRALinear(nn.Module):
         dt = dtype or (pdt if pdt != torch.float64 else torch.float64)
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dt)
         B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dt)
-        if init:
+        if weights is not None:
+            with torch.no_grad():
+                A.weight.copy_(weights[0].to(dt))
+                B.weight.copy_(weights[1].to(dt))
+        elif init:
             nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
             nn.init.zeros_(B.weight)
-        self.lora_A[name], self.lora_B[name] = A, B
+        A.weight.requires_grad_(trainable)
+        B.weight.requires_grad_(trainable)
+        # published last: `adapter_names` (lora_A's keys) lists the adapter only once everything is in place
         self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, float(alpha), float(dropout)
         self.use_rslora[name] = bool(rslora)
         self.scaling[name] = lops.lora_scale(alpha, r, rslora)
-        self.active_adapter = name
-        self._stack_cache = None
+        self.lora_B[name] = B
+        self.lora_A[name] = A
+        if activate:
+            self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        self._require(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"lorart: delete_adapter: adapter {name!r} is merged; unmerge first")
-        for d in (self.lora_A, self.lora_B):
-            del d[name]
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
-            d.pop(name)
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.lora_A.keys()), None)
-        self._stack_cache = None
+        with MUTATION_LOCK:
+            self._require(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"lorart: delete_adapter: adapter {name!r} is merged; unmerge first")
+            if self.active_adapter == name:
+                self.active_adapter = next((n for n in self.lora_A.keys() if n != name), None)
+            for d in (self.lora_A, self.lora_B):  # lora_A first: `adapter_names` stops listing it at once
+                del d[name]
+            for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+                d.pop(name)
+            self._stack_cache = None
 
     def _require(self, name: str) -> None:
         if name not in self.lora_A:
@@ -159,10 +177,16 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self._merged_dense, self.base_layer.bias)
         return self.base_layer(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter_ids=None) -> Tensor:
+        """``adapter_ids``: per-row adapters for this call (see lorart.nn.selection); else this thread's
+        `lorart.adapter_ids` block, else the layer's ``adapter_ids``, else the active adapter."""
+        if adapter_ids is None:
+            adapter_ids = self.adapter_ids
+            if SELECTIONS.active:  # some thread is inside a `lorart.adapter_ids` block
+                adapter_ids = SELECTIONS.lookup(self, adapter_ids)
         name = self.active_adapter
-        if self.disabled or self.adapter_ids is not None or self.merged_adapters or name is None:
-            return self._forward_special(x)
+        if self.disabled or adapter_ids is not None or self.merged_adapters or name is None:
+            return self._forward_special(x, adapter_ids)
         # the per-call path: plain dict lookups, no casts of tensors already in the right dtype
         p = self.lora_dropout[name] if self.training else 0.0
         seed = _draw_seed() if p > 0 else 0
@@ -198,28 +222,28 @@ class LoRALinear(nn.Module):
             return y if y.dtype == xdt else y.to(xdt)
         return lops.lora_linear(x, W, bias, A, B, self.scaling[name], p, seed)
 
-    def _forward_special(self, x: Tensor) -> Tensor:
+    def _forward_special(self, x: Tensor, adapter_ids) -> Tensor:
         """Disabled, mixed-batch, merged or no active adapter."""
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
             return self._base_forward(x)
-        if self.adapter_ids is not None:
-            return self._forward_mixed(x)
+        if adapter_ids is not None:
+            return self._forward_mixed(x, adapter_ids)
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return self._base_forward(x)
         raise RuntimeError(f"lorart: adapters {self.merged_adapters} are merged while {name!r} is active: "
                            "unmerge first")
 
-    def _stacks(self, dtype, device):
-        names = self.adapter_names
+    def _stacks(self, names: list[str], dtype, device):
         # parameter versions only grow, so their sum changes whenever any adapter weight is written
         ws = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
         key = (tuple(names), dtype, device, tuple(id(w) for w in ws), sum(w._version for w in ws),
                tuple(self.scaling[n] for n in names))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        c = self._stack_cache   # read once: another thread may replace it (one tuple, replaced whole)
+        if c is not None and c[0] == key:
+            return c[1]
         rmax = max(self.r[n] for n in names)
         A = torch.zeros(len(names), rmax, self.in_features, dtype=dtype, device=device)
         B = torch.zeros(len(names), self.out_features, rmax, dtype=dtype, device=device)
@@ -235,50 +259,29 @@ class LoRALinear(nn.Module):
 
     def row_indices(self, ids, rows: int, batch: int) -> Tensor:
         """Per-row adapter indices (into adapter_names; -1 = none) from names/None or ints per row or per batch."""
-        names = self.adapter_names
-        if isinstance(ids, Tensor):
-            idx = ids.to(torch.int64).reshape(-1)
-            # (a CUDA tensor is not range-checked here, which would synchronise: the kernels skip bad indices)
-        else:
-            conv = []
-            for a in ids:
-                if a is None:
-                    conv.append(-1)
-                elif isinstance(a, str):
-                    if a not in names:
-                        raise KeyError(f"lorart: adapter_ids: no adapter named {a!r} (have {names})")
-                    conv.append(names.index(a))
-                else:
-                    conv.append(int(a))
-            idx = torch.tensor(conv, dtype=torch.int64)
-        if not idx.is_cuda and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= len(names)):
-            raise ValueError(f"lorart: adapter_ids: indices must be in [-1, {len(names)}), got {idx.tolist()}")
-        if idx.numel() == batch and rows % max(batch, 1) == 0 and idx.numel() != rows:
-            idx = idx.repeat_interleave(rows // batch)
-        if idx.numel() != rows:
-            raise ValueError(f"lorart: adapter_ids: expected one id per sequence ({batch}) or per row ({rows}), "
-                             f"got {idx.numel()}")
-        return idx
+        return row_indices(ids, self.adapter_names, rows, batch)
 
-    def _forward_mixed(self, x: Tensor) -> Tensor:
+    def _forward_mixed(self, x: Tensor, ids) -> Tensor:
         if self.merged_adapters:
             raise RuntimeError("lorart: mixed-adapter batches need unmerged adapters: call unmerge() first")
         y = self._base_forward(x)
         rows = x.numel() // self.in_features
         batch = x.shape[0] if x.dim() > 1 else 1
-        ids = self.adapter_ids
-        # converted once per ids object and layer, not once per forward; the cache holds `ids` itself, so its
-        # id() cannot be reused by another object while cached
-        key = (ids._version if isinstance(ids, Tensor) else tuple(ids), rows, batch, x.device,
-               tuple(self.adapter_names))
-        c = self._ids_cache
-        if c is not None and c[0] is ids and c[1] == key:
-            idx = c[2]
+        names = tuple(self.lora_A.keys())  # one snapshot for the indices and the stacks
+        if isinstance(ids, RowSelection):  # a `lorart.adapter_ids` block: converted and cached by the block
+            idx = ids.indices(names, rows, batch, x.device)
         else:
-            idx = self.row_indices(ids, rows, batch).to(x.device, non_blocking=True)
-            self._ids_cache = (ids, key, idx)
+            # converted once per ids object and layer, not once per forward; the cache holds `ids` itself, so
+            # its id() cannot be reused by another object while cached (one tuple, replaced whole)
+            key = (ids._version if isinstance(ids, Tensor) else tuple(ids), rows, batch, x.device, names)
+            c = self._ids_cache
+            if c is not None and c[0] is ids and c[1] == key:
+                idx = c[2]
+            else:
+                idx = row_indices(ids, list(names), rows, batch).to(x.device, non_blocking=True)
+                self._ids_cache = (ids, key, idx)
         y2 = y.reshape(rows, self.out_features)
-        A, B, ranks, scales = self._stacks(y.dtype, x.device)
+        A, B, ranks, scales = self._stacks(list(names), y.dtype, x.device)
         lora_grouped_add_(y2, x.reshape(rows, -1).to(y.dtype), A, B, ranks, scales, idx)
         return y2.view(y.shape)
 

@@ -7,7 +7,8 @@ The plain path (``lm_head(h)`` then ``F.cross_entropy``) holds the logits, their
 and the gradient of the logits at once: 4 x tokens x vocab x 4 bytes (8 x 512 tokens of SmolLM2's 49,152-token
 vocabulary: 3.2 GB; Llama-3's 128K vocabulary at 8 x 2048 tokens: 34 GB). Here the rows go through in chunks
 of ``chunk_rows``: per chunk the logits are formed in the input dtype and widened to fp32 (as the plain path
-does), reduced to the loss, and, when a gradient will be needed, turned at once into the chunk's gradients
+does), reduced to the loss (via log_softmax, as F.cross_entropy), and, when a gradient will be needed, turned
+at once into the chunk's gradients
 
     dlogits = softmax(logits) - onehot(y)        (zero on ignored rows)
     dh      = dlogits.to(h.dtype) @ W             dW += dlogits.to(h.dtype).T @ h     db += dlogits.sum(0)
@@ -76,21 +77,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None
+        # Without autocast the logits and their log-softmax go into two buffers reused by every chunk: fresh
+        # 64 MiB tensors per chunk cost a page fault per 4 KiB on the CPU, and log_softmax takes one fused pass
+        # where logsumexp, sub and exp took several.
+        reuse = h.dtype == acc and weight.dtype == acc and (bias is None or bias.dtype == acc) and not _autocast_on(
+            h.device.type)
+        if reuse:
+            rows = min(chunk_rows, h.shape[0])
+            buf_logits = torch.empty(rows, V, dtype=acc, device=h.device)
+            buf_lsm = torch.empty(rows, V, dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk_rows):
             hc, yc = h[s:s + chunk_rows], labels[s:s + chunk_rows]
-            logits = F.linear(hc, weight, bias)
-            gdtype = logits.dtype  # the dtype the plain path's logits (and their gradient) would have
-            logits = logits.to(acc)
+            if reuse:
+                n = hc.shape[0]
+                logits = (torch.mm(hc, weight.t(), out=buf_logits[:n]) if bias is None
+                          else torch.addmm(bias, hc, weight.t(), out=buf_logits[:n]))
+                gdtype = acc
+                lsm = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_lsm[:n])
+            else:
+                logits = F.linear(hc, weight, bias)
+                gdtype = logits.dtype  # the dtype the plain path's logits (and their gradient) would have
+                lsm = torch.log_softmax(logits.to(acc), dim=1)
             valid = yc != ignore_index
             yv = torch.where(valid, yc, torch.zeros_like(yc)).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1)
-            nll = (lse - logits.gather(1, yv).squeeze(1)).masked_fill_(~valid, 0.0)
+            nll = lsm.gather(1, yv).squeeze(1).neg_().masked_fill_(~valid, 0.0)
             total += nll.sum()
             if not (need_h or need_w or need_b):
                 continue
-            d = logits.sub_(lse.unsqueeze(1)).exp_()          # softmax, in place of the logits
+            d = lsm.exp_()                                      # softmax, in place of the log-softmax
             d.scatter_add_(1, yv, -valid.unsqueeze(1).to(d.dtype))
-            d.mul_(valid.unsqueeze(1))
+            if d.is_cuda or not bool(valid.all()):              # (a host check would synchronise a GPU)
+                d.mul_(valid.unsqueeze(1))
             if need_b:
                 grad_b += d.sum(0)
             dg = d.to(gdtype)

@@ -17,8 +17,10 @@ from ..models.generate import generate, left_pad
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+    """torch.autocast for a run in a 16-bit dtype (CUDA bf16/fp16, CPU bf16), else nothing."""
+    if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            or device.type == "cpu" and dtype == torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 

@@ -59,7 +59,7 @@ class TrainOptions:
     format_regex: Optional[str] = None       # None: the default data's answer format, only for that data
     log_every: int = 1
     keep_checkpoints: int = 2
-    dtype: Optional[str] = None              # None: setup.default_dtype; float16 trains with loss scaling
+    dtype: Optional[str] = None              # None: setup.resolve_dtype (bf16 on native-bf16 CPUs); fp16: loss scaling
     report_to: Union[str, Sequence[str]] = "none"  # "none" or TRACKERS names (a list or comma-separated)
     fsdp: bool = False                       # under torchrun: shard with FSDP2 instead of replicating (DDP)
     dist_timeout: float = 600.0              # seconds a rank waits for the others before it stops (torchrun)

@@ -52,12 +52,26 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_dtype(opts: TrainOptions, device: torch.device, keeps_dtypes: bool = False) -> torch.dtype:
-    """opts.dtype, or default_dtype; float32 instead of a default float16 for a method that keeps its trainable
-    tensors in the layers' dtype (`keeps_dtypes`: float16 loss scaling cannot unscale them, precision.py)."""
+    """opts.dtype, or the training default: default_dtype, but bf16 on CPUs that compute bf16 natively (AVX512-BF16,
+    AMX, Arm BF16: the frozen base in bf16, steps under torch.autocast, float32 masters; float32 elsewhere, where
+    torch emulates bf16 matmuls far slower); float32 instead of a default float16 for a method that keeps its
+    trainable tensors in the layers' dtype (`keeps_dtypes`: float16 loss scaling cannot unscale them)."""
     if opts.dtype is None:
+        if device.type == "cpu" and cpu_native_bf16():
+            return torch.bfloat16
         dtype = default_dtype(device)
         return torch.float32 if dtype == torch.float16 and keeps_dtypes else dtype
     return as_dtype(opts.dtype)
+
+
+def cpu_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (lorart.sysinfo.cpu_info); LORART_CPU_BF16=0 or 1 overrides it."""
+    env = os.environ.get("LORART_CPU_BF16", "")
+    if env in ("0", "1"):
+        return env == "1"
+    from ..sysinfo import cpu_info
+
+    return bool(cpu_info()["native_bf16"])
 
 
 def as_lorart_tokenizer(tok):

@@ -86,11 +86,22 @@ LORART_HD int nf4_lo(uint8_t byte) { return byte & 15; }   // element 2k+1
 // Float32 multiply / add rounded separately (never contracted into an FMA), so the
 // double-quant scale is bit-identical on the CPU, on the GPU and in bnb (which does the
 // product in one kernel and `absmax += offset` in another).
+// On the host GCC contracts a * b + c into an FMA by default (-ffp-contract=fast) wherever the caller is compiled
+// for FMA (an AVX2+FMA kernel that inlines the scale decode), so the product is pinned in a register first.
 LORART_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  float p = a * b;
+  __asm__("" : "+x"(p));
+  return p;
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+  float p = a * b;
+  __asm__("" : "+w"(p));
+  return p;
 #else
-  return a * b;
+  volatile float p = a * b;
+  return p;
 #endif
 }
 LORART_HD float add_rn(float a, float b) {
