@@ -152,11 +152,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training options (lorart.train keywords and config keys)",
                              f"With neither --model nor --data (the quick run) these defaults change: {quick}.")
 
-    def opt(flag, hlp, **kw):
+    def opt(flag, hlp, *aliases, **kw):
         name = kw.get("dest") or flag[2:].replace("-", "_")
         if "metavar" not in kw and "choices" not in kw and kw.get("action") is None:
             kw["metavar"] = "N" if kw.get("type") in (int, int_at_least) else "X" if kw.get("type") else "VALUE"
-        g.add_argument(flag, help=f"{hlp} ({_default_text(name)})", **kw)
+        g.add_argument(flag, *aliases, help=f"{hlp} ({_default_text(name)})", **kw)
 
     flag = argparse.BooleanOptionalAction
     opt("--method", "full | lora | qlora | adapter | prefix | prompt | bitfit (docs/methods.md)",
@@ -164,7 +164,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     opt("--method-option", "an option of the method (repeatable), e.g. bottleneck=64, num_virtual_tokens=20, "
         "projection=true, init_text='Answer briefly'", dest="method_options", action="append", type=_key_value,
         metavar="KEY=VALUE")
-    opt("--r", "LoRA rank", type=int)
+    opt("--r", "LoRA rank (--lora-r: the same, for torchrun, whose parser refuses `--r` as ambiguous)",
+        "--lora-r", type=int)
     opt("--alpha", "LoRA alpha: the update is scaled by alpha / r", type=finite_float())
     opt("--dropout", "LoRA dropout on the adapter's input", type=finite_float(0, 1))
     opt("--targets", "comma-separated module names, a regex or all-linear", type=parse_targets, metavar="MODULES")
@@ -202,6 +203,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     opt("--report-to", "experiment trackers: none, tensorboard, wandb, mlflow or a comma-separated list "
         "(each an extra: pip install \"lorart[tensorboard]\"); logs go under --output-dir", metavar="TRACKERS",
         type=_trackers)
+    g = p.add_argument_group("several processes (launch with torchrun; docs/distributed.md)")
+    opt("--fsdp", "shard the model, gradients and optimizer states over the processes (FSDP2) instead of "
+        "replicating them (DDP)", action=flag)
+    opt("--dist-timeout", "seconds a process waits for the others before it stops with an error",
+        type=finite_float(1), metavar="SECONDS")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -424,5 +430,8 @@ def run(func, args) -> int:
         if os.environ.get("LORART_DEBUG"):
             raise
         msg, code = describe_error(e, getattr(args, "command", None))
-        print(f"lorart: error: {msg}", file=sys.stderr)
+        # under torchrun an error every rank raised alike is printed once, by the rank that reported it
+        reporter = getattr(e, "reported_by", None)
+        if reporter is None or str(reporter) == os.environ.get("RANK", "0"):
+            print(f"lorart: error: {msg}", file=sys.stderr)
         return code

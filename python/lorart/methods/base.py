@@ -108,7 +108,8 @@ class Method:
     What a training run asks of a method, each class answers (lorart.train and lorart.compare never compare
     method names): `base_linear_factory` (is the base quantized while it loads?), `train_options` (which
     lorart.train options configure it), `keeps_dtypes` (do its weights stay in their layer's dtype rather than
-    float32 masters?), `starts_as_base` (is the model unchanged before training?), `default_lr`.
+    float32 masters?), `starts_as_base` (is the model unchanged before training?), `default_lr`,
+    `saves_whole_model` (does `save` read every weight? a sharded run gathers them for it).
     """
 
     name: ClassVar[str] = ""
@@ -119,6 +120,7 @@ class Method:
     train_options: ClassVar[tuple] = ()  # TrainOptions fields that are options of this method (r, alpha, ...)
     keeps_dtypes: ClassVar[bool] = False  # True: trainable tensors keep the dtype of the layer they live in
     starts_as_base: ClassVar[bool] = True  # the model computes exactly the base model's function before training
+    saves_whole_model: ClassVar[bool] = False  # True: the artifact holds every weight (not only the trained ones)
     base_model_name: str | None = None   # recorded in the artifact's metadata (and PEFT's config)
 
     def __init__(self, model: nn.Module, config, init: bool = True):

@@ -31,6 +31,7 @@ class FullMethod(Method):
     optimizer = "paged_adamw"
     default_lr = 1e-4
     weights_file = MODEL_FILE
+    saves_whole_model = True
 
     def _attach(self) -> None:
         frozen4 = [n for n, m in self.model.named_modules() if nf4_weight_of(m) is not None]

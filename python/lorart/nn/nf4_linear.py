@@ -5,7 +5,8 @@
     layer.state_dict()           # the Hugging Face bnb Linear4bit keys: weight, weight.absmax, ...
 
 The packed nibbles and scales are buffers (so `.to(device)` moves them); `layer.weight` is the
-NF4Weight over them. state_dict / load_state_dict speak the HF bnb-4bit keys.
+NF4Weight over them. state_dict / load_state_dict speak the HF bnb-4bit keys. `layer.shardable()` holds them as
+frozen parameters instead, which FSDP2 shards (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class NF4Linear(nn.Module):
         if len(weight.shape) != 2:
             raise ValueError(f"lorart: NF4Linear: expected a 2-d weight [out, in], got shape {list(weight.shape)}")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self._storage_params = False
         self._set_weight(weight)
         if bias is not None:
             if bias.shape != (self.out_features,):
@@ -53,9 +55,14 @@ class NF4Linear(nn.Module):
     # ---- the weight over the buffers ------------------------------------------------------
     def _set_weight(self, w: _nf4.NF4Weight) -> None:
         for name, t in zip(_BUFFERS, (w.packed, w.absmax, w.nested_absmax, w.nested_code)):
-            self.register_buffer(name, t, persistent=False)
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            if self._storage_params and t is not None:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t, persistent=False)
         self._meta = (w.offset, w.blocksize, torch.Size(w.shape), w.dtype)
-        self._weight = w
+        self._weight = None if self._storage_params else w   # parameters: `weight` builds over them
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -64,13 +71,31 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> _nf4.NF4Weight:
-        """The NF4Weight over the buffers (one object, built once per move or swap, passed to the ops whole)."""
+        """The NF4Weight over the storage (one object, built once per move or swap, passed to the ops whole). Held
+        as parameters (`shardable`), the storage is swapped by FSDP2 at each all-gather and reshard: the object is
+        rebuilt when it no longer holds the module's current tensors."""
         w = self._weight
+        if w is not None and self._storage_params and any(
+                a is not b for a, b in zip(self._storage(), (w.packed, w.absmax, w.nested_absmax, w.nested_code))):
+            w = None
         if w is None:
             offset, blocksize, shape, dtype = self._meta
-            w = self._weight = _nf4.NF4Weight(self._nf4_packed, self._nf4_absmax, self._nf4_nested_absmax,
-                                              self._nf4_nested_code, offset, blocksize, shape, dtype)
+            w = self._weight = _nf4.NF4Weight(*self._storage(), offset, blocksize, shape, dtype)
         return w
+
+    def _storage(self) -> tuple:
+        """The packed codes, absmax, nested absmax and code: the buffers, or the parameters of `shardable`."""
+        return tuple(self._parameters[n] if n in self._parameters else self._buffers[n] for n in _BUFFERS)
+
+    def shardable(self) -> "NF4Linear":
+        """Hold the 4-bit storage (packed codes, absmax, nested scales) as frozen parameters (requires_grad=False)
+        instead of buffers, so that FSDP2 (`torch.distributed.fsdp.fully_shard`, which shards parameters and
+        leaves buffers whole) gives each rank 1/N of every tensor and all-gathers them per layer for compute. The
+        forward, `weight` and the state_dict keys stay the same; idempotent. Returns self."""
+        if not self._storage_params:
+            self._storage_params = True
+            self._set_weight(self.weight)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -91,7 +116,9 @@ class NF4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         sd = self.weight.to_bnb_state_dict(prefix)  # same key order as bnb: weight, bias, weight.*
         destination[prefix + "weight"] = sd.pop(prefix + "weight")
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (and the storage, when shardable)
+        for name in _BUFFERS:
+            destination.pop(prefix + name, None)
         for k, v in sd.items():
             destination[k] = v if keep_vars else v.detach()
 
@@ -101,6 +128,7 @@ class NF4Linear(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k not in ours}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in {prefix + n for n in _BUFFERS}]
         if not ours:
             missing_keys.append(prefix + "weight")
             return

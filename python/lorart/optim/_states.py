@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.optim import BLOCK, dynamic_map, quantize_blockwise8
-from ._paging import LAYOUT8, StateLayout
+from ._paging import LAYOUT8, StateLayout, local
 
 BNB_WRAP_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes.optim.optimizer.Optimizer8bit's key
 BNB_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
@@ -82,10 +82,30 @@ def _check8(src: dict, n: int, where: str) -> None:
             raise ValueError(f"lorart: {where}: {k} must be {nb} float elements (ceil({n} / {BLOCK})), got {got}")
 
 
+def as_dtensors(state: dict, param_groups: list) -> None:
+    """In a state_dict's "state" (indices as torch.optim.Optimizer.state_dict numbers the parameters): the float32
+    states of sharded (DTensor) parameters become DTensors over their local shards, with the parameter's mesh,
+    placements, shape and stride, as torch.optim.AdamW's states are under FSDP2. Plain parameters are untouched."""
+    index, params = {}, []
+    for g in param_groups:
+        for p in g["params"]:
+            if id(p) not in index:
+                index[id(p)] = len(params)
+                params.append(p)
+    for i, entry in list(state.items()):
+        p = params[i]
+        if local(p) is p:
+            continue
+        from torch.distributed.tensor import DTensor   # imported already: p is one
+        state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    if k in ("exp_avg", "exp_avg_sq") else v for k, v in entry.items()}   # a new dict: not self.state's
+
+
 def fill(storage: tuple, layout: StateLayout, src: dict, p: torch.Tensor, where: str) -> None:
-    """Copies a source state entry (any format above) into this optimizer's storage of p."""
+    """Copies a source state entry (any format above) into this optimizer's storage of p (a local shard: the
+    states of a sharded parameter may be DTensors, whose local shards are copied)."""
     n = p.numel()
-    src = unwrap_bnb(src)
+    src = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in unwrap_bnb(src).items()}
     is8 = "state1" in src and src["state1"].dtype == torch.uint8
     if is8:
         _check8(src, n, where)

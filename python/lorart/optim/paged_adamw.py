@@ -9,7 +9,7 @@ import torch
 
 from ..ops.optim import check_adamw_hparams, dynamic_map
 from . import _states
-from ._paging import LAYOUT8, LAYOUT32, PagedStates, StateLayout, staging_bytes
+from ._paging import LAYOUT8, LAYOUT32, PagedStates, StateLayout, local, staging_bytes
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,6 +35,11 @@ class PagedAdamW(torch.optim.Optimizer):
     load into either optimizer. load_state_dict takes any of these formats at either width (converting).
     NaN or Inf in a gradient propagate into that parameter and its states, as in torch (no check, no skip);
     with 8-bit states a NaN poisons the absmax of its 256-element block.
+
+    Sharded parameters (FSDP2's DTensors): each rank updates and holds the states of its local shard only (paged
+    like any other). With state_bits=32 the state_dict holds them as DTensors with the parameter's placements,
+    as torch.optim.AdamW's under FSDP2 (so torch.distributed.checkpoint's helpers gather and shard them); with
+    state_bits=8 the blockwise codes are those of the local shard (per-rank state, not portable across world sizes).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -90,7 +95,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self._storage = None
         self._pools = {}
 
-    def _layout_of(self, p: torch.Tensor) -> StateLayout:
+    def _layout_of(self, p: torch.Tensor) -> StateLayout:  # by the whole parameter's size, sharded or not
         return LAYOUT8 if self.state_bits == 8 and p.numel() >= self.min_8bit_size else LAYOUT32
 
     def _qmaps_on(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,17 +115,18 @@ class PagedAdamW(torch.optim.Optimizer):
         storage: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
         by_dev: dict[torch.device, list[torch.Tensor]] = {}
         for p in params:
-            if not p.is_contiguous():
-                raise ValueError(f"lorart: PagedAdamW needs contiguous parameters, got one of shape {tuple(p.shape)} "
-                                 f"and strides {p.stride()}")
-            by_dev.setdefault(p.device, []).append(p)
+            lp = local(p)
+            if not lp.is_contiguous():
+                raise ValueError(f"lorart: PagedAdamW needs contiguous parameters, got one of shape {tuple(lp.shape)} "
+                                 f"and strides {lp.stride()}")
+            by_dev.setdefault(lp.device, []).append(p)
         pools: dict[tuple[torch.device, int], PagedStates] = {}
         for dev, ps in by_dev.items():
             resident, paged = ps, []
             if dev.type == "cuda" or self._page_cpu:
                 resident, paged = self._split_budget(dev, ps)
             for p in resident:
-                storage[p] = self._layout_of(p).zeros(p)
+                storage[p] = self._layout_of(p).zeros(local(p))
             for layout in (LAYOUT32, LAYOUT8):
                 lps = [p for p in paged if self._layout_of(p) is layout]
                 if lps:
@@ -132,7 +138,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if p not in storage:
                 continue
             where = f"state of parameter {self._index_of(p)}"
-            _states.fill(storage[p], self._layout_of(p), src, p, where)
+            _states.fill(storage[p], self._layout_of(p), src, local(p), where)
             self.state[p] = _states.entries(storage[p], self._layout_of(p), self.state_bits,
                                             _states.step_value(src), self._qmaps_on(p.device))
         self._storage, self._pools = storage, pools
@@ -147,11 +153,11 @@ class PagedAdamW(torch.optim.Optimizer):
     def _chunk_elems(self, ps: list[torch.Tensor], layout: StateLayout) -> int:
         if self.page_chunk_bytes is not None:
             return self.page_chunk_bytes // layout.state_elem_bytes
-        total = sum(p.numel() for p in ps) * layout.state_elem_bytes
+        total = sum(local(p).numel() for p in ps) * layout.state_elem_bytes
         return min(64 << 20, max(4 << 20, total // 16)) // layout.state_elem_bytes
 
     def _split_budget(self, dev: torch.device, ps: list[torch.Tensor]) -> tuple[list, list]:
-        need = [self._layout_of(p).nbytes(p.numel()) for p in ps]
+        need = [self._layout_of(p).nbytes(local(p).numel()) for p in ps]
         budget = self.gpu_budget_bytes
         if budget is None:
             budget = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else 1 << 62
@@ -188,7 +194,7 @@ class PagedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
+                pl, g = local(p), local(p.grad)
                 if g.is_sparse:
                     raise RuntimeError("lorart: PagedAdamW does not support sparse gradients")
                 if g.dtype != p.dtype:
@@ -198,16 +204,16 @@ class PagedAdamW(torch.optim.Optimizer):
                 layout = self._layout_of(p)
                 if "step" not in state:
                     state.update(_states.entries(self._storage[p], layout, self.state_bits, 0.0,
-                                                 self._qmaps_on(p.device)))
+                                                 self._qmaps_on(pl.device)))
                 state["step"] += 1
                 st = int(state["step"])
-                key = (p.device, layout.bits)
+                key = (pl.device, layout.bits)
                 pool = self._pools.get(key)
                 if pool is not None and p in pool.offsets:
                     paged_work.setdefault(key, {})[p] = (g, st, group)
                     continue
-                lists = resident.setdefault((p.device, layout), ([], [], [], []))
-                for lst, t in zip(lists, (p, g, self._storage[p], st)):
+                lists = resident.setdefault((pl.device, layout), ([], [], [], []))
+                for lst, t in zip(lists, (pl, g, self._storage[p], st)):
                     lst.append(t)
             for (dev, layout), (ps, gs, sts, steps) in resident.items():
                 layout.step(ps, gs, sts, steps, group)
@@ -224,6 +230,8 @@ class PagedAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         self.synchronize()
         sd = super().state_dict()
+        if self.state_bits == 32:
+            _states.as_dtensors(sd["state"], self.param_groups)
         if self.state_bits == 8:  # exactly as bitsandbytes' Optimizer8bit.state_dict()
             sd["state"] = {k: _states.wrap_bnb(v) for k, v in sd["state"].items()}
         return sd

@@ -1,4 +1,7 @@
-"""Held-out loss / perplexity, greedy sample generations and the answer-format accuracy."""
+"""Held-out loss / perplexity, greedy sample generations and the answer-format accuracy.
+
+With several ranks (`dist`, training/distributed.py) each computes its share of the batches / prompts and the sums
+and answers are combined: every rank gets the same result."""
 from __future__ import annotations
 
 import contextlib
@@ -35,17 +38,19 @@ def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def batch_nll_sum(model, batch: dict, device: torch.device) -> tuple:
+def batch_nll_sum(model, batch: dict, device: torch.device, forward=None) -> tuple:
     """(sum of next-token NLL in fp32, number of target tokens) of one batch. lorart's own models compute it
-    from the hidden states in chunks (lorart.ops.loss): the [tokens, vocab] logits are never formed."""
+    from the hidden states in chunks (lorart.ops.loss): the [tokens, vocab] logits are never formed. `forward`:
+    the module to call instead of `model` (its DDP wrapper)."""
+    call = forward if forward is not None else model
     if getattr(model, "supports_chunked_loss", False):
         kw = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
               "labels": batch["labels"].to(device), "loss_reduction": "sum", "return_logits": False}
         if "position_ids" in batch:
             kw["position_ids"] = batch["position_ids"].to(device)
-        out = model(**kw)
+        out = call(**kw)
         return out.loss, target_tokens(batch["labels"])
-    return token_nll_sum(forward_logits(model, batch, device), batch["labels"])
+    return token_nll_sum(forward_logits(call, batch, device), batch["labels"])
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
@@ -57,8 +62,9 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list, pad_id: int, device, dtype, batch_size: int = 8) -> Optional[dict]:
-    """Token-weighted mean loss and perplexity over `examples` (in their order), dropout off."""
+def eval_loss(model, examples: list, pad_id: int, device, dtype, batch_size: int = 8, dist=None) -> Optional[dict]:
+    """Token-weighted mean loss and perplexity over `examples` (in their order), dropout off; with `dist`, each
+    rank evaluates its share of the batches and the sums are reduced."""
     if not examples:
         return None
     was = model.training
@@ -66,16 +72,20 @@ def eval_loss(model, examples: list, pad_id: int, device, dtype, batch_size: int
     total, count = 0.0, 0
     try:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # less padding
-        for s in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        for b in (batches if dist is None else dist.share(batches)):
+            batch = collate([examples[i] for i in (b or batches[0])], pad_id)   # None: a stand-in (FSDP)
             with autocast_ctx(device, dtype):
                 nll, n = batch_nll_sum(model, batch, device)
-            total += float(nll)
-            count += n
+            if b is not None:
+                total += float(nll)
+                count += n
     finally:
         model.train(was)
+    if dist is not None:
+        total, count = dist.sum([total, count])
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": count}
+    return {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": int(count)}
 
 
 def prompt_and_reference(ex) -> tuple:
@@ -92,29 +102,41 @@ def prompt_and_reference(ex) -> tuple:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, examples: list, n: int, max_new_tokens: int, device, dtype,
-                     is_lorart: bool, batch_size: int = 8) -> list:
-    """Greedy answers to the first `n` held-out prompts: [{"prompt", "reference", "output"}]."""
+                     is_lorart: bool, batch_size: int = 8, dist=None) -> list:
+    """Greedy answers to the first `n` held-out prompts: [{"prompt", "reference", "output"}]. With `dist`, each
+    rank answers its share; under FSDP the ranks decode in lockstep (every rank runs max_new_tokens steps on as
+    many prompts, the answers are cut at the first EOS), as they all-gather the weights together."""
     items = [prompt_and_reference(e) for e in examples[:n]]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    outs = []
+    eos = tokenizer.eos_ids or None
+    lockstep = dist is not None and dist.fsdp
+    mine = list(range(len(items))) if dist is None else dist.share(list(range(len(items))))
+    outs = {}
     was = model.training
     model.eval()
     try:
-        for s in range(0, len(items), batch_size):
-            chunk = items[s:s + batch_size]
-            ids, mask = left_pad([p for p, _ in chunk], pad)
+        for s in range(0, len(mine), batch_size):
+            chunk = mine[s:s + batch_size]
+            ids, mask = left_pad([items[0 if i is None else i][0] for i in chunk], pad)
             with autocast_ctx(device, dtype):
                 if is_lorart:
-                    gen = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_ids or None,
+                    gen = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=None if lockstep else eos,
                                    attention_mask=mask, pad_token_id=pad)
                 else:
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                         eos_token_id=tokenizer.eos_ids or None)
-            for row in gen:
-                outs.append(tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True).strip())
+                                         eos_token_id=eos, synced_gpus=lockstep)
+            for i, row in zip(chunk, gen):
+                new = row[ids.shape[1]:].tolist()
+                if lockstep and eos:
+                    new = new[:next((k + 1 for k, t in enumerate(new) if t in eos), len(new))]
+                if i is not None:
+                    outs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     finally:
         model.train(was)
+    if dist is not None:
+        outs = {i: o for part in dist.gather(outs) for i, o in part.items()}
+    outs = [outs[i] for i in range(len(items))]
     return [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference":
              tokenizer.decode(r, skip_special_tokens=True).strip(), "output": o} for (p, r), o in zip(items, outs)]
 

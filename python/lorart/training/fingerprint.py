@@ -32,6 +32,15 @@ def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
     h.update(sample.cpu().numpy().tobytes())
 
 
+def tensors_digest(named: dict) -> str:
+    """SHA-256 of named tensors (name, dtype, shape, the integer sum of the raw words, sampled words)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for k, t in named.items():
+            _tensor_digest(h, k, t)
+    return h.hexdigest()
+
+
 def _config_dict(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     if cfg is None:

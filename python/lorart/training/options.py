@@ -61,6 +61,8 @@ class TrainOptions:
     keep_checkpoints: int = 2
     dtype: Optional[str] = None              # None: setup.resolve_dtype (bf16 on native-bf16 CPUs); fp16: loss scaling
     report_to: Union[str, Sequence[str]] = "none"  # "none" or TRACKERS names (a list or comma-separated)
+    fsdp: bool = False                       # under torchrun: shard with FSDP2 instead of replicating (DDP)
+    dist_timeout: float = 600.0              # seconds a rank waits for the others before it stops (torchrun)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainOptions":
@@ -107,6 +109,11 @@ class TrainOptions:
             bad("num_samples", "an int >= 0", self.num_samples)
         if not isinstance(self.sample_max_new_tokens, int) or self.sample_max_new_tokens < 1:
             bad("sample_max_new_tokens", "an int >= 1", self.sample_max_new_tokens)
+        if not isinstance(self.fsdp, bool):
+            bad("fsdp", "True or False", self.fsdp)
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not (
+                math.isfinite(self.dist_timeout) and self.dist_timeout >= 1):
+            bad("dist_timeout", "a finite number of seconds >= 1", self.dist_timeout)
         if self.dtype not in (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             bad("dtype", "None, 'float32', 'bfloat16' or 'float16'", self.dtype)
         if isinstance(self.targets, (list, tuple)):

@@ -8,6 +8,8 @@
 
 `recipe.state` (RunState) is what a checkpoint restores besides the weights, optimizer, scheduler and RNG
 states; `recipe.fingerprint` says which run this is (model, data, trajectory options: fingerprint.py).
+Under torchrun the same recipe runs on every rank (`recipe.dist`, distributed.py): the global batch is split across
+the ranks, rank 0 alone writes, checkpoints hold whole tensors whatever the world size.
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ from ..methods import method_class
 from ..methods.base import make_config
 from ..errors import InputError, MissingExtraError
 from ..optim import PagedAdamW
+from . import sharding
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
 from .config import CONFIG_FILE, config_header, dump_config, resolved_config
+from .distributed import Distributed
 from .evaluate import autocast_ctx, batch_nll_sum, eval_loss, format_accuracy, generate_samples, target_tokens
-from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint
+from .fingerprint import describe_differences, examples_fingerprint, model_fingerprint, tensors_digest
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
@@ -98,12 +102,12 @@ class Recipe:
         self.reporter = Reporter(opts.trackers())   # a tracker's missing package fails here, before any loading
         self.folder = RunFolder(output_dir)
         self.device_arg = device
-        self.device = resolve_device(device)
+        self.dist, self.device = Distributed.from_env(resolve_device(device), opts.dist_timeout, opts.fsdp)
         self.dtype = resolve_dtype(opts, self.device, method_class(opts.method).keeps_dtypes)
         check_method(method_class(opts.method), self.dtype)   # float16 needs float32 trainable weights
         self.callback = callback
         self.progress = Progress(0, stream=stream if stream is not None else sys.stderr, log_every=opts.log_every,
-                                 enabled=progress)
+                                 enabled=progress and self.dist.is_main)
         self.state = RunState()
         self.notes: list = []
         self._order: dict = {}
@@ -115,22 +119,30 @@ class Recipe:
         """Load everything, then take the output folder: resume its run, replace it (`overwrite`) or start one;
         evaluate before training."""
         t0 = time.perf_counter()
-        self.folder.check_allowed(resume, overwrite)   # before any loading: a refused folder fails fast
-        self.meter = PeakMeter(self.device)
-        # the process before the model, once torch's training code is resident: the plan's framework part (CPU)
-        self._framework = warm_rss(self.opts.method, self.dtype) if self.device.type == "cpu" else 0
-        self._setup_model(model, tokenizer)
-        self._setup_data(data, eval_data, general_data)
-        self._predict_memory(model)
-        self._setup_optimizer()
-        self._take_folder(resume, overwrite)
-        self._start_reporting(model, data, eval_data, general_data)
-        o, d = self.opts, self.data
-        self.progress.message(
-            f"lorart train: {o.method} r={o.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
-            f"{str(self.dtype).replace('torch.', '')}); {len(d.train)} train / {len(d.eval)} eval examples; "
-            f"{self.total} steps of {o.batch_size}x{o.grad_accum}; setup {time.perf_counter() - t0:.1f} s")
-        self.evaluate_before()
+        dist = self.dist
+        with dist.guard(lambda: "during setup"):
+            # before any loading: a refused folder fails fast
+            dist.on_main(lambda: self.folder.check_allowed(resume, overwrite))
+            self.meter = PeakMeter(self.device)
+            # the process before the model, once torch's training code is resident: the plan's framework part (CPU)
+            self._framework = warm_rss(self.opts.method, self.dtype) if self.device.type == "cpu" else 0
+            dist.agree(lambda: self._setup_model(model, tokenizer))
+            dist.agree(lambda: self._setup_data(data, eval_data, general_data))
+            self._check_ranks(resume, overwrite)
+            self._predict_memory(model)
+            self.train_model = dist.wrap(self.model)   # DDP, or sharded in place by FSDP2; the model itself alone
+            self._setup_optimizer()
+            self._take_folder(resume, overwrite)
+            dist.on_main(lambda: self._start_reporting(model, data, eval_data, general_data))   # rank 0's trackers
+            o, d = self.opts, self.data
+            ranks = "" if dist.single else (f"; {dist.world_size} processes ({dist.backend}, "
+                                            f"{'FSDP2' if dist.fsdp else 'DDP'})")
+            self.progress.message(
+                f"lorart train: {o.method} r={o.r} on {self.model_name or type(self.model).__name__} ({self.device}, "
+                f"{str(self.dtype).replace('torch.', '')}{ranks}); {len(d.train)} train / {len(d.eval)} eval "
+                f"examples; {self.total} steps of {o.batch_size}x{o.grad_accum}; "
+                f"setup {time.perf_counter() - t0:.1f} s")
+            self.evaluate_before()
         return self
 
     def _setup_model(self, model, tokenizer) -> None:
@@ -180,6 +192,14 @@ class Recipe:
                     prediction_error=(pred / measured - 1) if pred and measured else None)
         return plan
 
+    def _check_ranks(self, resume, overwrite: bool) -> None:
+        """Every rank must run the same run: options, model, data, the trainable weights' initial values."""
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.dist.check_same({"options": self.opts.to_dict(), "fingerprint": self.fingerprint,
+                              "trainable weights": tensors_digest(trainable), "resume": str(resume),
+                              "overwrite": overwrite, "device type": self.device.type, "dtype": str(self.dtype),
+                              "torch": torch.__version__})
+
     def _setup_optimizer(self) -> None:
         o = self.opts
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -189,13 +209,22 @@ class Recipe:
         self.scaler = LossScaler(self.device, self.dtype, self.optimizer)   # float16: dynamic loss scaling
 
     def _take_folder(self, resume, overwrite: bool) -> None:
+        """Rank 0 takes the folder (lock, overwrite) and reads the checkpoint to resume; every rank restores it."""
+        found = self.dist.on_main(lambda: self._claim_folder(resume, overwrite))
+        folder = self.dist.broadcast(found[0] if found else None)
+        if folder is not None:
+            self._restore(self._shared(found[1] if found else None), folder)
+        self.dist.on_main(lambda: self.folder.open_metrics(self.state.history))
+
+    def _claim_folder(self, resume, overwrite: bool) -> Optional[tuple]:
         self.folder.claim()
         if overwrite and self.folder.previous_run():
             self.progress.message(f"overwrite: removed the previous run's {', '.join(self.folder.clear_previous())}")
-        if resume and self.resume(resume) is None:
+        found = self.find_checkpoint(resume) if resume else None
+        if resume and found is None:
             self.progress.message(f"no checkpoint in {self.folder.path}: starting from the beginning")
             self.folder.clear_previous()
-        self.folder.open_metrics(self.state.history)
+        return found
 
     def _start_reporting(self, model, data, eval_data, general_data) -> None:
         """config.yaml (the resolved configuration, which repeats the run) and the experiment trackers."""
@@ -217,9 +246,10 @@ class Recipe:
                 self.folder.clear_previous()
             raise
 
-    def resume(self, checkpoint=True) -> Optional[str]:
-        """Restore the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones are skipped
-        and reported) or the given checkpoint folder. Refuses a checkpoint of another run. None: no checkpoint."""
+    def find_checkpoint(self, checkpoint=True) -> Optional[tuple]:
+        """(folder, state) of the newest intact checkpoint of the output folder (`checkpoint=True`; damaged ones
+        are skipped and reported) or of the given checkpoint folder. Refuses a checkpoint of another run. None:
+        no checkpoint. Checkpoints past it are deleted (that future is recomputed)."""
         explicit = checkpoint is not True
         candidates = [os.path.abspath(os.fspath(checkpoint))] if explicit else list_checkpoints(self.folder.path)
         damaged = []
@@ -236,42 +266,72 @@ class Recipe:
                 raise ValueError(f"lorart.train: argument `resume`: the checkpoint {folder} belongs to another run: "
                                  f"{'; '.join(diff)}. Resume with the same model, data and options, or pass "
                                  "overwrite=True (--overwrite) to start over")
-            self._restore(saved, folder)
+            missing = set(self.params) - set(saved["weights"])
+            if missing:
+                raise ValueError(f"lorart.train: argument `resume`: {folder} lacks weights {sorted(missing)[:4]}")
             if damaged:
                 self.notes.append(f"skipped damaged checkpoints ({'; '.join(damaged)}); resumed from "
                                   f"{os.path.basename(folder)}, the newest intact one")
                 self.progress.message("resume: " + self.notes[-1])
-            remove_checkpoints_after(self.folder.path, self.state.step)
-            self.progress.message(f"resumed from {folder} at step {self.state.step}/{self.total}")
-            return folder
+            step = saved["state"]["step"]
+            remove_checkpoints_after(self.folder.path, step)
+            ranks = saved.get("world_size", 1)
+            self.progress.message(f"resumed from {folder} at step {step}/{self.total}" + (
+                f" (saved by {ranks} processes, resumed by {self.dist.world_size})"
+                if ranks != self.dist.world_size else ""))
+            return folder, saved
         if damaged:
             raise ValueError(f"lorart.train: argument `resume`: no intact checkpoint in {self.folder.path} "
                              f"({'; '.join(damaged)}); pass overwrite=True (--overwrite) to start over")
         return None
 
+    def _shared(self, saved: Optional[dict]) -> dict:
+        """Rank 0's checkpoint on every rank, weights and optimizer states as each rank's part (distributed.py);
+        the early-stopping weights stay whole on rank 0."""
+        if self.dist.single:
+            return saved
+        best = saved["state"].pop("best_weights", None) if saved is not None else None
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def like(path):
+            if len(path) == 2 and path[0] == "weights":
+                return self.params.get(path[1])
+            if len(path) == 4 and path[:2] == ("optimizer", "state") and path[3] in ("exp_avg", "exp_avg_sq"):
+                return order[path[2]]
+            return None
+        out = self.dist.share_checkpoint(saved, like)
+        out["state"]["best_weights"] = best
+        return out
+
     def _restore(self, saved: dict, folder: str) -> None:
-        missing = set(self.params) - set(saved["weights"])
-        if missing:
-            raise ValueError(f"lorart.train: argument `resume`: {folder} lacks weights {sorted(missing)[:4]}")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(saved["weights"][n])
+                sharding.local_of(p).copy_(saved["weights"][n])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved.get("scaler") or {})
-        set_rng_state(saved["rng"], self.device)
+        ranks = saved.get("rng_ranks") or [saved["rng"]]
+        if len(ranks) == self.dist.world_size:   # the same world size: each rank's own dropout stream
+            set_rng_state(ranks[self.dist.rank], self.device)
+        elif self.dist.is_main:
+            set_rng_state(saved["rng"], self.device)
+        else:   # another world size: ranks > 0 start new dropout streams
+            torch.manual_seed(self.opts.seed + self.dist.rank + 1_000_003 * saved["state"]["step"])
+        if len(ranks) != self.dist.world_size and self.opts.dropout > 0:
+            self.notes.append(f"resumed by {self.dist.world_size} processes from a checkpoint of {len(ranks)}: "
+                              "the ranks' dropout masks differ from an uninterrupted run's")
         self.state = RunState.from_dict(saved["state"])
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def evaluate(self, known_eval: Optional[dict] = None) -> tuple:
         """Held-out loss/ppl, general-text ppl, greedy samples and their format accuracy: (metrics, samples)."""
-        o, d = self.opts, self.data
-        ev = known_eval or eval_loss(self.model, d.eval, self.pad, self.device, self.dtype, o.batch_size)
-        gen = eval_loss(self.model, d.general, self.pad, self.device, self.dtype, o.batch_size)
+        o, d, dist = self.opts, self.data, self.dist
+        ev = known_eval or eval_loss(self.model, d.eval, self.pad, self.device, self.dtype, o.batch_size, dist)
+        gen = eval_loss(self.model, d.general, self.pad, self.device, self.dtype, o.batch_size, dist)
         samples = []
         if o.num_samples and d.eval:
             samples = generate_samples(self.model, self.tokenizer, d.eval, o.num_samples, o.sample_max_new_tokens,
-                                       self.device, self.dtype, self.is_lorart, o.batch_size)
+                                       self.device, self.dtype, self.is_lorart, o.batch_size, dist)
         return {"eval_loss": ev and ev["loss"], "eval_ppl": ev and ev["ppl"], "general_ppl": gen and gen["ppl"],
                 "format_accuracy": format_accuracy(samples, self.regex)}, samples
 
@@ -286,19 +346,20 @@ class Recipe:
                 self.reporter.before(st.before)
             else:
                 st.before = {"eval_loss": None, "eval_ppl": None, "general_ppl": None, "format_accuracy": None}
-            torch.manual_seed(self.opts.seed)  # the dropout stream starts here; checkpoints hold its state
+            # the dropout stream starts here (one per rank); checkpoints hold its state
+            torch.manual_seed(self.opts.seed + self.dist.rank)
 
     def evaluate_step(self) -> list:
         """The periodic held-out evaluation and the early-stopping bookkeeping: [record] or []."""
         o, st = self.opts, self.state
-        ev = eval_loss(self.model, self.data.eval, self.pad, self.device, self.dtype, o.batch_size)
+        ev = eval_loss(self.model, self.data.eval, self.pad, self.device, self.dtype, o.batch_size, self.dist)
         if ev is None:
             return []
         improved = st.best_loss is None or ev["loss"] < st.best_loss - o.early_stopping_min_delta
         if math.isfinite(ev["loss"]) and improved:
             st.best_loss, st.best_step, st.bad_evals = ev["loss"], st.step, 0
-            if o.early_stopping_patience:
-                st.best_weights = {n: p.detach().cpu().clone() for n, p in self.params.items()}
+            if o.early_stopping_patience:   # whole tensors, on rank 0 only
+                st.best_weights = self.dist.full_state(self.params) or None
         else:
             st.bad_evals += 1
         msg = f"step {st.step}: eval loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f})"
@@ -326,14 +387,18 @@ class Recipe:
     def forward_backward(self, batches: list) -> tuple:
         """Accumulate the gradient of the mean next-token loss over all target tokens of `batches` (one optimizer
         step's micro-batches): each micro-batch's summed loss is divided by the step's total target count, so
-        grad_accum=k of batch b equals one batch of k*b. Returns (summed loss, target tokens)."""
+        grad_accum=k of batch b equals one batch of k*b. With several ranks each runs its rows of every micro-batch
+        (`dist.rows`) and the gradients are summed over the ranks: the same gradient. Returns (summed loss of this
+        rank's rows, target tokens of the whole step)."""
         ntgt = sum(target_tokens(b["labels"]) for b in batches)
         total = 0.0
-        for b in batches:
-            with autocast_ctx(self.device, self.dtype):
-                nll, _ = batch_nll_sum(self.model, b, self.device)
-            self.scaler.backward(nll / max(ntgt, 1))   # float16: the loss times the loss scale
-            total += float(nll.detach())
+        for k, b in enumerate(batches):
+            part, weight = self.dist.rows(b)
+            with self.dist.no_sync(self.train_model, last=k == len(batches) - 1):
+                with autocast_ctx(self.device, self.dtype):
+                    nll, _ = batch_nll_sum(self.model, part, self.device, self.train_model)
+                self.scaler.backward(nll * weight / max(ntgt, 1))   # float16: times the loss scale
+            total += float(nll.detach()) * weight
             del nll
         return total, ntgt
 
@@ -342,9 +407,10 @@ class Recipe:
         params = [p for p in self.params.values() if p.grad is not None]
         if not params:
             return 0.0
+        norm = sharding.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))  # FSDP: over ranks
         if self.opts.max_grad_norm is not None:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            torch.nn.utils.clip_grads_with_norm_(params, self.opts.max_grad_norm, norm)
+        return float(norm)
 
     def step(self) -> dict:
         """One optimizer step; its metrics record. A non-finite loss or gradient norm is never applied: with
@@ -355,6 +421,7 @@ class Recipe:
         batches, idx = self.next_batches()
         self.meter.start()
         loss_sum, ntgt = self.forward_backward(batches)
+        loss_sum = self.dist.sum([loss_sum])[0]
         self.scaler.unscale()
         loss, gnorm = loss_sum / max(ntgt, 1), self.grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -398,13 +465,20 @@ class Recipe:
                                   f"({len(st.skipped)} of {o.skip_nonfinite} allowed skips used)")
             return
         st.history.append(rec)
-        self.folder.append_metrics([rec])
-        self.reporter.log_records([rec], self.state, self.scaler, self.device)
-        raise NonFiniteError(
+        if self.dist.is_main:
+            self.folder.append_metrics([rec])
+        self.reporter.log_records([rec], self.state, self.scaler, self.device)   # trackers: rank 0's only
+        raise self._agreed(NonFiniteError(
             f"lorart.train: step {st.step}: {what} (not finite): training stopped without applying it; no adapter "
             f"was written; newest checkpoint kept: {latest_checkpoint(self.folder.path) or 'none'}. Lower lr or "
             "max_grad_norm and start over, or skip such steps: skip_nonfinite=N (--skip-nonfinite N)"
-            + (f" (skipped so far: steps {st.skipped[:-1]})" if len(st.skipped) > 1 else ""))
+            + (f" (skipped so far: steps {st.skipped[:-1]})" if len(st.skipped) > 1 else "")))
+
+    def _agreed(self, e: Exception) -> Exception:
+        """An error every rank raises alike: rank 0 reports it (the CLI prints it there only)."""
+        if not self.dist.is_main:
+            e.reported_by = 0
+        return e
 
     def train(self) -> None:
         """Steps until max_steps / the epochs, early stopping or the callback; evaluations and checkpoints on
@@ -413,91 +487,112 @@ class Recipe:
         pg.total, pg.start_step, pg.t0 = self.total, st.step, time.perf_counter()
         self.model.train()
         try:
-            while st.step < self.total and not st.stopped_early:
-                rec = self.step()
-                pg.update(st.step, rec["loss"], rec["lr"], st.tokens / st.train_time_s)
-                records = [rec]
-                if st.step % self.eval_every == 0 or st.step == self.total:
-                    records += self.evaluate_step()
-                st.history.extend(records)
-                self.folder.append_metrics(records)
-                self.reporter.log_records(records, st, self.scaler, self.device)
-                if st.step % self.save_every == 0 or st.step == self.total or st.stopped_early:
-                    self.save_checkpoint()
-                if self.callback is not None and self.callback(rec):
-                    pg.message(f"stopped by the callback at step {st.step}")
-                    break
+            with self.dist.guard(lambda: f"at step {st.step + 1} (newest checkpoint kept: "
+                                         f"{latest_checkpoint(self.folder.path) or 'none'})"):
+                self._train_loop()
         finally:
             pg.close()
 
+    def _train_loop(self) -> None:
+        st, pg = self.state, self.progress
+        while st.step < self.total and not st.stopped_early:
+            rec = self.step()
+            pg.update(st.step, rec["loss"], rec["lr"], st.tokens / st.train_time_s)
+            records = [rec]
+            if st.step % self.eval_every == 0 or st.step == self.total:
+                records += self.evaluate_step()
+            st.history.extend(records)
+            if self.dist.is_main:
+                self.folder.append_metrics(records)
+            self.reporter.log_records(records, st, self.scaler, self.device)   # trackers: rank 0's only
+            if st.step % self.save_every == 0 or st.step == self.total or st.stopped_early:
+                self.save_checkpoint()
+            # a callback on any rank stops them all
+            if self.dist.any(self.callback is not None and bool(self.callback(rec))):
+                pg.message(f"stopped by the callback at step {st.step}")
+                break
+
     # -- saving -----------------------------------------------------------------------------------------------
     def check_finite_weights(self) -> None:
-        bad = [n for n, p in self.params.items() if not bool(torch.isfinite(p).all())]
+        bad = self.dist.non_finite(self.params)
         if bad:
-            raise NonFiniteError(
+            raise self._agreed(NonFiniteError(
                 f"lorart.train: step {self.state.step}: {len(bad)} trainable tensors hold non-finite values (first: "
                 f"{bad[0]}); nothing was written; newest checkpoint kept: "
-                f"{latest_checkpoint(self.folder.path) or 'none'}. Lower lr or max_grad_norm and start over")
+                f"{latest_checkpoint(self.folder.path) or 'none'}. Lower lr or max_grad_norm and start over"))
 
-    def save_checkpoint(self) -> str:
-        """checkpoints/step-N/: state.pt, the method's artifact in adapter/, the manifest (checkpoint.py)."""
+    def save_checkpoint(self) -> Optional[str]:
+        """checkpoints/step-N/: state.pt, the method's artifact in adapter/, the manifest (checkpoint.py). Whole
+        tensors, gathered from every rank, written by rank 0 (whose path is returned; None on the others)."""
         self.check_finite_weights()
-        st = self.state
-        with self.folder.writing(f"checkpoint step-{st.step:07d}"):
-            return save_checkpoint(self.folder.path, st.step, {
-                "weights": {n: p.detach().cpu().clone() for n, p in self.params.items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(self.device), "state": st.to_dict()},
-                run=self.fingerprint, write_adapter=self.method.save, keep=self.opts.keep_checkpoints)
+        st, dist = self.state, self.dist
+        state = {"weights": dist.full_state(self.params),
+                 "optimizer": dist.full_optimizer_state(self.optimizer.state_dict()),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": rng_state(self.device), "state": st.to_dict()}
+        if not dist.single:
+            state.update(world_size=dist.world_size, rng_ranks=dist.gather(rng_state(self.device)))
+
+        def write():
+            with self.folder.writing(f"checkpoint step-{st.step:07d}"):
+                return save_checkpoint(self.folder.path, st.step, state, run=self.fingerprint,
+                                       write_adapter=self.method.save, keep=self.opts.keep_checkpoints)
+        with self.whole_weights(state["weights"]):
+            return dist.on_main(write)
+
+    def whole_weights(self, have: Optional[dict] = None):
+        """While inside, rank 0's model holds whole weights where FSDP shards them (the trainable ones, or all for
+        a method whose artifact is the whole model), for the method's own `save`. `have`: the trainable weights
+        already gathered (full_state: whole on rank 0, {} elsewhere)."""
+        if have is not None and not self.dist.is_main:
+            have = dict.fromkeys(self.params)   # the same names on every rank: the same gathers
+        return sharding.full_params_on_main(self.model, self.dist.is_main, not self.method.saves_whole_model, have)
 
     def finish(self) -> TrainResult:
-        """Restore the best weights (early stopping), evaluate, write adapter/, metrics, plot, samples, summary."""
-        st, pg, out = self.state, self.progress, self.folder
-        if st.best_weights is not None and st.best_step != st.step:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(st.best_weights[n])
+        """Restore the best weights (early stopping), evaluate, write adapter/, metrics, plot, samples, summary
+        (rank 0; every rank returns the same TrainResult)."""
+        with self.dist.guard(lambda: "while finishing the run"):
+            return self._finish()
+
+    def _finish(self) -> TrainResult:
+        st, pg, out, dist = self.state, self.progress, self.folder, self.dist
+        restore = bool(self.opts.early_stopping_patience) and st.best_step is not None and st.best_step != st.step
+        if restore:   # decided alike on every rank: the whole best weights live on rank 0
+            dist.load_full(self.params, st.best_weights)
             self.notes.insert(0, f"restored the adapter of step {st.best_step} (the best eval loss)")
             pg.message(self.notes[0])
         t0 = time.perf_counter()
         last = st.history[-1] if st.history else {}
         known = None  # the evaluation of the final step, when it saw these very weights
-        if st.best_weights is None or st.best_step == st.step:
-            if last.get("step") == st.step and "eval_loss" in last:
-                known = {"loss": last["eval_loss"], "ppl": last["eval_ppl"]}
+        if not restore and last.get("step") == st.step and "eval_loss" in last:
+            known = {"loss": last["eval_loss"], "ppl": last["eval_ppl"]}
         after, samples_after = self.evaluate(known)
         pg.message(f"after training: {format_metrics(after)} ({time.perf_counter() - t0:.1f} s)")
         self.check_finite_weights()
-        with out.writing("the adapter"):
-            adapter_dir = self.method.save(out.join("adapter"))
-        metrics_path = out.write_json("metrics.jsonl", st.history, lines=True)
-        plot_path = out.join("loss.png")
-        with out.writing("loss.png"):
-            note = write_plot(plot_path, st.history)
-        if note:
-            self.notes.append(note)
-            plot_path = None
-        samples_path = None
-        if st.samples_before or samples_after:
-            samples_path = out.join("samples.md")
-            with out.writing("samples.md"):
-                write_samples(samples_path, st.samples_before, samples_after, st.before.get("format_accuracy"),
-                              after.get("format_accuracy"))
+        with self.whole_weights():
+            files = dist.broadcast(dist.on_main(lambda: self._write_outputs(samples_after, after)))
+        if files["note"]:
+            self.notes.append(files["note"])
         losses = [h["loss"] for h in st.history if "loss" in h and not h.get("skipped")]
         mem = {**peak_memory(self.device), **self.memory_check()}
         tps = st.tokens / st.train_time_s if st.train_time_s else 0.0
         res = TrainResult(
-            output_dir=out.path, adapter_dir=adapter_dir, metrics_path=metrics_path,
-            summary_path=out.join("summary.json"), samples_path=samples_path, plot_path=plot_path, steps=st.step,
-            total_steps=self.total, epochs=next((h["epoch"] for h in reversed(st.history) if "epoch" in h), 0.0),
+            output_dir=out.path, adapter_dir=files["adapter_dir"], metrics_path=files["metrics_path"],
+            summary_path=out.join("summary.json"), samples_path=files["samples_path"], plot_path=files["plot_path"],
+            steps=st.step, total_steps=self.total,
+            epochs=next((h["epoch"] for h in reversed(st.history) if "epoch" in h), 0.0),
             stopped_early=st.stopped_early, best_step=st.best_step, before=st.before, after=after,
             train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None, train_time_s=st.train_time_s,
             tokens_per_s=tps, memory=mem, history=st.history, samples_before=st.samples_before,
             samples_after=samples_after, notes=self.notes, model=self.model, tokenizer=self.tokenizer,
             method=self.method, skipped_steps=list(st.skipped), overflow_steps=list(st.overflow_steps))
-        summary = self.summary(res)
-        out.write_json("summary.json", summary)
-        self.reporter.finish(st.before, after, st.step, summary)
+        mem_ranks = dist.gather(mem)
+
+        def write_summary():
+            summary = self.summary(res, mem_ranks)
+            out.write_json("summary.json", summary)
+            self.reporter.finish(st.before, after, st.step, summary)
+        dist.on_main(write_summary)
         pg.message(comparison_table(st.before, after))
         mem_txt = ", ".join(f"{k} {v:,.0f}" for k, v in mem.items() if k.endswith("_mb"))
         fp16 = f"; {len(st.overflow_steps)} float16 overflow steps skipped" if self.scaler.enabled else ""
@@ -512,8 +607,27 @@ class Recipe:
         self._finished = True
         return res
 
-    def summary(self, res: TrainResult) -> dict:
-        """summary.json: the result's numbers, the method's report, the run's settings and fingerprint."""
+    def _write_outputs(self, samples_after: list, after: dict) -> dict:
+        """Rank 0: adapter/, metrics.jsonl, loss.png, samples.md; their paths (and a note if the plot is skipped)."""
+        st, out = self.state, self.folder
+        with out.writing("the adapter"):
+            adapter_dir = self.method.save(out.join("adapter"))
+        metrics_path = out.write_json("metrics.jsonl", st.history, lines=True)
+        plot_path = out.join("loss.png")
+        with out.writing("loss.png"):
+            note = write_plot(plot_path, st.history)
+        samples_path = None
+        if st.samples_before or samples_after:
+            samples_path = out.join("samples.md")
+            with out.writing("samples.md"):
+                write_samples(samples_path, st.samples_before, samples_after, st.before.get("format_accuracy"),
+                              after.get("format_accuracy"))
+        return {"adapter_dir": adapter_dir, "metrics_path": metrics_path, "plot_path": None if note else plot_path,
+                "samples_path": samples_path, "note": note}
+
+    def summary(self, res: TrainResult, memory_per_rank: Optional[list] = None) -> dict:
+        """summary.json: the result's numbers, the method's report, the run's settings and fingerprint, the ranks
+        (`distributed`: world_size, backend, fsdp; each rank's peak memory)."""
         d = self.data
         out = {k: getattr(res, k) for k in ("output_dir", "adapter_dir", "metrics_path", "samples_path", "plot_path",
                                             "steps", "total_steps", "stopped_early", "best_step", "before", "after",
@@ -524,12 +638,14 @@ class Recipe:
                     "dtype": str(self.dtype).replace("torch.", ""), "train_data": d.train_path,
                     "eval_data": d.eval_path, "data_files": d.files, "train_examples": len(d.train),
                     "eval_examples": len(d.eval),
-                    "options": self.opts.to_dict(), "fingerprint": self.fingerprint})
+                    "options": self.opts.to_dict(), "fingerprint": self.fingerprint,
+                    "distributed": {**self.dist.describe(), "memory_per_rank": memory_per_rank or [res.memory]}})
         return out
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.progress.close()
         try:
             self.reporter.close(ok=self._finished)
         finally:
             self.folder.release()
+            self.dist.close(failed)

@@ -37,6 +37,9 @@ def train(model=None, data=None, *, tokenizer=None, eval_data=None, output_dir: 
         recipe.setup(model, data, tokenizer=tokenizer, eval_data=eval_data, general_data=general_data,
                      resume=resume, overwrite=overwrite)
         recipe.train()
-        return recipe.finish()
-    finally:
-        recipe.close()
+        result = recipe.finish()
+    except BaseException:
+        recipe.close(failed=True)
+        raise
+    recipe.close()
+    return result
