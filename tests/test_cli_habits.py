@@ -79,7 +79,7 @@ def test_train_help_shows_the_option_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--r N LoRA rank (default 16)", "peak learning rate (default 0.0002; 0.001 in the quick run)",
+    for text in ("--r N, --lora-r N LoRA rank", "(default 16)", "peak learning rate (default 0.0002; 0.001 in the quick run)",
                  "--report-to TRACKERS", "--config FILE", "where the adapter and reports go (default lorart-",
                  "--no-packing"):
         assert text in out, text

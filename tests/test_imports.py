@@ -20,7 +20,11 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 ALLOWED_PRIVATE_NAMES = {"_C"}
 
 # (importer, imported module): edges left out of the cycle check.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()  # none left (the last, nf4.py <-> _nf4_serial.py, went with #11 item 3)
+# The one left: the training recipe asks the planner for its prediction of the run's peak (summary.json's
+# `memory`, #17), while the planner models training with training's own options, dtype and method rules. To go,
+# TrainOptions / resolve_dtype / method_config must move below both (a lorart.options layer).
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {("lorart.training.recipe", "lorart.planner"),
+                                          ("lorart.training.recipe", "lorart.planner.measure")}
 
 # (importer, module, private name)
 KNOWN_PRIVATE: set[tuple[str, str, str]] = set()  # none left (the ops.nf4._* uses went with #11 item 3)

@@ -306,9 +306,9 @@ def add_subcommand(sub) -> None:
     c = sub.add_parser("inspect", help="singular values and effective rank of a trained LoRA adapter's updates "
                                        "(table, heatmap, a suggested r)")
     c.add_argument("adapter_dir", help="a LoRA adapter folder (lorart train's adapter/, or any PEFT LoRA folder)")
-    c.add_argument("--base", help="the base model (folder, .gguf or default): adds ||dW|| / ||W||")
-    c.add_argument("--png", help="write the layer x module heatmap here")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--base", help="the base model (folder, .gguf or default): adds ||dW|| / ||W|| (default: none)")
+    c.add_argument("--png", help="write the layer x module heatmap here (default: none)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     c.set_defaults(func=_cmd_inspect)
 
 

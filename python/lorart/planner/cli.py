@@ -28,24 +28,31 @@ def add_subcommand(sub) -> None:
     c.add_argument("--model", help=f"bundled config ({', '.join(bundled_configs())}), a config.json, an HF folder, a "
                                    ".gguf, or default (the embedded SmolLM2-135M)")
     c.add_argument("--method", help=f"one of {', '.join(METHOD_NAMES)} (default: every method, one line each)")
-    c.add_argument("--method-option", dest="method_options", action="append", type=_key_value, metavar="KEY=VALUE")
-    c.add_argument("--batch-size", type=int)
-    c.add_argument("--max-seq-len", type=int)
-    c.add_argument("--grad-accum", type=int)
-    c.add_argument("--r", type=int)
-    c.add_argument("--alpha", type=float)
-    c.add_argument("--targets", type=_targets, help="comma-separated module names, a regex or all-linear")
-    c.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    c.add_argument("--method-option", dest="method_options", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="a method's own option, as lorart train's (repeatable; needs --method; default: none)")
+    c.add_argument("--batch-size", type=int, help="micro-batch size (default: lorart train's, 8)")
+    c.add_argument("--max-seq-len", type=int, help="tokens per example, the activations' length (default: 512)")
+    c.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    c.add_argument("--r", type=int, help="adapter rank (default: 16)")
+    c.add_argument("--alpha", type=float, help="LoRA alpha (default: 32)")
+    c.add_argument("--targets", type=_targets, help="comma-separated module names, a regex or all-linear "
+                                                    "(default: lorart train's q/k/v/o projections)")
+    c.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer's activations in backward (default: off)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype (default: bfloat16 on cuda, float32 on cpu, as lorart train)")
-    c.add_argument("--device", default="auto", help="auto (this machine) | cpu | cuda: the device the plan is for")
+    c.add_argument("--device", default="auto", help="auto (this machine) | cpu | cuda: the device the plan is for (default: auto)")
     c.add_argument("--optimizer-state-bits", type=int, choices=[32, 8], default=32,
-                   help="AdamW states: 32-bit (lorart train) or 8-bit (lorart.optim.PagedAdamW(state_bits=8))")
+                   help="AdamW states: 32-bit (lorart train) or 8-bit (lorart.optim.PagedAdamW(state_bits=8)); "
+                        "default: 32")
     c.add_argument("--paged", action="store_true", help="optimizer states paged to pinned host memory (CUDA)")
-    c.add_argument("--fsdp", type=int, default=1, help="GPUs to shard over: lorart has no FSDP; shown as what torch "
-                                                       "FSDP would give, labelled so")
-    c.add_argument("--memory", help="memory of the device, e.g. 24GB (GB = GiB, as GPUs are labelled): fit advice")
-    c.add_argument("--gemm-tflops", type=float, help="GEMM rate to assume instead of measuring this device")
+    c.add_argument("--fsdp", type=int, default=1, help="ranks to shard over, as `lorart train --fsdp` under torchrun "
+                                                       "(FSDP2, full sharding): textbook arithmetic, labelled so "
+                                                       "(default: 1, no sharding)")
+    c.add_argument("--memory", help="memory of the device, e.g. 24GB (GB = GiB, as GPUs are labelled): fit advice "
+                                  "(default: none, no fit advice)")
+    c.add_argument("--gemm-tflops", type=float, help="GEMM rate to assume instead of measuring this device "
+                                                                 "(default: measured)")
     c.add_argument("--json", action="store_true", help="print the plan(s) as JSON")
     c.set_defaults(func=cmd_plan)
 

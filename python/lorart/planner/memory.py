@@ -141,12 +141,13 @@ def estimate(setup: Setup) -> Memory:
 
 
 def _fsdp(setup: Setup, mem: Memory, static: dict, n: int) -> dict:
-    """What sharding N ways (ZeRO-3 / torch FSDP full sharding) would give per GPU. lorart has no FSDP: this is
-    the textbook arithmetic, labelled as such."""
+    """What sharding N ways (ZeRO-3 / FSDP2 full sharding, as `lorart train --fsdp`) would give per
+    rank: the textbook arithmetic, labelled as such (not checked against a measured multi-process run)."""
     sharded = sum(static.values()) + mem.parts.get("gradients", 0)
     gather = max((sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in setup.model.model.layers),
                  default=0)
     per_gpu = sharded // n + 2 * gather + (mem.peak - sharded)
     return {"gpus": n, "per_gpu_peak": per_gpu, "sharded_state": sharded // n, "gather_buffers": 2 * gather,
-            "note": "lorart has no FSDP / multi-GPU training: this is what torch FSDP (full sharding) would give, "
-                    "not something `lorart train` can run"}
+            "note": "textbook arithmetic for FSDP2 full sharding (`lorart train --fsdp` under torchrun): sharded "
+                    "state / N + two decoder layers' gathered weights + activations; not checked against a "
+                    "measured multi-process run"}

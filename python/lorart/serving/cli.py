@@ -23,31 +23,33 @@ def add_subcommand(sub) -> None:
                                      "(needs the `serve` extra)")
     p.add_argument("--model", default="default", help="HF model folder or .gguf file (default: the embedded model)")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora",
-                   help="qlora: hold the base's decoder linear layers in NF4 (bitsandbytes-exact, ~4x less memory)")
+                   help="qlora: hold the base's decoder linear layers in NF4 (bitsandbytes-exact, ~4x less memory); "
+                        "default: lora (the base as loaded)")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
-                   help="serve the LoRA adapter in DIR (a PEFT / lorart adapter folder) as model NAME (repeatable)")
+                   help="serve the LoRA adapter in DIR (a PEFT / lorart adapter folder) as model NAME (repeatable; "
+                        "default: none, the base alone)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the model's file name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr); default: 8000")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto, the GPU when there is one)")
     p.add_argument("--api-key", default=os.environ.get("LORART_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route (default: $LORART_API_KEY)")
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--max-adapters", type=int, default=8,
-                   help="adapters held in the model at once; others are loaded on demand (LRU eviction)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one forward")
-    p.add_argument("--max-queued", type=int, default=64, help="requests waiting for the batch; beyond: HTTP 429")
+                   help="adapters held in the model at once; others are loaded on demand (LRU eviction); default: 8")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one forward (default: 16)")
+    p.add_argument("--max-queued", type=int, default=64, help="requests waiting for the batch; beyond: HTTP 429 (default: 64)")
     p.add_argument("--max-step-tokens", type=int, default=512,
-                   help="prompt tokens admitted per step (a longer single prompt still runs alone)")
+                   help="prompt tokens admitted per step (a longer single prompt still runs alone; default: 512)")
     p.add_argument("--max-model-len", type=int, help="context length (prompt + completion) per request "
                                                      "(default: the model's)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for accepted requests before closing them")
+                   help="seconds SIGTERM waits for accepted requests before closing them (default: 30)")
     p.add_argument("--threads", type=int, help="CPU threads for the model: torch's intra-op threads and lorart's kernels' "
                                                     "(default: theirs, the number of cores)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="uvicorn's log level (info shows each request)")
+                   help="uvicorn's log level (info shows each request; default: warning)")
     p.set_defaults(func=cmd_serve)
 
 
