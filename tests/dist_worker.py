@@ -111,6 +111,12 @@ def main(spec_path: str) -> int:
         json.dump({"runs": report, **checks}, f)
     if spec.get("own_group", True) and code == 0:
         dist.destroy_process_group()
+    if any(r.get("error") == "DistributedError" for r in report):
+        # as `lorart train` does (cli.run): a rank that lost its peers leaves without torch's teardown, which can
+        # abort (SIGABRT) while the peer is being killed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

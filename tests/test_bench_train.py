@@ -7,15 +7,21 @@ import os
 import subprocess
 import sys
 
+import lorart
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_bench_tiny(tmp_path):
     out = tmp_path / "rows.json"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    # the lorart these tests import (the tree built in place, or the installed package as in CI, whose tree has
+    # no compiled core), for the driver and as the baseline stack
+    where = os.path.dirname(os.path.dirname(os.path.abspath(lorart.__file__)))
+    env = dict(os.environ, PYTHONPATH=where)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train.py"), "--tiny", "--stacks", "lorart",
                         "--rounds", "1", "--steps", "1", "--batch", "2", "--seq", "16", "--workdir", str(tmp_path),
-                        "--baseline", os.path.join(ROOT, "python"), "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+                        "--baseline", where, "--json", str(out)], capture_output=True, text=True, timeout=600,
+                       env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(x["method"], x["stack"]) for x in rows] == [("lora", "lorart"), ("lora", "lorart-base"),

@@ -15,6 +15,7 @@ import re
 import sys
 
 from .errors import InputError, write_error
+from .training.distributed import DistributedError
 from .training.options import OptionError, TrainOptions, parse_targets
 
 # `lorart train` with neither --model nor --data: the embedded model on the bundled data, a few minutes on CPU
@@ -434,4 +435,10 @@ def run(func, args) -> int:
         reporter = getattr(e, "reported_by", None)
         if reporter is None or str(reporter) == os.environ.get("RANK", "0"):
             print(f"lorart: error: {msg}", file=sys.stderr)
+        if isinstance(e, DistributedError):
+            # this rank lost its peers: leave at once. torch's teardown of a process group whose peer is dead or
+            # being killed can abort the process (SIGABRT, seen under load) instead of exiting with the code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
