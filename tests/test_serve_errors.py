@@ -131,7 +131,8 @@ def test_api_key_on_every_route(tiny):
             srv.client(api_key="wrong").models.list()
         c = srv.client(api_key="s3cret")
         assert {m.id for m in c.models.list().data} == {"tiny", "alpha", "beta"}
-        assert c.completions.create(model="beta", prompt="x", max_tokens=3).usage.completion_tokens == 3
+        r = c.completions.create(model="beta", prompt="x", max_tokens=3)   # sampled: may stop at EOS early
+        assert r.choices[0].finish_reason in ("length", "stop") and 1 <= r.usage.completion_tokens <= 3
 
 
 def test_request_body_bound(tiny):
