@@ -1,6 +1,11 @@
 """Data-parallel scaling of `lorart train` under torchrun: the same global batch on 1 and N processes (gloo on CPUs,
-NCCL on GPUs), in interleaved rounds, and the gradient bytes all-reduced per step against what DDP over the
-trainable parameters alone should cost (their count x 4 bytes: fp32 gradients).
+NCCL on GPUs), in interleaved rounds, and the bytes the training steps' collectives move, measured by the run
+(summary.json's `distributed`), against what they should cost:
+- DDP: the gradients all-reduced per step, against the trainable parameters alone (their count x 4 bytes: fp32);
+- FSDP2 (--fsdp): per micro-batch every decoder layer's parameters are all-gathered twice (forward, and backward:
+  they are resharded after forward) and the root's (embeddings, final norm, head) once (FSDP2 keeps the root
+  unsharded from forward to backward), and the trainable gradients reduce-scattered once; all buffers padded to a
+  multiple of N rows (the run's `fsdp_layout`). A ring moves (N-1)/N of each buffer per rank (all-reduce: twice).
 
     python bench/distributed.py --quick                      # tiny random Llama, CPU, 1 vs 2 processes
     python bench/distributed.py --model ./SmolLM2 --device cuda --nproc 8 --method qlora --steps 20 [--fsdp]
@@ -8,8 +13,6 @@ trainable parameters alone should cost (their count x 4 bytes: fp32 gradients).
 Scaling efficiency = tokens/s on N processes / (N x tokens/s on 1); on CPUs each process runs one thread, so N
 processes use N cores. A tiny model on gloo measures the fixed costs (Python, collectives) more than the math;
 the number that matters is on GPUs with a real model.
-FSDP2's traffic is not measured here: per step each rank all-gathers every sharded layer twice (forward and
-backward: 2 x (N-1)/N x the parameter bytes) and reduce-scatters the trainable gradients once.
 """
 from __future__ import annotations
 
@@ -86,11 +89,28 @@ def main() -> None:
     for n, tps in best.items():
         print(f"  {n} process(es): {tps:,.0f} tokens/s (best of {args.rounds})")
     print(f"  scaling efficiency at {args.nproc}: {best[args.nproc] / (args.nproc * best[1]):.2f}")
+    d, n = s["distributed"], args.nproc
+    per = max(d["counted_steps"], 1)
+    ring = (n - 1) / n
     if not args.fsdp:
-        got = s["distributed"]["allreduce_bytes"] / max(steps, 1)
-        print(f"  all-reduced per step and rank: {got / 1e6:.3f} MB; DDP over the {trainable:,} trainable "
-              f"parameters should cost {trainable * 4 / 1e6:.3f} MB (ratio {got / max(trainable * 4, 1):.3f})")
-
+        got = d["allreduce_bytes"] / per
+        print(f"  all-reduced per step and rank: {got / 1e6:.3f} MB of buffers, {2 * ring * got / 1e6:.3f} MB on the "
+              "wire; DDP over "
+              f"the {trainable:,} trainable parameters should cost {trainable * 4 / 1e6:.3f} MB "
+              f"(ratio {got / max(trainable * 4, 1):.3f})")
+        return
+    lay, micro = d["fsdp_layout"], s["options"]["grad_accum"]
+    want_ag = micro * (2 * lay["layer_param_bytes"] + lay["root_param_bytes"])
+    want_rs = micro * lay["grad_bytes"]
+    for what, key, want in (("all-gathered", "allgather_bytes", want_ag),
+                            ("reduce-scattered", "reduce_scatter_bytes", want_rs)):
+        got = d[key] / per
+        print(f"  {what} per step and rank: {got / 1e6:.3f} MB of buffers, {ring * got / 1e6:.3f} MB on the wire; "
+              f"expected {want / 1e6:.3f} MB (ratio {got / max(want, 1):.4f})")
+    print(f"  expected: {micro} micro-batch(es) x (2 x {lay['layer_param_bytes'] / 1e6:.3f} MB of decoder layers + "
+          f"{lay['root_param_bytes'] / 1e6:.3f} MB of root parameters) all-gathered, {micro} x "
+          f"{lay['grad_bytes'] / 1e6:.3f} MB of gradients ({trainable:,} trainable parameters, padded) "
+          "reduce-scattered")
 
 if __name__ == "__main__":
     main()

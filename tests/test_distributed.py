@@ -229,6 +229,42 @@ def test_two_ranks_match_one_process(env, two, name):
         assert state["weights"][k].shape == v.shape, k
 
 
+def _padded_bytes(tensors, world=2) -> int:
+    """Bytes of fp32 tensors in FSDP2's collective buffers: dim 0 padded to a multiple of the world size."""
+    return sum(-(-t.shape[0] // world) * world * (t.numel() // t.shape[0]) * 4 for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["ddp-lora", "fsdp-lora", "fsdp-qlora", "fsdp-full"])
+def test_collective_bytes_per_step_are_what_the_sharding_implies(env, two, name):
+    """summary.json's measured traffic of the 4 training steps (2 micro-batches each; evaluations every 2 steps and
+    checkpoints not counted) equals the formula exactly: DDP all-reduces the trainable gradients once per step; FSDP2
+    all-gathers each decoder layer's parameters twice per micro-batch (forward, backward: resharded after forward)
+    and the root's (embeddings = tied head, final norm) once, and reduce-scatters the trainable gradients once per
+    micro-batch, every buffer padded to an even number of rows. The byte counts are computed here from the model
+    folder and the trained adapter, not from the run (QLoRA's NF4 storage: from the run's own layout)."""
+    from safetensors.torch import load_file
+    _ok(two, name)
+    mode, method = name.split("-")
+    d = json.load(open(env["dir"] / name / "summary.json"))["distributed"]
+    micro, steps = OPTS["grad_accum"], OPTS["max_steps"]
+    assert d["counted_steps"] == steps
+    base = load_file(os.path.join(env["model"], "model.safetensors"))
+    adapter = list(_artifact(env["dir"] / name / "adapter").values())
+    trainable = list(base.values()) if method == "full" else adapter
+    if mode == "ddp":
+        assert d["allreduce_bytes"] == steps * sum(t.numel() * 4 for t in trainable), d
+        assert d["allgather_bytes"] == d["reduce_scatter_bytes"] == 0
+        return
+    lay = d["fsdp_layout"]
+    assert lay["grad_bytes"] == _padded_bytes(trainable)
+    assert lay["root_param_bytes"] == _padded_bytes(t for k, t in base.items() if ".layers." not in k)
+    if method != "qlora":
+        layers = [t for k, t in base.items() if ".layers." in k] + ([] if method == "full" else adapter)
+        assert lay["layer_param_bytes"] == _padded_bytes(layers)
+    assert d["allgather_bytes"] == steps * micro * (2 * lay["layer_param_bytes"] + lay["root_param_bytes"]), d
+    assert d["reduce_scatter_bytes"] == steps * micro * lay["grad_bytes"] and d["allreduce_bytes"] == 0, d
+
+
 def test_resume_one_to_two_ranks(env, two):
     _ok(two, "1to2-lora")
     _assert_same_run(env["lora"], str(env["dir"] / "1to2-lora"))

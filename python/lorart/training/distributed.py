@@ -72,7 +72,7 @@ def _flatten(d, prefix="") -> dict:
 def _sum_hook(state: "Distributed", bucket):
     """DDP comm hook: the SUM of the ranks' gradients (DDP's default divides by the world size)."""
     buf = bucket.buffer()
-    state.allreduce_bytes += buf.numel() * buf.element_size()
+    state.count("allreduce_bytes", buf.numel() * buf.element_size())
     return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
@@ -89,8 +89,12 @@ class Distributed:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.owns_group, self.device = owns_group, device
         self.fsdp = fsdp and world_size > 1
-        self.allreduce_bytes = 0    # gradient bytes all-reduced by DDP so far (this rank's input)
+        # the bytes of the whole buffers passed to the training steps' collectives so far (DDP: gradients
+        # all-reduced; FSDP2: parameters all-gathered, gradients reduce-scattered), and the steps counted
+        self.traffic = {"allreduce_bytes": 0, "allgather_bytes": 0, "reduce_scatter_bytes": 0, "counted_steps": 0}
+        self.counting = False
         self.fsdp_groups = 0
+        self.layout: Optional[dict] = None   # FSDP2: sharding.traffic_layout, what one forward+backward moves
 
     @property
     def is_main(self) -> bool:
@@ -105,10 +109,32 @@ class Distributed:
         return None if self.single else dist.get_backend()
 
     def describe(self) -> dict:
-        """summary.json's `distributed` (allreduce_bytes: the gradient bytes DDP all-reduced, this rank's share in)."""
-        return {"world_size": self.world_size, "backend": self.backend, "fsdp": self.fsdp,
-                "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1)
-                if not self.single else 1, "allreduce_bytes": self.allreduce_bytes}
+        """summary.json's `distributed`: the ranks, and the traffic of this process's training steps
+        (`counted_steps` of them; evaluation and checkpoints not counted): `allreduce_bytes` (DDP's gradient
+        buckets), `allgather_bytes` / `reduce_scatter_bytes` (FSDP2's gathered parameters, scattered gradients), each
+        the whole buffer's bytes on this rank (a ring moves (N-1)/N of it per rank, twice for an all-reduce);
+        with FSDP2 `fsdp_layout`, what one forward+backward should move (sharding.traffic_layout)."""
+        out = {"world_size": self.world_size, "backend": self.backend, "fsdp": self.fsdp,
+               "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1)
+               if not self.single else 1, **self.traffic}
+        if self.layout is not None:
+            out["fsdp_layout"] = dict(self.layout)
+        return out
+
+    def count(self, kind: str, nbytes: int) -> None:
+        """A collective's bytes (DDP's comm hook, FSDP2's comms), kept while a training step runs."""
+        if self.counting:
+            self.traffic[kind] += nbytes
+
+    @contextlib.contextmanager
+    def counting_step(self):
+        """Count the collectives of one training step's forwards and backwards."""
+        self.counting = True
+        try:
+            yield
+        finally:
+            self.counting = False
+        self.traffic["counted_steps"] += 1
 
     @classmethod
     def from_env(cls, device: torch.device, timeout_s: float, fsdp: bool = False) -> tuple:
@@ -273,7 +299,8 @@ class Distributed:
         if self.single:
             return model
         if self.fsdp:
-            self.fsdp_groups = sharding.apply_fsdp(model, self.device)
+            self.fsdp_groups = sharding.apply_fsdp(model, self.device, self.count)
+            self.layout = sharding.traffic_layout(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
         # no init sync: check_same proved the base and the trainable weights equal on every rank, and frozen

@@ -392,14 +392,17 @@ class Recipe:
         rank's rows, target tokens of the whole step)."""
         ntgt = sum(target_tokens(b["labels"]) for b in batches)
         total = 0.0
-        for k, b in enumerate(batches):
-            part, weight = self.dist.rows(b)
-            with self.dist.no_sync(self.train_model, last=k == len(batches) - 1):
-                with autocast_ctx(self.device, self.dtype):
-                    nll, _ = batch_nll_sum(self.model, part, self.device, self.train_model)
-                self.scaler.backward(nll * weight / max(ntgt, 1))   # float16: times the loss scale
-            total += float(nll.detach()) * weight
-            del nll
+        if self.dist.fsdp:   # an evaluation's forward leaves the root unsharded: each step gathers what it uses
+            sharding.reshard(self.model)
+        with self.dist.counting_step():   # its collectives' bytes (summary.json's `distributed`)
+            for k, b in enumerate(batches):
+                part, weight = self.dist.rows(b)
+                with self.dist.no_sync(self.train_model, last=k == len(batches) - 1):
+                    with autocast_ctx(self.device, self.dtype):
+                        nll, _ = batch_nll_sum(self.model, part, self.device, self.train_model)
+                    self.scaler.backward(nll * weight / max(ntgt, 1))   # float16: times the loss scale
+                total += float(nll.detach()) * weight
+                del nll
         return total, ntgt
 
     def grad_norm(self) -> float:

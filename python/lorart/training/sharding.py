@@ -12,13 +12,18 @@ and of the optimizer states, and all-gathers one layer's parameters at a time fo
   each rank's shard), `full_params_on_main` (rank 0's modules temporarily hold whole parameters, so that a
   method's own `save` writes its artifact unchanged).
 
+- Traffic: each FSDP module's all-gather and reduce-scatter go through `_CountingAllGather` /
+  `_CountingReduceScatter`, set with FSDP2's public `FSDPModule.set_custom_all_gather` / `set_custom_reduce_scatter`:
+  the same collectives torch's defaults issue (all_gather_single, reduce_scatter_single), each whole buffer's
+  bytes handed to `count(kind, nbytes)`. `traffic_layout` is what they should add up to per forward+backward.
+
 torch.distributed.tensor is imported only here, and only when a run shards (it takes a second to import).
 """
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,8 +63,60 @@ def decoder_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def apply_fsdp(model: nn.Module, device: torch.device) -> int:
-    """Shard `model` in place over the default process group; returns the number of FSDP groups."""
+class _CountingComm:
+    """FSDP2's buffers for a collective: plain `torch.empty`, as torch's default. The methods are those of FSDP2's
+    `AllGather` / `ReduceScatter` interfaces (duck-typed: the interfaces live in a private module)."""
+
+    def __init__(self, count: Callable[[str, int], None]):
+        self.count = count
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+
+class _CountingAllGather(_CountingComm):
+    """One FSDP group's parameters all-gathered: counts the gathered (whole, padded) buffer's bytes."""
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        self.count("allgather_bytes", output_tensor.numel() * output_tensor.element_size())
+        return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+class _CountingReduceScatter(_CountingComm):
+    """One FSDP group's gradients reduce-scattered: counts the input (whole, padded) buffer's bytes."""
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        self.count("reduce_scatter_bytes", input_tensor.numel() * input_tensor.element_size())
+        return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+
+def _padded_bytes(p: torch.Tensor, world: int) -> int:
+    """The bytes of `p` in FSDP2's collective buffers: dim 0 padded to a multiple of the world size."""
+    if p.dim() == 0:
+        return p.element_size() * world
+    rows = -(-p.shape[0] // world) * world
+    return rows * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+
+
+def traffic_layout(model: nn.Module) -> dict:
+    """What one forward+backward of the sharded `model` should move, as whole (padded) buffer bytes:
+    `layer_param_bytes` (the decoder layers' parameters, all-gathered twice: forward, and again in backward since
+    FSDP2 reshards them after forward), `root_param_bytes` (the root's own parameters: embeddings, final norm, head,
+    all-gathered once: FSDP2 keeps the root unsharded from forward to backward) and `grad_bytes` (the trainable
+    parameters' gradients, reduce-scattered once)."""
+    world = dist.get_world_size()
+    in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    out = {"layer_param_bytes": 0, "root_param_bytes": 0, "grad_bytes": 0}
+    for p in model.parameters():   # each parameter once (tied weights too)
+        b = _padded_bytes(p, world)
+        out["layer_param_bytes" if id(p) in in_layers else "root_param_bytes"] += b
+        out["grad_bytes"] += b if p.requires_grad else 0
+    return out
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, count: Optional[Callable[[str, int], None]] = None) -> int:
+    """Shard `model` in place over the default process group; returns the number of FSDP groups. `count(kind,
+    nbytes)`: told the bytes of every all-gather and reduce-scatter FSDP2 issues."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -74,6 +131,9 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> int:
     for m in groups + [model]:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
+        if count is not None:
+            m.set_custom_all_gather(_CountingAllGather(count))
+            m.set_custom_reduce_scatter(_CountingReduceScatter(count))
     return len(groups) + 1
 
 
