@@ -19,7 +19,7 @@ def build_like_train(config: dict, method: str, model_dtype=torch.float32, seed:
     (the method's base factory, attach_method: float32 masters, gradient checkpointing)."""
     from lorart.methods import method_class
     from lorart.methods.base import make_config
-    from lorart.models import LlamaConfig, LlamaForCausalLM
+    from lorart.models import LlamaConfig, LlamaForCausalLM, apply_linear_factory
     from lorart.training.options import TrainOptions
     from lorart.training.setup import Base, attach_method, method_config
 
@@ -31,10 +31,7 @@ def build_like_train(config: dict, method: str, model_dtype=torch.float32, seed:
     model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
     factory = cls.base_linear_factory(cfg, dtype)
     if factory is not None:
-        for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                          and n.startswith("model.layers.")]:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, factory(name, lin))
+        apply_linear_factory(model, factory)
     for p in model.parameters():
         p.requires_grad_(False)
     meth = attach_method(Base(model, None, None, True), cls, cfg, opts)

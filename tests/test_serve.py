@@ -20,7 +20,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_helpers import Server, make_adapters, reference_model, reference_text, tiny_setup  # noqa: E402
+from serve_helpers import make_adapters, reference_model, reference_text, Server, tiny_setup  # noqa: E402
+from serve_helpers import one_thread  # noqa: E402,F401 - an autouse fixture: one intra-op thread
 
 import lorart  # noqa: E402
 from lorart.inject import lora_layers  # noqa: E402
@@ -28,18 +29,6 @@ from lorart.models import load_model  # noqa: E402
 from lorart.serving.engine import Engine  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Hello there", "A longer prompt about cats and dogs and birds."]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on 2 cores shared with the HTTP threads: one intra-op thread avoids OpenMP spin contention
-    (measured 30x slower references with 2 threads under load)."""
-    n, k = torch.get_num_threads(), lorart.get_num_threads()
-    torch.set_num_threads(1)
-    lorart.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    lorart.set_num_threads(k)
 
 
 @pytest.fixture(scope="module")

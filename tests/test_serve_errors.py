@@ -22,23 +22,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_helpers import Server, reference_text, tiny_setup  # noqa: E402
+from serve_helpers import reference_text, Server, tiny_setup  # noqa: E402
+from serve_helpers import one_thread  # noqa: E402,F401 - an autouse fixture: one intra-op thread
 from test_serve import Paused, _engine, _metric, _wait  # noqa: E402
 
 import lorart  # noqa: E402
 from lorart.serving.text import TextStream  # noqa: E402
 
 PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n, k = torch.get_num_threads(), lorart.get_num_threads()
-    torch.set_num_threads(1)
-    lorart.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    lorart.set_num_threads(k)
 
 
 @pytest.fixture(scope="module")

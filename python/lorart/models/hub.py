@@ -64,7 +64,9 @@ def _gguf_cache_folder(path: str, dtype: torch.dtype, root: str) -> str:
     return os.path.join(root, "gguf", f"{stem}-{key[:16]}-{str(dtype).replace('torch.', '')}")
 
 
-def _apply_linear_factory(model: nn.Module, factory: LinearFactory) -> None:
+def apply_linear_factory(model: nn.Module, factory: LinearFactory) -> None:
+    """Replace each decoder linear (`model.layers.*`) by `factory(name, linear)`: what a `linear_factory` does to
+    a model that is already built (the loaders apply it while reading instead)."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
             parent, _, child = name.rpartition(".")
@@ -139,5 +141,5 @@ def load_model(path: Optional[str] = None, dtype=torch.float32, device="cpu",
                       "to a writable folder to load faster next time")
     model = model.to(device)
     if linear_factory is not None:
-        _apply_linear_factory(model, linear_factory)
+        apply_linear_factory(model, linear_factory)
     return model, tok

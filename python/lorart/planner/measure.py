@@ -100,7 +100,7 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
     if key not in _warm:
         from ..methods import METHODS
         from ..methods.base import make_config
-        from ..models import LlamaConfig, LlamaForCausalLM
+        from ..models import LlamaConfig, LlamaForCausalLM, apply_linear_factory
         from ..optim import PagedAdamW
         from ..training.options import TrainOptions
         from ..training.evaluate import autocast_ctx
@@ -115,10 +115,7 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
             model = LlamaForCausalLM(cfg).to(dtype)
             factory = cls.base_linear_factory(mc, dtype)
             if factory is not None:
-                for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                                  and n.startswith("model.layers.")]:
-                    parent, _, leaf = name.rpartition(".")
-                    setattr(model.get_submodule(parent), leaf, factory(name, lin))
+                apply_linear_factory(model, factory)
             for q in model.parameters():
                 q.requires_grad_(False)
             meth = attach_method(Base(model, None, None, True), cls, mc, opts)

@@ -219,7 +219,7 @@ def build(model, opts: PlanOptions) -> Setup:
     """Build the meta model of the run and attach its method (lorart.methods' own classes)."""
     from ..methods import METHODS, MethodError
     from ..methods.base import make_config
-    from ..models import LlamaForCausalLM
+    from ..models import LlamaForCausalLM, apply_linear_factory
     from ..training.setup import method_config
 
     config, label = resolve_config(model)
@@ -235,10 +235,7 @@ def build(model, opts: PlanOptions) -> Setup:
     if cls.base_linear_factory(cfg, dtype) is not None:
         # the method quantizes the base while it loads (QLoRA: every decoder linear to NF4; lm_head stays
         # dense); on the meta device the NF4 layers get buffers of the exact shapes instead of real codes
-        for path, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear)
-                          and n.startswith("model.layers.")]:
-            parent, _, leaf = path.rpartition(".")
-            setattr(m.get_submodule(parent), leaf, _meta_nf4(lin, cfg.blocksize, cfg.double_quant, dtype))
+        apply_linear_factory(m, lambda path, lin: _meta_nf4(lin, cfg.blocksize, cfg.double_quant, dtype))
     for p in m.parameters():
         p.requires_grad_(False)
     # prefix tuning's default init runs the model on real tokens (data-dependent): skip it, same tensors
