@@ -237,3 +237,23 @@ def test_artifact_size_is_the_saved_folders(method, kw, tmp_path):
     p = lorart.plan(dict(SMALL, model_type="llama"), method, time=False, framework_bytes=0, device="cpu", **kw)
     assert abs(p.adapter_bytes - size) <= max(0.01 * size, 1024), (p.adapter_bytes, size)   # JSON side files
     assert p.trainable_params == sum(x.numel() for x in meth.trainable_parameters())
+
+
+# ---- what a run leaves resident -----------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_quantizing_load_keeps_no_mapping_of_the_weights_file(tmp_path):
+    """safetensors' tensors share one mapping of the file: QLoRA's load must copy the tensors it keeps (embeddings,
+    norms) out of it, or every page the NF4 factory read (the whole full-precision model) stays resident."""
+    import gc
+
+    import torch
+    from train_helpers import tiny_folder
+
+    from lorart.models import load_hf_folder, nf4_factory
+    folder = tiny_folder(tmp_path / "m")
+    weights = os.path.realpath(os.path.join(folder, "model.safetensors"))
+    model, _ = load_hf_folder(folder, dtype=torch.float32, linear_factory=nf4_factory(torch.float32))
+    gc.collect()
+    assert weights not in open("/proc/self/maps").read()
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.isfinite(model(input_ids=x).logits).all()

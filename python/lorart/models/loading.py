@@ -83,12 +83,18 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
 
-    def fetch(name):
+    def fetch(name, kept: bool = True):
         t = get_tensor(name)
         if not t.is_floating_point():
             raise FileFormatError(f"lorart: {source}: tensor {name!r}: expected a floating-point dtype, got "
                                   f"{str(t.dtype).replace('torch.', '')}")
-        return t.to(device=device, dtype=dtype)
+        out = t.to(device=device, dtype=dtype)
+        aliases = out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        if kept and aliases and linear_factory is not None:
+            # safetensors' tensors share one mapping of the whole file: a tensor kept as it is would keep every page
+            # the factory read (QLoRA: the whole float32 model) resident for the life of the model
+            out = out.clone()
+        return out
 
     done = set()
     for name, lin in linears:
@@ -101,7 +107,7 @@ def build_model(config: LlamaConfig, keys: Iterable[str], get_tensor: Callable[[
             continue
         for pname in ("weight", "bias"):
             if getattr(lin, pname) is not None:
-                _set_param(model, f"{name}.{pname}", fetch(f"{name}.{pname}"), source)
+                _set_param(model, f"{name}.{pname}", fetch(f"{name}.{pname}", kept=pname == "bias"), source)
                 done.add(f"{name}.{pname}")
         if linear_factory is not None:
             new = linear_factory(name, model.get_submodule(name))

@@ -24,6 +24,37 @@ def _status_kb(key: str) -> Optional[int]:
         return None
 
 
+MMAP_THRESHOLD = 1 << 20
+_malloc_state: dict = {}
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
+    """Make glibc serve allocations >= `threshold` bytes with their own mmap (and give them back to the OS when
+    freed) for the rest of the process: mallopt(M_MMAP_THRESHOLD), which also turns off glibc's dynamic
+    threshold. Without it, the first large free raises the threshold, later activations come from the heap and
+    the heap keeps them after they are freed: RSS stays a few hundred MiB above the live tensors (docs/plan.md).
+    LORART_MALLOC=default in the environment, or MALLOC_MMAP_THRESHOLD_ already set, leaves glibc alone.
+    Returns what was done ("fixed" | "default" | "env" | "unavailable"); once per process."""
+    if "how" in _malloc_state:
+        return _malloc_state["how"]
+    how = "default"
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        how = "env"
+    elif os.environ.get("LORART_MALLOC", "").lower() != "default":
+        how = "unavailable"
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None)
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+            if libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold) == 1:
+                libc.malloc_trim(0)   # and give back what the heap holds now
+                how = "fixed"
+        except (OSError, AttributeError):   # not glibc (musl, macOS, Windows)
+            pass
+    _malloc_state["how"] = how
+    return how
+
+
 def rss_bytes() -> Optional[int]:
     kb = _status_kb("VmRSS")
     return None if kb is None else kb * 1024
@@ -70,22 +101,48 @@ class PeakMeter:
 
 
 def predict_run(model, method, train_options, device: torch.device, batch_size: int, seq_len: int,
-                framework_bytes: Optional[int]) -> dict:
-    """The plan of a live `lorart.train` run (its own model and method, the longest batch it will see).
-    Returns {"predicted_peak_bytes", "predicted_parts", ...} or {"predicted_peak_bytes": None, "plan_note"}."""
+                framework_bytes: Optional[int], time: bool = True) -> tuple:
+    """The plan of a live `lorart.train` run (its own model and method, the longest batch it will see):
+    (memory, step_time). memory: {"predicted_peak_bytes", "predicted_parts", ...} or {"predicted_peak_bytes":
+    None, "plan_note"}; step_time: {"predicted_step_s", "gemm_tflops", "flops_per_step", "source"} (the GEMM rate
+    measured here now: ~0.5 s) or {} when not estimated."""
     import dataclasses
 
-    from . import memory
+    from . import memory, speed
     from .spec import PlanOptions, setup_from_model
     try:
         opts = PlanOptions(train=dataclasses.replace(train_options, batch_size=batch_size, max_seq_len=seq_len),
                            device=device.type)
-        mem = memory.estimate(setup_from_model(model, method, opts))
+        setup = setup_from_model(model, method, opts)
+        mem = memory.estimate(setup)
     except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
-        return {"predicted_peak_bytes": None, "plan_note": f"no prediction for this model: {e}"}
+        return {"predicted_peak_bytes": None, "plan_note": f"no prediction for this model: {e}"}, {}
     fw = (framework_bytes or 0) if device.type == "cpu" else 0
-    return {"predicted_peak_bytes": mem.peak + fw, "predicted_parts": dict(mem.parts), "predicted_phase": mem.phase,
+    plan = {"predicted_peak_bytes": mem.peak + fw, "predicted_parts": dict(mem.parts), "predicted_phase": mem.phase,
             "framework_bytes": fw, "predicted_batch": [batch_size, seq_len]}
+    if device.type == "cpu":
+        plan["malloc"] = _malloc_state.get("how", "default")
+    step = {}
+    if time:
+        est = speed.estimate(setup)
+        step = {"predicted_step_s": est["step_s"], "gemm_tflops": est["gemm_tflops"],
+                "flops_per_step": est["flops"]["total"], "predicted_batch": [batch_size, seq_len],
+                "source": est["source"]}
+    return plan, step
+
+
+def step_time_check(predicted: dict, history: list) -> dict:
+    """The predicted time per step beside the measured ones: the mean over the run's steps (the first included:
+    it pages code in) and the median of the steps after the first; ratio = measured median / predicted."""
+    t = [h["elapsed_s"] for h in history if "elapsed_s" in h and "step" in h]
+    per = [b - a for a, b in zip([0.0] + t[:-1], t)]
+    out = dict(predicted)
+    out["measured_mean_step_s"] = sum(per) / len(per) if per else None
+    rest = sorted(per[1:] or per)
+    out["measured_step_s"] = rest[len(rest) // 2] if rest else None
+    pred = predicted.get("predicted_step_s")
+    out["ratio"] = out["measured_step_s"] / pred if pred and out["measured_step_s"] else None
+    return out
 
 
 _warm: dict = {}

@@ -40,7 +40,7 @@ from .fingerprint import describe_differences, examples_fingerprint, model_finge
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
-from ..planner.measure import PeakMeter, predict_run, warm_rss
+from ..planner.measure import PeakMeter, predict_run, return_freed_memory, step_time_check, warm_rss
 from .precision import LossScaler, check_method
 from .progress import Progress
 from .reporting import Reporter
@@ -123,6 +123,8 @@ class Recipe:
         with dist.guard(lambda: "during setup"):
             # before any loading: a refused folder fails fast
             dist.on_main(lambda: self.folder.check_allowed(resume, overwrite))
+            if self.device.type == "cpu":
+                return_freed_memory()   # RSS follows the live tensors (planner.measure; LORART_MALLOC=default: not)
             self.meter = PeakMeter(self.device)
             # the process before the model, once torch's training code is resident: the plan's framework part (CPU)
             self._framework = warm_rss(self.opts.method, self.dtype) if self.device.type == "cpu" else 0
@@ -180,8 +182,8 @@ class Recipe:
             # a model passed in was already resident when the baseline was read: not part of the framework
             fw -= sum(t.numel() * t.element_size() for t in list(model_arg.parameters()) + list(model_arg.buffers()))
         longest = max((len(e) for e in self.data.train), default=1)
-        self.memory_plan = predict_run(self.model, self.method, self.opts, self.device, self.opts.batch_size,
-                                       max(longest, 2), fw)
+        self.memory_plan, self.time_plan = predict_run(self.model, self.method, self.opts, self.device,
+                                                       self.opts.batch_size, max(longest, 2), fw)
 
     def memory_check(self) -> dict:
         """The plan's predicted peak beside the measured one (bytes; summary.json's `memory`)."""
@@ -636,6 +638,7 @@ class Recipe:
                                             "steps", "total_steps", "stopped_early", "best_step", "before", "after",
                                             "train_loss", "train_time_s", "tokens_per_s", "memory", "skipped_steps",
                                             "overflow_steps", "notes")}
+        out["step_time"] = step_time_check(self.time_plan, self.state.history)   # lorart plan's estimate beside
         out.update({"method": self.method.report(), "artifact_bytes": self.method.storage_bytes(res.adapter_dir),
                     "model": self.model_name, "device": str(self.device),
                     "dtype": str(self.dtype).replace("torch.", ""), "train_data": d.train_path,
