@@ -24,7 +24,7 @@ def _status_kb(key: str) -> Optional[int]:
         return None
 
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 128 << 10   # glibc's own initial threshold, its dynamic raising turned off
 _malloc_state: dict = {}
 
 
@@ -121,6 +121,7 @@ def predict_run(model, method, train_options, device: torch.device, batch_size: 
     plan = {"predicted_peak_bytes": mem.peak + fw, "predicted_parts": dict(mem.parts), "predicted_phase": mem.phase,
             "framework_bytes": fw, "predicted_batch": [batch_size, seq_len]}
     if device.type == "cpu":
+        plan["framework_what"] = "RSS before the first step less the model's tensors"
         plan["malloc"] = _malloc_state.get("how", "default")
     step = {}
     if time:
@@ -143,6 +144,26 @@ def step_time_check(predicted: dict, history: list) -> dict:
     pred = predicted.get("predicted_step_s")
     out["ratio"] = out["measured_step_s"] / pred if pred and out["measured_step_s"] else None
     return out
+
+
+def tensor_bytes(module) -> int:
+    """Bytes of the distinct CPU storages of `module`'s parameters and buffers (tied weights once)."""
+    seen = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "cpu" and not t.is_meta:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def process_bytes(model, floor: Optional[int]) -> Optional[int]:
+    """The process without the model: RSS now less the model's tensors, read just before training (so what
+    loading left resident counts: the tokenizer, the data, file readers), never below `floor` (warm_rss: the
+    model's pages may not all be resident yet)."""
+    now = rss_bytes()
+    if now is None:
+        return floor
+    return max(now - tensor_bytes(model), floor or 0)
 
 
 _warm: dict = {}

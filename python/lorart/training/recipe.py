@@ -40,7 +40,8 @@ from .fingerprint import describe_differences, examples_fingerprint, model_finge
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
-from ..planner.measure import PeakMeter, predict_run, return_freed_memory, step_time_check, warm_rss
+from ..planner.measure import (PeakMeter, predict_run, process_bytes, return_freed_memory, step_time_check,
+                               tensor_bytes, warm_rss)
 from .precision import LossScaler, check_method
 from .progress import Progress
 from .reporting import Reporter
@@ -126,12 +127,16 @@ class Recipe:
             if self.device.type == "cpu":
                 return_freed_memory()   # RSS follows the live tensors (planner.measure; LORART_MALLOC=default: not)
             self.meter = PeakMeter(self.device)
-            # the process before the model, once torch's training code is resident: the plan's framework part (CPU)
-            self._framework = warm_rss(self.opts.method, self.dtype) if self.device.type == "cpu" else 0
+            # the process before the model, once torch's training code is resident (CPU; a model passed in was
+            # already resident): the floor of the plan's framework part
+            self._framework = 0
+            if self.device.type == "cpu":
+                own = tensor_bytes(model) if isinstance(model, torch.nn.Module) else 0
+                self._framework = max((warm_rss(self.opts.method, self.dtype) or 0) - own, 0)
             dist.agree(lambda: self._setup_model(model, tokenizer))
             dist.agree(lambda: self._setup_data(data, eval_data, general_data))
             self._check_ranks(resume, overwrite)
-            self._predict_memory(model)
+            self._predict_memory()
             self.train_model = dist.wrap(self.model)   # DDP, or sharded in place by FSDP2; the model itself alone
             self._setup_optimizer()
             self._take_folder(resume, overwrite)
@@ -173,14 +178,12 @@ class Recipe:
         self.eval_every = o.eval_every or max(1, self.total // 4)
         self.save_every = o.save_every or self.eval_every
 
-    def _predict_memory(self, model_arg) -> None:
+    def _predict_memory(self) -> None:
         """lorart.plan's prediction of a training step's peak for this very model, method and options, on a
         micro-batch of batch_size x the longest training example (collate pads to the longest): checked against
         the measured peak in summary.json's `memory`."""
-        fw = self._framework
-        if fw and isinstance(model_arg, torch.nn.Module) and self.device.type == "cpu":
-            # a model passed in was already resident when the baseline was read: not part of the framework
-            fw -= sum(t.numel() * t.element_size() for t in list(model_arg.parameters()) + list(model_arg.buffers()))
+        # the process without the model, read now: what loading left resident counts (CPU)
+        fw = process_bytes(self.model, self._framework) if self.device.type == "cpu" else 0
         longest = max((len(e) for e in self.data.train), default=1)
         self.memory_plan, self.time_plan = predict_run(self.model, self.method, self.opts, self.device,
                                                        self.opts.batch_size, max(longest, 2), fw)
