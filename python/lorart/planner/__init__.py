@@ -89,9 +89,12 @@ def _plan_setup(setup: Setup, framework_bytes: Optional[int] = None, with_time: 
     if o.optimizer_state_bits == 8:
         notes.append("8-bit optimizer states are lorart.optim.PagedAdamW(state_bits=8) (Python API); "
                      "`lorart train` uses 32-bit states")
-    if o.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        notes.append("glibc's heap may keep freed activations: measured RSS can exceed this by a few hundred MiB "
-                     "(MALLOC_MMAP_THRESHOLD_=1048576 makes it follow the tensors; docs/plan.md)")
+    if o.device == "cpu" and os.environ.get("LORART_MALLOC", "").lower() == "default":
+        notes.append("LORART_MALLOC=default: glibc's heap may keep freed activations, so measured RSS can exceed this "
+                     "by a few hundred MiB (lorart train otherwise fixes glibc's mmap threshold; docs/plan.md)")
+    if o.device == "cuda":
+        notes.append("the CUDA terms (allocator peak, autocast copies, cuBLAS workspace, context) are not yet checked "
+                     "against a measured GPU run (docs/plan.md)")
     if o.paged and o.device != "cuda":
         notes.append("paging moves optimizer states from GPU to host memory: on the CPU it changes nothing")
     if o.fsdp > 1:
