@@ -8,8 +8,9 @@ in its own process (RSS is per process).
 
 --malloc both runs each case twice: glibc as lorart train leaves it (a fixed mmap threshold: freed activations go
 back to the OS; docs/plan.md) and with LORART_MALLOC=default (glibc's dynamic threshold), interleaved, so
-their step times compare within one run. Data: the bundled answer-format set (lorart train's quick run), batch 8 x
-up to 160 tokens unless given; no evaluation before, no samples, no general-text check.
+their step times compare within one run. Data: examples of exactly --max-seq-len tokens (every step is the batch
+the plan predicts for; --bundled-data: the bundled answer-format set instead), batch 8 x 160 unless given; no
+evaluation before, no samples, no general-text check.
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ METHODS = ("full", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit")
 def one(spec: dict) -> dict:
     import lorart
     out = os.path.join(spec["tmp"], "run")
-    lorart.train(spec["model"], output_dir=out, overwrite=True, method=spec["method"], max_steps=spec["steps"],
+    data = eval_data = None      # the bundled set: examples of varied lengths (the plan is for the longest)
+    if spec["fixed"]:            # every example longer than max_seq_len: each step is the batch the plan is for
+        data = [{"text": " ".join(f"word {i} is number {i}" for i in range(600))}] * (4 * spec["batch_size"])
+        eval_data = data[:1]
+    lorart.train(spec["model"], data, eval_data=eval_data, output_dir=out, overwrite=True, method=spec["method"], max_steps=spec["steps"],
                  batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], lr=1e-4,
                  gradient_checkpointing=spec["ckpt"], eval_before=False, num_samples=0, general_data=False,
                  eval_every=10**6, save_every=10**6, progress=False, device="cpu")
@@ -51,6 +56,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=160)
+    ap.add_argument("--bundled-data", action="store_true",
+                    help="the bundled set (varied lengths) instead of examples of exactly --max-seq-len tokens")
     ap.add_argument("--json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -72,7 +79,7 @@ def main():
         for ckpt in ckpts:
             for mal in mallocs:
                 spec = dict(model=model, method=method, ckpt=ckpt, malloc=mal, steps=a.steps, tmp=tmp,
-                            batch_size=a.batch_size, max_seq_len=a.max_seq_len)
+                            batch_size=a.batch_size, max_seq_len=a.max_seq_len, fixed=not a.bundled_data)
                 env = dict(os.environ)
                 if mal == "default":
                     env["LORART_MALLOC"] = "default"
