@@ -7,8 +7,9 @@ FLOPs (2 per multiply-add) of one optimizer step of `batch_size x max_seq_len` t
             forward), attention x 2, the loss's dh (and dW when the head trains), computed in its forward
   recompute gradient checkpointing runs each decoder layer's forward again
 The rate is the median of a few timed [tokens, hidden] x [hidden, intermediate] matmuls in the run's compute
-dtype, so the estimate is GEMM-bound, meant as a lower bound: elementwise kernels, attention kernels, NF4 dequantization
-and the optimizer add to it (docs/plan.md compares it with measured steps).
+dtype, so the estimate is GEMM-bound, meant as a lower bound: elementwise kernels, attention kernels, NF4
+dequantization and the optimizer add to it (docs/plan.md compares it with measured steps: under load the timing of
+the rate itself varies up to 3x).
 """
 from __future__ import annotations
 
