@@ -32,8 +32,8 @@ def one(spec: dict) -> dict:
     if spec["fixed"]:            # every example longer than max_seq_len: each step is the batch the plan is for
         data = [{"text": " ".join(f"word {i} is number {i}" for i in range(600))}] * (4 * spec["batch_size"])
         eval_data = data[:1]
-    lorart.train(spec["model"], data, eval_data=eval_data, output_dir=out, overwrite=True, method=spec["method"], max_steps=spec["steps"],
-                 batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], lr=1e-4,
+    lorart.train(spec["model"], data, eval_data=eval_data, output_dir=out, overwrite=True, method=spec["method"],
+                 max_steps=spec["steps"], batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], lr=1e-4,
                  gradient_checkpointing=spec["ckpt"], eval_before=False, num_samples=0, general_data=False,
                  eval_every=10**6, save_every=10**6, progress=False, device="cpu")
     s = json.load(open(os.path.join(out, "summary.json")))
