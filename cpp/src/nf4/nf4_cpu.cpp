@@ -219,19 +219,32 @@ void gemv_simd(const T* x, int64_t m, const NF4View& w, const T* bias, T* out, c
   const uint8_t* packed = w.packed.ptr<uint8_t>();
   const int64_t shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   detail::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> wrow(m > 1 ? static_cast<size_t>(k) : 0), res(static_cast<size_t>(m));
-    for (int64_t r = r0; r < r1; ++r) {
+    std::vector<float> wrow(m > 1 ? static_cast<size_t>(2 * k) : 0), res(static_cast<size_t>(2 * m));
+    auto finish = [&](int64_t r, float* rs) {
+      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
+      if (lora != nullptr) add_lora<T>(*lora, r, m, rs);
+      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(rs[i] + b);
+    };
+    for (int64_t r = r0; r < r1;) {
       const int64_t e0 = r * k;
       auto scale = [&](int64_t st) { return block_scale(w, (e0 + 64 * st) >> shift); };
       if (m == 1) {
         res[0] = simd::gemv_row1<R>(xp.data(), packed + e0 / 2, steps, scale);
+      } else if (r + 1 < r1) {  // two weight rows share each x load (dot_rows2)
+        auto scale2 = [&](int64_t st) { return block_scale(w, (e0 + k + 64 * st) >> shift); };
+        simd::gemv_decode_row<R>(packed + e0 / 2, steps, scale, wrow.data());
+        simd::gemv_decode_row<R>(packed + (e0 + k) / 2, steps, scale2, wrow.data() + k);
+        simd::dot_rows2(xp.data(), m, k, wrow.data(), wrow.data() + k, res.data(), res.data() + m);
+        finish(r, res.data());
+        finish(r + 1, res.data() + m);
+        r += 2;
+        continue;
       } else {
         simd::gemv_decode_row<R>(packed + e0 / 2, steps, scale, wrow.data());
         simd::dot_rows(xp.data(), m, k, wrow.data(), res.data());
       }
-      const float b = bias ? detail::to_f32(bias[r]) : 0.f;
-      if (lora != nullptr) add_lora<T>(*lora, r, m, res.data());
-      for (int64_t i = 0; i < m; ++i) out[i * rows + r] = detail::from_f32<T>(res[i] + b);
+      finish(r, res.data());
+      ++r;
     }
   });
 }
