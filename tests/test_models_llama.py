@@ -164,3 +164,58 @@ def test_bad_inputs_raise_clear_errors():
         LlamaConfig.from_hf_dict({**CFG, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig.from_hf_dict({**CFG, "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("dtype,cs_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                            (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_rope_autograd_equals_plain_expression(dtype, cs_dtype):
+    """apply_rope's autograd Function (saves only cos/sin): the same output and input gradient, bit for bit, as
+    autograd through x * cos + rotate_half(x) * sin, also with cos/sin wider than x (autocast) and a
+    non-contiguous x (q after view + transpose)."""
+    from lorart.models.llama import _Rope, apply_rope, rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 6, 3, 8, generator=g).to(dtype).transpose(1, 2)  # [B, H, T, D], non-contiguous
+    cos = torch.randn(2, 6, 8, generator=g).to(cs_dtype)
+    sin = torch.randn(2, 6, 8, generator=g).to(cs_dtype)
+    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    y1 = apply_rope(x1, cos, sin)
+    y2 = x2 * cos.unsqueeze(1) + rotate_half(x2) * sin.unsqueeze(1)
+    assert y1.grad_fn.name().startswith("_RopeBackward")
+    assert y1.dtype == y2.dtype and torch.equal(y1, y2)
+    gy = torch.randn(y1.shape, generator=g).to(y1.dtype)
+    y1.backward(gy)
+    y2.backward(gy)
+    assert x1.grad.dtype == x2.grad.dtype == dtype and torch.equal(x1.grad, x2.grad)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: _Rope.apply(t, cos.unsqueeze(1), sin.unsqueeze(1)),
+                                        (x0.clone().requires_grad_(),))
+
+
+def test_rope_autograd_under_compile_and_checkpointing():
+    """The model's loss and LoRA gradients are the same through torch.compile and gradient checkpointing."""
+    import lorart
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**CFG))
+    lorart.inject(m, targets=["q_proj", "k_proj"], r=4, alpha=8, dropout=0.0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, CFG["vocab_size"], (2, 9))
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    ref_loss, ref = grads(m)
+    m.gradient_checkpointing_enable()
+    ck_loss, ck = grads(m)
+    m.gradient_checkpointing_disable()
+    c_loss, c = grads(torch.compile(m, backend="aot_eager"))
+    for loss, gs in ((ck_loss, ck), (c_loss, c)):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for a, b in zip(gs, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
