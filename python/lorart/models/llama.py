@@ -97,34 +97,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def _unrotate_half(u: torch.Tensor) -> torch.Tensor:
-    """The transpose of rotate_half: its input gradient for the output gradient u."""
-    u1, u2 = u.chunk(2, dim=-1)
-    return torch.cat([u2, -u1], dim=-1)
-
-
-class _Rope(torch.autograd.Function):
-    """x * cos + rotate_half(x) * sin with the same forward arithmetic, saving only cos and sin (shared by every
-    layer): autograd through the plain expression keeps rotate_half(x) and the product's operands per call."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return x * cos + rotate_half(x) * sin
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        dt = ctx.x_dtype  # each term cast to x's dtype before the sum, as autograd does through the expression
-        return (g * cos).to(dt) + _unrotate_half(g * sin).to(dt), None, None
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, D]; cos/sin: [B, T, D] (HF rotate-half layout)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
-        return _Rope.apply(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
