@@ -44,6 +44,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def _run_together(cmds: list, env: dict, timeout: float) -> tuple:
+    """Run the commands at once, reading every pipe concurrently (a full pipe must not stall a process while another
+    is waited for); ([(stdout, stderr)], [return code]). Past `timeout` seconds the ones still running get SIGTERM
+    (torchrun forwards it to its workers), then SIGKILL 20 s later; their output so far is kept."""
+    import concurrent.futures
+    import signal
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+        futures = [pool.submit(p.communicate) for p in procs]
+        concurrent.futures.wait(futures, timeout=timeout)
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+            if all(f.done() for f in futures):
+                break
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(sig)
+            concurrent.futures.wait(futures, timeout=wait)
+        return [f.result() for f in futures], [p.returncode for p in procs]
+
+
+def _explain(codes: list, outs: list) -> str:
+    return "\n".join(f"--- process {i}: exit {c}\n[stdout]\n{o[-3000:]}\n[stderr]\n{e[-6000:]}"
+                     for i, (c, (o, e)) in enumerate(zip(codes, outs)))
+
 def _env(rank: int, world: int, port: int) -> dict:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -354,24 +379,18 @@ def test_cli_under_torchrun_two_nodes_on_loopback(env, tmp_path):
             "--grad-accum", "2", "--max-seq-len", "48", "--lr", str(o["lr"]), "--warmup", "0", "--eval-every", "2",
             "--save-every", "1", "--keep-checkpoints", "5", "--num-samples", "0", "--no-general", "--dist-timeout",
             "60"]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-                               "1", "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                               f"127.0.0.1:{port}", "--rdzv-id", "lorart-test", "--max-restarts", "0",
-                               "-m", "lorart", "train", *args],
-                              env={**_env(0, 1, 0), "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for node in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    # --local-addr: the rendezvous hands the workers this address for the agent's store, not the machine's FQDN
+    # (whatever a CI container's hostname resolves to); --rdzv-conf: a node left alone gives up instead of waiting
+    # the default 900 s; LOGLEVEL=INFO: the agents say where they are, shown if this fails.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lorart-test", "--rdzv-conf",
+           "join_timeout=120,close_timeout=10", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+           "-m", "lorart", "train", *args]
+    outs, codes = _run_together([cmd, cmd], env={**_env(0, 1, 0), "PYTHONWARNINGS": "ignore", "LOGLEVEL": "INFO"},
+                                timeout=240)
+    assert codes == [0, 0], _explain(codes, outs)
     summary = json.load(open(out / "summary.json"))
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["nodes"] == 2
     _assert_same_run(env["lora"], str(out))
     printed = [sum("lorart train:" in line for line in err.splitlines()) for _, err in outs]
-    assert sorted(printed) == [0, 1], outs   # the progress comes from rank 0 alone
+    assert sorted(printed) == [0, 1], _explain(codes, outs)   # the progress comes from rank 0 alone

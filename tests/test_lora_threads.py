@@ -135,6 +135,53 @@ def test_a_thread_selection_does_not_leak_into_another_thread():
         t.join(30)
 
 
+def test_asyncio_tasks_on_one_thread_pick_their_own_adapter():
+    """Request handlers as asyncio tasks on one event loop: each task's block holds across its awaits, and is not
+    seen by the other tasks that run in between (a per-thread selection would hand them the wrong adapter)."""
+    import asyncio
+    model = with_adapters(("a", "b", "c"))
+    x = torch.randn(2, 16)
+    names = ["a", "b", "c", None]
+    ref = reference_outputs(model, x, names)
+    lorart.set_adapter(model, "b")
+    with torch.no_grad():
+        active = model(x)
+    wrong = []
+
+    async def handler(name):
+        for _ in range(5):
+            with lorart.adapter_ids(model, [name] * 2):
+                await asyncio.sleep(0)         # the other tasks run here, inside this task's block
+                if not torch.equal(model(x), ref[name]):
+                    wrong.append(name)
+                await asyncio.sleep(0)
+            if not torch.equal(model(x), active):   # outside its block: the active adapter
+                wrong.append(("outside", name))
+
+    async def main():
+        await asyncio.gather(*(handler(n) for n in names * 2))
+        assert wrong == [], f"{len(wrong)} forwards used another task's adapter: {wrong[:5]}"
+
+        # a task created inside a block sees it while the block is open, and not after it ends
+        gate, seen = asyncio.Event(), []
+
+        async def child():
+            seen.append(torch.equal(model(x), ref["a"]))
+            await gate.wait()
+            seen.append(torch.equal(model(x), active))
+
+        with lorart.adapter_ids(model, ["a", "a"]):
+            task = asyncio.create_task(child())
+            await asyncio.sleep(0)
+        gate.set()
+        await task
+        assert seen == [True, True]
+
+    with torch.no_grad():   # outside the tasks: torch's grad mode is per thread, not per task
+        asyncio.run(main())
+    assert lorart.nn.selection.SELECTIONS.active == 0
+
+
 def test_explicit_per_call_ids_and_nested_contexts():
     model = with_adapters(("a", "b"))
     x = torch.randn(3, 16)

@@ -255,7 +255,8 @@ def adapter_ids(model: nn.Module, ids, lengths=None):
     as PEFT's mixed batches. All rows run in one grouped launch per layer (lorart::lora_grouped_add_).
     Inference: no gradients reach the adapters.
 
-    Per thread: other threads do not see the selection, so several threads can run forwards with different
+    Per thread and per asyncio task: other threads and tasks do not see the selection (a task created inside
+    the block sees it until the block ends), so several threads or tasks can run forwards with different
     adapters on one model at once; blocks nest (the inner one wins until it ends)."""
     layers = list(lora_layers(model).values())
     if ids is not None and not isinstance(ids, torch.Tensor):

@@ -182,7 +182,7 @@ class LoRALinear(nn.Module):
         `lorart.adapter_ids` block, else the layer's ``adapter_ids``, else the active adapter."""
         if adapter_ids is None:
             adapter_ids = self.adapter_ids
-            if SELECTIONS.active:  # some thread is inside a `lorart.adapter_ids` block
+            if SELECTIONS.active:  # some thread or task is inside a `lorart.adapter_ids` block
                 adapter_ids = SELECTIONS.lookup(self, adapter_ids)
         name = self.active_adapter
         if self.disabled or adapter_ids is not None or self.merged_adapters or name is None:

@@ -1,10 +1,11 @@
-"""Which adapter each row of a batch uses, per thread, and the lock that serialises adapter changes.
+"""Which adapter each row of a batch uses, per thread and asyncio task, and the lock that serialises adapter changes.
 
 Three ways to choose per-row adapters for a LoRALinear, the first given wins:
 
 1. ``layer(x, adapter_ids=ids)``: explicit, for this call only;
-2. ``with lorart.adapter_ids(module, ids):``: this thread only, every LoRA layer under `module`, until the
-   block ends (nestable; blocks on different sub-modules combine);
+2. ``with lorart.adapter_ids(module, ids):``: the code inside the block only (this thread; with asyncio this
+   task and the tasks it starts inside the block), every LoRA layer under `module`, until the block ends
+   (nestable; blocks on different sub-modules combine);
 3. ``layer.adapter_ids = ids``: the layer's own setting, shared by every thread (for the one thread that runs
    the model, e.g. a serving scheduler).
 
@@ -17,6 +18,7 @@ run one after the other. Forwards never take it.
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import torch
@@ -91,50 +93,54 @@ class RowSelection:
 _NONE = object()
 
 
-class ThreadSelections(threading.local):
-    """This thread's per-layer selections (layer -> RowSelection, or None for "no per-row selection")."""
+class _Block:
+    """One open `lorart.adapter_ids` block: the layers it covers, their selection, and the block it was opened
+    inside (in this context). A closed block selects nothing, also for the tasks it started."""
+    __slots__ = ("layers", "selection", "outer", "open")
 
-    def __init__(self):
-        self.by_layer: dict = {}
+    def __init__(self, layers, selection, outer):
+        self.layers, self.selection, self.outer, self.open = frozenset(layers), selection, outer, True
 
 
 class Selections:
-    """The per-thread selections of every thread; ``active`` counts threads inside a block, so layers skip
-    the thread-local lookup when no thread selects anything."""
+    """The open blocks of every thread and asyncio task, in a context variable: a thread sees only its own blocks;
+    an asyncio task its own and those open around the point where it was created (asyncio copies the context),
+    until they end; a thread started inside a block does not see it (threads start with an empty context).
+    ``active`` counts open blocks, so layers skip the lookup when nothing anywhere selects."""
 
     def __init__(self):
         self.active = 0
         self._count_lock = threading.Lock()
-        self._local = ThreadSelections()
+        self._current = contextvars.ContextVar("lorart_adapter_ids", default=None)
 
     def lookup(self, layer, default):
-        """This thread's selection for `layer` (a RowSelection or None), else `default`."""
-        return self._local.by_layer.get(layer, default)
+        """The selection of the innermost open block around this code that covers `layer` (a RowSelection or
+        None), else `default`."""
+        b = self._current.get()
+        while b is not None:
+            if b.open and layer in b.layers:
+                return b.selection
+            b = b.outer
+        return default
 
-    def enter(self, layers, selection) -> list:
-        """Select `selection` for `layers` in this thread; returns what `leave` needs to restore."""
-        mine = self._local.by_layer
-        saved = [(m, mine.get(m, _NONE)) for m in layers]
-        was = bool(mine)
-        for m in layers:
-            mine[m] = selection
-        self._count(was, bool(mine))
-        return saved
+    def enter(self, layers, selection) -> tuple:
+        """Open a block selecting `selection` for `layers` here; returns what `leave` needs."""
+        block = _Block(layers, selection, self._current.get())
+        token = self._current.set(block)
+        with self._count_lock:
+            self.active += 1
+        return block, token
 
-    def leave(self, saved: list) -> None:
-        mine = self._local.by_layer
-        was = bool(mine)
-        for m, old in reversed(saved):
-            if old is _NONE:
-                mine.pop(m, None)
-            else:
-                mine[m] = old
-        self._count(was, bool(mine))
-
-    def _count(self, was: bool, now: bool) -> None:
-        if was != now:
-            with self._count_lock:
-                self.active += 1 if now else -1
+    def leave(self, saved: tuple) -> None:
+        block, token = saved
+        block.open = False
+        try:
+            self._current.reset(token)
+        except ValueError:   # left in another context than it was entered in (a generator resumed elsewhere)
+            if self._current.get() is block:
+                self._current.set(block.outer)
+        with self._count_lock:
+            self.active -= 1
 
 
 SELECTIONS = Selections()
