@@ -99,8 +99,8 @@ def row(op, shape, m, med, rounds, work_bytes, elems=None, **extra) -> dict:
 
 def run(args) -> list[dict]:
     dev, dt = args.device, getattr(torch, args.dtype)
-    shapes = QUICK if args.quick else LLAMA
-    ms = [1, 16, 512] if args.quick or dev == "cpu" else [1, 16, 512, 4096]
+    shapes = {"llama": LLAMA, "quick": QUICK, "4096": LLAMA[:1]}[args.shapes or ("quick" if args.quick else "llama")]
+    ms = args.ms or ([1, 16, 512] if args.quick or dev == "cpu" else [1, 16, 512, 4096])
     iters = args.iters or (5 if args.quick else 10 if dev == "cpu" else 50)
     copy, copy_bytes = copy_fn(dev)
     med, rounds = contend(dev, iters, ours=copy)
@@ -206,6 +206,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (CPU smoke run)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and lorart (default 2)")
     ap.add_argument("--iters", type=int, default=0, help="timed rounds (default: 50 CUDA, 10 CPU, 5 --quick)")
+    ap.add_argument("--ms", type=lambda v: [int(m) for m in v.split(",")], default=None,
+                    help="nf4_linear row counts, e.g. 1,16 (default 1,16,512 on the CPU, 1,16,512,4096 on CUDA)")
+    ap.add_argument("--shapes", choices=["llama", "quick", "4096"], default=None,
+                    help="weight shapes (default: llama; quick with --quick; 4096: 4096x4096 only)")
     ap.add_argument("--json", help="write the results to this path")
     args = ap.parse_args()
     torch.manual_seed(0)

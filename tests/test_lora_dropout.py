@@ -1,12 +1,14 @@
 """lorart.ops.lora.lora_dropout against an independent NumPy model of its counter-based mask (the hash of
 cpp/include/lorart/detail/lora_math.h): every dtype, ragged row lengths (the CPU's 8-lane AVX2 path and its
-scalar tail), strided rows, in place, and the scale of kept elements rounded as the scalar kernel rounds."""
+scalar tail), strided rows, in place, and the scale of kept elements rounded as the scalar kernel rounds. The mask
+test runs on the vector path and again with it switched off (lorart._C.set_cpu_simd(False): the portable loop)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from lorart import _core
 from lorart.ops import lora as L
 
 M32 = np.uint64(0xFFFFFFFF)
@@ -43,13 +45,18 @@ def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.where(keep, x.to(acc) * scale, torch.zeros((), dtype=acc)).to(x.dtype)
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("K", [1, 7, 8, 9, 64, 577])
-def test_mask_matches_the_hash(dtype, K):
+def test_mask_matches_the_hash(dtype, K, simd):
     x = (torch.randn(13, K) * 3).to(dtype)
-    for p, seed in ((0.05, 0), (0.3, 12345), (0.5, -(2**62) - 7), (0.9, 2**40 - 1)):
-        got = L.lora_dropout(x, p, seed)
-        assert torch.equal(got, expected(x, p, seed)), (dtype, K, p, seed)
+    old = _core._C.set_cpu_simd(simd)
+    try:
+        for p, seed in ((0.05, 0), (0.3, 12345), (0.5, -(2**62) - 7), (0.9, 2**40 - 1)):
+            got = L.lora_dropout(x, p, seed)
+            assert torch.equal(got, expected(x, p, seed)), (dtype, K, p, seed)
+    finally:
+        _core._C.set_cpu_simd(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,17 +1,38 @@
 """The CPU NF4 kernels' vector paths (whole blocks, every blocksize, every output dtype) against the
 pure-PyTorch reference, bit for bit; the GEMV's permuted fused path against a float64 product; ties
-in the double quant; non-finite and extreme block scales."""
+in the double quant; non-finite and extreme block scales. Every kernel test runs twice: with the x86 vector
+paths (where the CPU has them) and with them switched off (lorart._C.set_cpu_simd(False): the portable loops)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lorart import nf4
+from lorart import _core, nf4
 from nf4_reference import _reference_dequantize, _reference_double_quant, _reference_quantize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # k % 64 == 0 (the vector GEMV) and not; blocks spanning rows; odd counts; a partial last block
 SHAPES = [(3, 64), (7, 96), (16, 640), (33, 65), (2, 4096), (9, 1000), (1, 33), (64, 192)]
+
+
+@pytest.fixture(autouse=True, params=["simd", "portable"])
+def simd_path(request):
+    """Runs the test on the vector paths and again on the portable loops (restoring the setting after)."""
+    old = _core._C.set_cpu_simd(request.param == "simd")
+    try:
+        yield request.param
+    finally:
+        _core._C.set_cpu_simd(old)
+
+
+def test_the_switch_picks_the_path(simd_path):
+    # (the vector paths exist on any x86-64 CPU with AVX2 + FMA + F16C, which CI's runners have)
+    import platform
+
+    if simd_path == "portable":
+        assert not _core._C.cpu_simd_active()
+    elif platform.machine() in ("x86_64", "AMD64"):
+        assert _core._C.cpu_simd_active()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -97,3 +118,35 @@ def test_nan_block_scale_decodes_to_quiet_nan():
     got = q2.dequantize(torch.bfloat16).reshape(-1)
     bad = ~torch.isfinite(got)
     assert bool(bad[256 * 64:512 * 64].any()) and not bool(bad[:256 * 64].any()) and not bool(bad[512 * 64:].any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_uses_exactly_the_dequantized_weights(dtype):
+    """One-hot x rows pick single weights: the GEMV (M = 1: decode and dot fused; M = 16: a decoded row shared by
+    the x rows) returns W[:, j] as nf4_dequantize stores it, exactly, for every column j of a 64-element step
+    (the vector GEMV's permuted order and its bfloat16 byte tables included) and of a partial tail."""
+    for shape, bs in (((5, 192), 64), ((3, 256), 128), ((4, 100), 32)):
+        q = nf4.quantize(_weight(shape, torch.float32, 7), bs)
+        wd = q.dequantize(dtype)
+        k = shape[1]
+        for j in range(k):
+            x = torch.zeros(1, k, dtype=dtype)
+            x[0, j] = 1
+            # (values, not bits: a sum of +0 products is +0 where a weight may be -0)
+            assert torch.equal(torch.ops.lorart.nf4_linear(x, *q.op_args(), None)[0], wd[:, j]), (shape, j)
+        for j0 in range(0, k, 16):
+            x = torch.zeros(16, k, dtype=dtype)
+            cols = list(range(j0, min(k, j0 + 16)))
+            x[torch.arange(len(cols)), cols] = 1
+            y = torch.ops.lorart.nf4_linear(x, *q.op_args(), None)
+            assert torch.equal(y[:len(cols)], wd[:, cols].T), (shape, j0)
+
+
+def test_fresh_large_output_decodes_right():
+    """A dequantize output above 8 MiB (the kernel advises huge pages for it) holds the reference's bits."""
+    q = nf4.quantize(_weight((1024, 4160), torch.float32, 3), 64)
+    ref = _reference_dequantize(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, 64, (1024, 4160),
+                                torch.bfloat16)
+    out = torch.empty(2, 1024, 4160, dtype=torch.bfloat16)[1]  # an interior not aligned to 2 MiB
+    _core._C.nf4_dequantize(q, out)
+    assert torch.equal(_bits(out), _bits(ref))

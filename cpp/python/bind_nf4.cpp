@@ -43,6 +43,8 @@ void bind(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0);
   m.def("nf4_gemv_max_rows", &lorart::nf4_gemv_max_rows);
+  m.def("set_cpu_simd", &lorart::set_cpu_simd, py::arg("enabled"));
+  m.def("cpu_simd_active", &lorart::cpu_simd_active);
 }
 
 static Registrar reg("nf4", &bind);

@@ -122,6 +122,9 @@ void nf4_dequantize(const NF4View& w, const TensorView& out, Stream stream) {
 
 int64_t nf4_gemv_max_rows() { return 16; }
 
+bool set_cpu_simd(bool enabled) { return cpu::set_simd(enabled); }
+bool cpu_simd_active() { return cpu::simd_active(); }
+
 void nf4_gemv(const TensorView& x, const NF4View& w, const TensorView& bias, const TensorView& out, Stream stream) {
   nf4_check(w);
   check_dtype(x, "x", {DType::F32, DType::BF16, DType::F16});

@@ -7,6 +7,12 @@
 
 namespace lorart::cpu {
 
+// The x86 vector paths of the CPU kernels (AVX2 + FMA + F16C, picked at run time): set_simd(false) makes every
+// CPU kernel that has one (NF4, LoRA dropout) take its portable loop instead (the same bits); returns the old
+// setting. simd_active(): whether they run now (supported by this CPU and build, and enabled).
+bool set_simd(bool enabled);
+bool simd_active();
+
 void nf4_quantize(const TensorView& weight, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax);
 void nf4_double_quant(const float* absmax, int64_t nb, float offset, const float* code, uint8_t* q,
                       float* nested_absmax);

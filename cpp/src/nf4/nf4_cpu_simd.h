@@ -12,7 +12,9 @@
 //    the 15 midpoints (ties to the lower code, as nf4_encode), packed two codes per byte.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -31,17 +33,30 @@ enum class Out { F32, BF16, F16 };
 // Index into the permuted x row of the element at offset e (0..63) of a 64-element step, for the
 // order in which gemv_step decodes: the high nibbles (even elements) then the low nibbles (odd),
 // each as four float vectors whose lanes hold packed bytes (l * 16 + f * 4 + s % 4), l = s / 4.
-inline int gemv_perm_index(int e) {
+// bfloat16 (lookup_bf16) orders each group of 16 bytes as: even bytes 0..7, odd bytes 0..7, even 8..15, odd 8..15.
+inline int gemv_perm_index(int e, bool bf16 = false) {
   const int h = e & 1, byte = e >> 1, l = byte >> 4, p = byte & 15;
+  if (bf16) return 32 * h + 8 * (2 * (p >> 3) + (p & 1)) + 4 * l + ((p & 7) >> 1);
   return 32 * h + 8 * (p >> 2) + 4 * l + (p & 3);
 }
 
+// Whether the vector paths may run: on by default, off when the environment sets LORART_CPU_SIMD=0, and
+// switchable at run time (lorart::set_cpu_simd) so that tests check the portable loops on any machine.
+inline std::atomic<bool>& enabled() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("LORART_CPU_SIMD");
+    return !(v != nullptr && v[0] == '0' && v[1] == 0);
+  }()};
+  return on;
+}
+
 #ifdef LORART_NF4_SIMD
-inline bool available() {
+inline bool supported() {
   static const bool ok =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
+inline bool available() { return supported() && enabled().load(std::memory_order_relaxed); }
 
 #define LORART_NF4_TARGET __attribute__((target("avx2,fma,f16c")))
 
@@ -232,15 +247,58 @@ LORART_NF4_TARGET inline __m256 round_to(__m256 v) {
   }
 }
 
-// acc += x * w for one 64-element step, w = round_to<R>(code * scale) (the permuted order of gemv_decode).
+// A block's 16 weights code[q] * scale rounded to bfloat16 as two byte tables, each in both 128-bit lanes:
+// tl = the low bytes, th = the high bytes (the bits of detail::f32_to_bf16, NaN included). The code vectors are
+// ordered (0-3, 8-11 | 4-7, 12-15) so that packus leaves the 16 values in order across the lanes.
+LORART_NF4_TARGET inline void tables_bf16(float scale, __m256i& tl, __m256i& th) {
+  using namespace detail;
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 c0 = _mm256_setr_ps(kNF4_0, kNF4_1, kNF4_2, kNF4_3, kNF4_8, kNF4_9, kNF4_10, kNF4_11);
+  const __m256 c1 = _mm256_setr_ps(kNF4_4, kNF4_5, kNF4_6, kNF4_7, kNF4_12, kNF4_13, kNF4_14, kNF4_15);
+  const __m256i w = _mm256_packus_epi32(to_bf16_bits(_mm256_mul_ps(c0, s)), to_bf16_bits(_mm256_mul_ps(c1, s)));
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i b = _mm256_shuffle_epi8(w, split);  // [lo 0-7, hi 0-7 | lo 8-15, hi 8-15]
+  tl = _mm256_permute4x64_epi64(b, 0x88);           // qwords 0, 2, 0, 2
+  th = _mm256_permute4x64_epi64(b, 0xDD);           // qwords 1, 3, 1, 3
+}
+
+// The 32 weights of the nibble indices in `idx` (in-lane) from a block's tables_bf16, widened to float32 (a
+// bfloat16 is the high half of its float32) by a shift or a mask, no shuffle: in lane l, f[0] holds the
+// weights of idx bytes l * 16 + 0, 2, 4, 6; f[1] of bytes 1, 3, 5, 7; f[2] of 8, 10, 12, 14; f[3] of 9, 11, 13,
+// 15 (gemv_perm_index(e, true)).
+LORART_NF4_TARGET inline void lookup_bf16(__m256i idx, __m256i tl, __m256i th, __m256 f[4]) {
+  const __m256i l = _mm256_shuffle_epi8(tl, idx), h = _mm256_shuffle_epi8(th, idx);
+  const __m256i u0 = _mm256_unpacklo_epi8(l, h), u1 = _mm256_unpackhi_epi8(l, h);
+  const __m256i hi16 = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  f[0] = _mm256_castsi256_ps(_mm256_slli_epi32(u0, 16));
+  f[1] = _mm256_castsi256_ps(_mm256_and_si256(u0, hi16));
+  f[2] = _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16));
+  f[3] = _mm256_castsi256_ps(_mm256_and_si256(u1, hi16));
+}
+
+// acc += x * w for one 64-element step, w = round_to<R>(code * scale) (the permuted order of gemv_decode), into
+// four accumulators (two FMAs each per step: the FMA latency, not the decode, would otherwise bound the loop).
+// bfloat16: the 16 rounded weights of the block become two byte tables (tables_bf16, the same bits as
+// round_to<BF16> of each product) and every weight is two byte shuffles, no multiply or rounding per weight
+// (in its own permuted order: gemv_perm_index(e, true)).
 template <Out R>
-LORART_NF4_TARGET inline void gemv_step1(const float* x, const uint8_t* src, __m256 s, __m256& a, __m256& b) {
+LORART_NF4_TARGET inline void gemv_step1(const float* x, const uint8_t* src, float scale, __m256 acc[4]) {
   __m256 f[8];
-  gemv_decode(src, f);
-  for (int j = 0; j < 8; j += 2) {
-    a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), round_to<R>(_mm256_mul_ps(f[j], s)), a);
-    b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j + 8), round_to<R>(_mm256_mul_ps(f[j + 1], s)), b);
+  const __m256i m = _mm256_set1_epi8(0x0f);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  if constexpr (R == Out::BF16) {
+    __m256i tl, th;
+    tables_bf16(scale, tl, th);
+    lookup_bf16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), tl, th, f);
+    lookup_bf16(_mm256_and_si256(v, m), tl, th, f + 4);
+  } else {
+    const __m256 s = _mm256_set1_ps(scale);
+    lookup_f32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), f);
+    lookup_f32(_mm256_and_si256(v, m), f + 4);
+    for (int j = 0; j < 8; ++j) f[j] = round_to<R>(_mm256_mul_ps(f[j], s));
   }
+  for (int j = 0; j < 8; ++j) acc[j & 3] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), f[j], acc[j & 3]);
 }
 
 // dot(x, W row) for one x row (permuted, 64 * steps floats) and a W row of `steps` 64-element
@@ -248,14 +306,9 @@ LORART_NF4_TARGET inline void gemv_step1(const float* x, const uint8_t* src, __m
 // code * scale rounded to R first (the same weights as gemv_decode_row).
 template <Out R, class Scale>
 LORART_NF4_TARGET inline float gemv_row1(const float* xp, const uint8_t* src, int64_t steps, Scale scale) {
-  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
-  int64_t k = 0;
-  for (; k + 2 <= steps; k += 2) {
-    gemv_step1<R>(xp + 64 * k, src + 32 * k, _mm256_set1_ps(scale(k)), a0, b0);
-    gemv_step1<R>(xp + 64 * k + 64, src + 32 * k + 32, _mm256_set1_ps(scale(k + 1)), a1, b1);
-  }
-  if (k < steps) gemv_step1<R>(xp + 64 * k, src + 32 * k, _mm256_set1_ps(scale(k)), a0, b0);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)));
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t k = 0; k < steps; ++k) gemv_step1<R>(xp + 64 * k, src + 32 * k, scale(k), acc);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 // A W row of `steps` steps decoded into w (permuted order, 64 * steps floats): code * scale rounded to R.
@@ -263,6 +316,16 @@ template <Out R, class Scale>
 LORART_NF4_TARGET inline void gemv_decode_row(const uint8_t* src, int64_t steps, Scale scale, float* w) {
   for (int64_t k = 0; k < steps; ++k) {
     __m256 f[8];
+    if constexpr (R == Out::BF16) {  // the byte tables, as gemv_step1
+      __m256i tl, th;
+      tables_bf16(scale(k), tl, th);
+      const __m256i m = _mm256_set1_epi8(0x0f);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * k));
+      lookup_bf16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), tl, th, f);
+      lookup_bf16(_mm256_and_si256(v, m), tl, th, f + 4);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(w + 64 * k + 8 * j, f[j]);
+      continue;
+    }
     gemv_decode(src + 32 * k, f);
     const __m256 s = _mm256_set1_ps(scale(k));
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(w + 64 * k + 8 * j, round_to<R>(_mm256_mul_ps(f[j], s)));
@@ -296,6 +359,40 @@ LORART_NF4_TARGET inline void dot_rows(const float* xf, int64_t m, int64_t k, co
     }
     if (j < k) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(w + j), a0);
     res[i] = hsum(_mm256_add_ps(a0, a1));
+  }
+}
+
+// dot_rows for two weight rows at once: r0[i] = dot(x row i, w0), r1[i] = dot(x row i, w1). Four x rows times two
+// weight rows per pass (eight accumulators): each x load feeds two FMAs, which halves the x traffic from L2 that
+// bounds dot_rows for long rows. The same sums in the same order as dot_rows (bit-identical results).
+LORART_NF4_TARGET inline void dot_rows2(const float* xf, int64_t m, int64_t k, const float* w0, const float* w1,
+                                        float* r0, float* r1) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const float* x0 = xf + i * k;
+    const float *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t j = 0; j < k; j += 8) {
+      const __m256 u = _mm256_loadu_ps(w0 + j), v = _mm256_loadu_ps(w1 + j);
+      __m256 xv = _mm256_loadu_ps(x0 + j);
+      a0 = _mm256_fmadd_ps(xv, u, a0);
+      b0 = _mm256_fmadd_ps(xv, v, b0);
+      xv = _mm256_loadu_ps(x1 + j);
+      a1 = _mm256_fmadd_ps(xv, u, a1);
+      b1 = _mm256_fmadd_ps(xv, v, b1);
+      xv = _mm256_loadu_ps(x2 + j);
+      a2 = _mm256_fmadd_ps(xv, u, a2);
+      b2 = _mm256_fmadd_ps(xv, v, b2);
+      xv = _mm256_loadu_ps(x3 + j);
+      a3 = _mm256_fmadd_ps(xv, u, a3);
+      b3 = _mm256_fmadd_ps(xv, v, b3);
+    }
+    r0[i] = hsum(a0); r0[i + 1] = hsum(a1); r0[i + 2] = hsum(a2); r0[i + 3] = hsum(a3);
+    r1[i] = hsum(b0); r1[i + 1] = hsum(b1); r1[i + 2] = hsum(b2); r1[i + 3] = hsum(b3);
+  }
+  if (i < m) {  // the last m % 4 rows as dot_rows does them
+    dot_rows(xf + i * k, m - i, k, w0, r0 + i);
+    dot_rows(xf + i * k, m - i, k, w1, r1 + i);
   }
 }
 
@@ -397,12 +494,14 @@ LORART_NF4_TARGET inline void nearest256(const float* mids, const float* a, int6
 }
 #undef LORART_NF4_TARGET
 #else  // no vector paths: available() is false and these are never called
+inline bool supported() { return false; }
 inline bool available() { return false; }
 inline void decode16(const uint8_t*, int64_t, int64_t, const float*, uint16_t*, Out) {}
 inline void decode_f32(const uint8_t*, int64_t, int64_t, const float*, float*) {}
 template <Out R, class Scale> inline float gemv_row1(const float*, const uint8_t*, int64_t, Scale) { return 0.f; }
 template <Out R, class Scale> inline void gemv_decode_row(const uint8_t*, int64_t, Scale, float*) {}
 inline void dot_rows(const float*, int64_t, int64_t, const float*, float*) {}
+inline void dot_rows2(const float*, int64_t, int64_t, const float*, const float*, float*, float*) {}
 template <class T> inline uint32_t absmax_bits(const T*, int64_t) { return 0; }
 template <class T> inline void encode(const T*, int64_t, float, uint8_t*) {}
 inline void nearest256(const float*, const float*, int64_t, float, float, uint8_t*) {}
