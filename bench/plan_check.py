@@ -6,8 +6,8 @@ in its own process (RSS is per process).
     python bench/plan_check.py --tiny --steps 4             # a tiny random Llama (tests' tiny_folder)
     python bench/plan_check.py --methods lora,full --ckpt on --malloc both --json out.json
 
---malloc both runs each case twice: glibc as lorart train leaves it (a fixed mmap threshold: freed activations go
-back to the OS; docs/plan.md) and with LORART_MALLOC=default (glibc's dynamic threshold), interleaved, so
+--malloc both runs each case twice: with LORART_MALLOC=return (a fixed mmap threshold: freed activations go
+back to the OS; docs/plan.md) and as glibc is by default (its dynamic threshold), interleaved, so
 their step times compare within one run. Data: examples of exactly --max-seq-len tokens (every step is the batch
 the plan predicts for; --bundled-data: the bundled answer-format set instead), batch 8 x 160 unless given; no
 evaluation before, no samples, no general-text check.
@@ -80,9 +80,7 @@ def main():
             for mal in mallocs:
                 spec = dict(model=model, method=method, ckpt=ckpt, malloc=mal, steps=a.steps, tmp=tmp,
                             batch_size=a.batch_size, max_seq_len=a.max_seq_len, fixed=not a.bundled_data)
-                env = dict(os.environ)
-                if mal == "default":
-                    env["LORART_MALLOC"] = "default"
+                env = dict(os.environ, LORART_MALLOC="return" if mal == "fixed" else "default")
                 r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
                                    capture_output=True, text=True)
                 line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)

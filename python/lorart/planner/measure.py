@@ -33,14 +33,16 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
     freed) for the rest of the process: mallopt(M_MMAP_THRESHOLD), which also turns off glibc's dynamic
     threshold. Without it, the first large free raises the threshold, later activations come from the heap and
     the heap keeps them after they are freed: RSS stays a few hundred MiB above the live tensors (docs/plan.md).
-    LORART_MALLOC=default in the environment, or MALLOC_MMAP_THRESHOLD_ already set, leaves glibc alone.
+    Opt-in, as it costs time (every activation a fresh mmap whose pages the kernel zeroes: SmolLM2 LoRA steps
+    +25%, QLoRA +55% on the 2-core CPU of docs/plan.md, for 40% less peak RSS): only with LORART_MALLOC=return
+    in the environment, and not when MALLOC_MMAP_THRESHOLD_ is set (glibc read it already).
     Returns what was done ("fixed" | "default" | "env" | "unavailable"); once per process."""
     if "how" in _malloc_state:
         return _malloc_state["how"]
     how = "default"
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         how = "env"
-    elif os.environ.get("LORART_MALLOC", "").lower() != "default":
+    elif os.environ.get("LORART_MALLOC", "").lower() == "return":
         how = "unavailable"
         try:
             import ctypes

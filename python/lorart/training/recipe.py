@@ -125,7 +125,7 @@ class Recipe:
             # before any loading: a refused folder fails fast
             dist.on_main(lambda: self.folder.check_allowed(resume, overwrite))
             if self.device.type == "cpu":
-                return_freed_memory()   # RSS follows the live tensors (planner.measure; LORART_MALLOC=default: not)
+                return_freed_memory()   # LORART_MALLOC=return: RSS follows the live tensors (planner.measure)
             self.meter = PeakMeter(self.device)
             # the process before the model, once torch's training code is resident (CPU; a model passed in was
             # already resident): the floor of the plan's framework part
