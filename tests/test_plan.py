@@ -151,7 +151,7 @@ def _check_rss(runs, batch):
 def test_train_rss_within_15_percent_tiny_every_method(tiny_runs):
     """`lorart train` of a tiny Llama, every method, with and without gradient checkpointing: summary.json's
     predicted peak (the plan's tensors + the process without the model, read before the first step) within 15% of
-    the measured RSS high-water mark of the steps; lorart train fixes glibc's mmap threshold (docs/plan.md)."""
+    the measured RSS high-water mark of the steps; with LORART_MALLOC=return (glibc's mmap threshold fixed; docs/plan.md)."""
     assert len(tiny_runs) == 2 * len(lorart.planner.METHOD_NAMES)
     _check_rss(tiny_runs, (8, 160))
 
