@@ -4,42 +4,21 @@ scalar tail), strided rows, in place, and the scale of kept elements rounded as 
 test runs on the vector path and again with it switched off (lorart._C.set_cpu_simd(False): the portable loop)."""
 from __future__ import annotations
 
-import numpy as np
+import os
+import sys
+
 import pytest
 import torch
 
 from lorart import _core
 from lorart.ops import lora as L
 
-M32 = np.uint64(0xFFFFFFFF)
-
-
-def _mix32(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & M32
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & M32
-    x ^= x >> np.uint64(16)
-    return x
-
-
-def keep_mask(seed: int, p: float, n: int, start: int = 0) -> np.ndarray:
-    """lora_dropout_keep(lora_dropout_key(seed, p), i) for i in [start, start + n)."""
-    s = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-    k1 = _mix32(np.array([(int(s) & 0xFFFFFFFF) ^ int(_mix32(np.array([((int(s) >> 32) + 0x9E3779B9) & 0xFFFFFFFF]))[0])]))
-    k2 = _mix32((k1 + np.uint64(0x632BE5AB)) & M32)
-    t = p * 4294967296.0
-    thr = 0xFFFFFFFF if t >= 4294967295.0 else int(t)
-    idx = np.arange(start, start + n, dtype=np.uint64)
-    lo, hi = idx & M32, idx >> np.uint64(32)
-    h = _mix32(_mix32(lo ^ k1) ^ ((hi * np.uint64(0x9E3779B1)) & M32) ^ k2)
-    return h >= np.uint64(thr)
-
+sys.path.insert(0, os.path.dirname(__file__))
+from test_lora_exact import dropout_keep  # noqa: E402 - the NumPy model of the documented mask hash
 
 def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     M, K = x.shape
-    keep = torch.from_numpy(keep_mask(seed, p, M * K).reshape(M, K))
+    keep = torch.from_numpy(dropout_keep(seed, p, M * K).reshape(M, K))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)  # the kernel's keep_scale: 1 / (1 - p) rounded to acc
     return torch.where(keep, x.to(acc) * scale, torch.zeros((), dtype=acc)).to(x.dtype)
