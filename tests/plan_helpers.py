@@ -17,24 +17,13 @@ CASES = [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 4, "targets": "all-lin
 def build_like_train(config: dict, method: str, model_dtype=torch.float32, seed: int = 0, **options):
     """(model, method, TrainOptions): a random lorart Llama with `method` attached as lorart.train attaches it
     (the method's base factory, attach_method: float32 masters, gradient checkpointing)."""
-    from lorart.methods import method_class
-    from lorart.methods.base import make_config
-    from lorart.models import LlamaConfig, LlamaForCausalLM, apply_linear_factory
+    from lorart.models import LlamaConfig
     from lorart.training.options import TrainOptions
-    from lorart.training.setup import Base, attach_method, method_config
+    from lorart.training.setup import random_model_with_method
 
     opts = TrainOptions(method=method, **options).validate()
-    cls = method_class(method)
-    cfg = make_config(cls, method_config(opts, cls))
     torch.manual_seed(seed)
-    dtype = model_dtype
-    model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    factory = cls.base_linear_factory(cfg, dtype)
-    if factory is not None:
-        apply_linear_factory(model, factory)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    meth = attach_method(Base(model, None, None, True), cls, cfg, opts)
+    model, meth = random_model_with_method(LlamaConfig(**config), opts, model_dtype)
     return model.train(), meth, opts
 
 

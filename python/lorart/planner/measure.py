@@ -178,27 +178,17 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
     per process and method); its tensors are freed before the reading."""
     key = (method, dtype)
     if key not in _warm:
-        from ..methods import METHODS
-        from ..methods.base import make_config
-        from ..models import LlamaConfig, LlamaForCausalLM, apply_linear_factory
+        from ..models import LlamaConfig
         from ..optim import PagedAdamW
         from ..training.options import TrainOptions
         from ..training.evaluate import autocast_ctx
-        from ..training.setup import Base, attach_method, method_config
+        from ..training.setup import random_model_with_method
         cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             opts = TrainOptions(method=method, r=4, batch_size=2, max_seq_len=16).validate()
-            cls = METHODS[method]
-            mc = make_config(cls, method_config(opts, cls))
-            model = LlamaForCausalLM(cfg).to(dtype)
-            factory = cls.base_linear_factory(mc, dtype)
-            if factory is not None:
-                apply_linear_factory(model, factory)
-            for q in model.parameters():
-                q.requires_grad_(False)
-            meth = attach_method(Base(model, None, None, True), cls, mc, opts)
+            model, meth = random_model_with_method(cfg, opts, dtype)
             params = meth.trainable_parameters()
             opt = PagedAdamW(params, lr=1e-6)
             ids = torch.randint(0, 64, (2, 16))

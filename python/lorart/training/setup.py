@@ -10,8 +10,9 @@ from torch import nn
 
 from .._core import cuda_usable
 from ..data import default_dataset_paths, load_examples, pack_examples, split_examples
-from ..methods import Method, prepare
-from ..models import LlamaForCausalLM, Tokenizer, base_model_id, load_model
+from ..methods import Method, method_class, prepare
+from ..methods.base import make_config
+from ..models import LlamaForCausalLM, Tokenizer, apply_linear_factory, base_model_id, load_model
 from ..models.loading import as_dtype
 from ..sysinfo import check_gpu
 from .options import DEFAULT_FORMAT_REGEX, TrainOptions
@@ -156,6 +157,21 @@ def attach_method(base: Base, cls: type[Method], config, opts: TrainOptions) -> 
                 enable()
     method.base_model_name = base_model_id(base.name) if base.name is not None else None  # resolvable
     return method
+
+
+def random_model_with_method(config, opts: TrainOptions, dtype: torch.dtype = torch.float32) -> tuple:
+    """(model, method): a lorart Llama of `config` (a LlamaConfig) with random weights and `opts.method` attached
+    as lorart.train attaches it (the method's base factory, e.g. QLoRA's NF4; frozen; attach_method). For the
+    planner's measurements and tests: the caller seeds the weights."""
+    cls = method_class(opts.method)
+    mc = make_config(cls, method_config(opts, cls))
+    model = LlamaForCausalLM(config).to(dtype)
+    factory = cls.base_linear_factory(mc, dtype)
+    if factory is not None:
+        apply_linear_factory(model, factory)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, attach_method(Base(model, None, None, True), cls, mc, opts)
 
 
 @dataclass
