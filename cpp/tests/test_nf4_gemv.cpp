@@ -123,15 +123,23 @@ TEST(gemv_matches_the_double_reference_on_both_paths) {
                            (long long)k, (long long)bs, int(dq), dtype_name(dt), (long long)m,
                            simd ? "vector" : "portable", (long long)miss);
           });
-          outputs += m * rows;
-          for (int64_t i = 0; i < m * rows; ++i) differing += std::memcmp(out[0].as<unsigned char>() + i * dtype_size(dt),
-                                                                          out[1].as<unsigned char>() + i * dtype_size(dt),
-                                                                          dtype_size(dt)) != 0;
+          // The vector GEMV (K % 64 == 0, blocksize >= 64) sums in another order than the portable loop: the same
+          // within rounding, not the same bits (counted and reported). Elsewhere both paths run the portable sums
+          // over weights decoded to the same bits: the same bits.
+          int64_t diff = 0;
+          for (int64_t i = 0; i < m * rows; ++i)
+            diff += std::memcmp(out[0].as<unsigned char>() + i * dtype_size(dt),
+                                out[1].as<unsigned char>() + i * dtype_size(dt), dtype_size(dt)) != 0;
+          if (k % 64 == 0 && bs >= 64) {
+            outputs += m * rows;
+            differing += diff;
+          } else {
+            CHECK(diff == 0);
+          }
         }
       }
   set_num_threads(old_threads);
-  // (the two paths sum in different orders: the same within rounding, not the same bits; reported, not checked)
-  std::printf("  gemv: %lld of %lld outputs differ in their bits between the vector and the portable path\n",
+  std::printf("  gemv: %lld of %lld outputs of the vector GEMV differ in their bits from the portable loop's\n",
               (long long)differing, (long long)outputs);
 }
 

@@ -71,9 +71,11 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
       std::memcpy(&amax, &mx, 4);
       absmax[b] = amax;
       const float inv = detail::nf4_inv_scale(amax);
-      if (len & 1) buf[len] = 0.f;  // pads the last low nibble with code 7 (0.0)
+      for (int64_t i = 0; i < len; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
+      // An odd count pads the last low nibble with code 7 (0.0), whatever the scale (not encode(0 * inv): a
+      // subnormal absmax has an infinite reciprocal, and 0 * inf is NaN, code 0).
+      if (len & 1) codes[len] = 7;
       const int64_t len2 = len + (len & 1);
-      for (int64_t i = 0; i < len2; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
       uint8_t* out = packed + s / 2;
       for (int64_t i = 0; i < len2 / 2; ++i) out[i] = detail::nf4_pack(codes[2 * i], codes[2 * i + 1]);
     }
