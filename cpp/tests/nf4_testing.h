@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -191,6 +192,69 @@ inline Weight random_weight(int64_t rows, int64_t cols, int64_t bs, bool dq, uin
   std::memcpy(w.code.data(), dyn.data(), 256 * sizeof(float));
   w.offset = std::pow(10.f, u(rng));
   return w;
+}
+
+// ---- the GEMV's reference ------------------------------------------------------------------------
+// The LoRA term scale * xa B^T of lora_fused_linear_nf4 (xa float32 [M, R], B [rows, R] in x's dtype).
+struct LoraTerm {
+  const Buf* xa = nullptr;
+  const Buf* B = nullptr;
+  int64_t R = 0;
+  double scale = 0.0;
+};
+
+// The double-precision product x W^T + bias (+ the LoRA term) with the weights as stored (wt), and the sum of the
+// magnitudes of its terms per output (for an error bound).
+struct Reference {
+  std::vector<double> y, mag;
+  int64_t m = 0, rows = 0, k = 0, R = 0;
+};
+inline Reference reference(const Buf& x, int64_t m, const Weight& w, const std::vector<double>& wt, const Buf* bias,
+                           const LoraTerm& lora = {}) {
+  Reference ref{std::vector<double>(static_cast<size_t>(m * w.rows)), std::vector<double>(static_cast<size_t>(m * w.rows)),
+                m, w.rows, w.cols, lora.R};
+  const int64_t k = w.cols;
+  std::vector<double> xd(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) xd[i] = x.get(i);
+  const double* xp = xd.data();
+  const double* wp = wt.data();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; r < w.rows; ++r) {
+      double s = bias ? bias->get(r) : 0.0, a = std::fabs(s);
+      const double *xr = xp + i * k, *wr = wp + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const double p = xr[j] * wr[j];
+        s += p;
+        a += std::fabs(p);
+      }
+      for (int64_t j = 0; j < lora.R; ++j) {
+        const double p = lora.scale * lora.xa->get(i * lora.R + j) * lora.B->get(r * lora.R + j);
+        s += p;
+        a += std::fabs(p);
+      }
+      ref.y[i * w.rows + r] = s;
+      ref.mag[i * w.rows + r] = a;
+    }
+  return ref;
+}
+
+// out against the reference: the same non-finite class (NaN, +inf, -inf) and finite values within float32
+// summation's error bound (2 (k + R + 1) u sum |terms|) plus the one rounding to dt. Returns the number of misses.
+inline int64_t misses(const Buf& out, const Reference& ref, DType dt) {
+  const double u = std::ldexp(1.0, -24), rel = dt == DType::F32 ? u : dt == DType::BF16 ? 0x1p-8 : 0x1p-10;
+  const double abs_floor = dt == DType::F16 ? 0x1p-24 : 0.0;
+  int64_t miss = 0;
+  for (int64_t i = 0; i < ref.m * ref.rows; ++i) {
+    const double s = ref.y[i], got = out.get(i);
+    bool ok;
+    if (!std::isfinite(s) || !std::isfinite(got)) ok = (std::isnan(s) && std::isnan(got)) || s == got;
+    else ok = std::fabs(got - s) <= 2.0 * static_cast<double>(ref.k + ref.R + 1) * u * ref.mag[i] + rel * std::fabs(s) + abs_floor;
+    if (!ok && miss < 3)
+      std::fprintf(stderr, "    out[%lld, %lld] = %.9g, reference %.9g\n", (long long)(i / ref.rows),
+                   (long long)(i % ref.rows), got, s);
+    miss += ok ? 0 : 1;
+  }
+  return miss;
 }
 
 // ---- the two CPU paths -------------------------------------------------------------------------

@@ -48,53 +48,6 @@ Buf run_gemv(Buf& x, int64_t m, Weight& w, Buf* bias, DType dt, int64_t off) {
   return out;
 }
 
-// The double-precision product x W^T + bias with the weights as stored (wt), and sum |x w| + |bias| per output.
-struct Reference {
-  std::vector<double> y, mag;
-  int64_t m = 0, rows = 0, k = 0;
-};
-Reference reference(const Buf& x, int64_t m, const Weight& w, const std::vector<double>& wt, const Buf* bias) {
-  Reference ref{std::vector<double>(static_cast<size_t>(m * w.rows)), std::vector<double>(static_cast<size_t>(m * w.rows)),
-                m, w.rows, w.cols};
-  const int64_t k = w.cols;
-  std::vector<double> xd(static_cast<size_t>(m * k));
-  for (int64_t i = 0; i < m * k; ++i) xd[i] = x.get(i);
-  const double* xp = xd.data();
-  const double* wp = wt.data();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t r = 0; r < w.rows; ++r) {
-      double s = bias ? bias->get(r) : 0.0, a = std::fabs(s);
-      const double *xr = xp + i * k, *wr = wp + r * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const double p = xr[j] * wr[j];
-        s += p;
-        a += std::fabs(p);
-      }
-      ref.y[i * w.rows + r] = s;
-      ref.mag[i * w.rows + r] = a;
-    }
-  return ref;
-}
-
-// out against the reference: the same non-finite class (NaN, +inf, -inf) and finite values within float32
-// summation's error bound (2 (k + 1) u sum |x w|) plus the one rounding to dt. Returns the number of misses.
-int64_t misses(const Buf& out, const Reference& ref, DType dt) {
-  const double u = std::ldexp(1.0, -24), rel = dt == DType::F32 ? u : dt == DType::BF16 ? 0x1p-8 : 0x1p-10;
-  const double abs_floor = dt == DType::F16 ? 0x1p-24 : 0.0;
-  int64_t miss = 0;
-  for (int64_t i = 0; i < ref.m * ref.rows; ++i) {
-    const double s = ref.y[i], got = out.get(i);
-    bool ok;
-    if (!std::isfinite(s) || !std::isfinite(got)) ok = (std::isnan(s) && std::isnan(got)) || s == got;
-    else ok = std::fabs(got - s) <= 2.0 * static_cast<double>(ref.k + 1) * u * ref.mag[i] + rel * std::fabs(s) + abs_floor;
-    if (!ok && miss < 3)
-      std::fprintf(stderr, "    out[%lld, %lld] = %.9g, reference %.9g\n", (long long)(i / ref.rows),
-                   (long long)(i % ref.rows), got, s);
-    miss += ok ? 0 : 1;
-  }
-  return miss;
-}
-
 }  // namespace
 
 TEST(gemv_matches_the_double_reference_on_both_paths) {
