@@ -317,6 +317,13 @@ TEST(zero_size_and_bad_arguments_are_refused_by_name) {
   CHECK_THROWS(nf4_dequantize(v, TensorView(a.data(), DType::F32, {2, 64})), "argument `packed`: null data pointer");
   v = w.view();
   CHECK_THROWS(nf4_dequantize(v, TensorView(a.data(), DType::F32, {1, 64})), "argument `out`: expected 128 elements");
+  // a lying shape: rows * cols past int64 (or past a byte count), refused before anything is computed from it
+  for (int64_t rows : {int64_t{1} << 32, int64_t{1} << 62, int64_t{3037000500}}) {
+    v = w.view();
+    v.rows = rows;
+    v.cols = rows == (int64_t{1} << 62) ? 4 : rows;
+    CHECK_THROWS(nf4_dequantize(v, TensorView(a.data(), DType::F32, {2, 32})), "too many elements");
+  }
   Weight wd = random_weight(2, 64, 64, true, 1);
   v = wd.view();
   v.nested_code = TensorView();
