@@ -79,6 +79,17 @@ bool same_floats(const std::vector<float>& a, const std::vector<float>& b) {
 
 }  // namespace
 
+TEST(the_switch_picks_the_path) {
+  // (both paths are only tested where the vector one exists: any x86-64 CPU with AVX2 + FMA + F16C, as CI's)
+  const bool old = set_cpu_simd(false);
+  CHECK(!cpu_simd_active());
+  set_cpu_simd(true);
+#if defined(__x86_64__)
+  CHECK(cpu_simd_active());
+#endif
+  set_cpu_simd(old);
+}
+
 TEST(reference_rounding_is_ieee) {
   CHECK(round_bf16(1.0f) == 0x3f80 && round_bf16(-2.0f) == 0xc000);
   CHECK(round_bf16(from_bits(0x3f808000u)) == 0x3f80);  // a tie goes to the even bits
