@@ -180,6 +180,37 @@ TEST(quantize_refuses_nan_and_inf_naming_the_block_on_both_paths) {
   set_num_threads(old_threads);
 }
 
+TEST(quantize_names_the_first_bad_block_whatever_the_threads) {
+  // (as the CUDA path does: its caller names the first non-finite absmax) The first bad block closes the first
+  // thread's long chunk; the next chunk opens with another, which its thread reaches long before.
+  const int old_threads = get_num_threads();
+  const int64_t bs = 32, nb = 8192, n = nb * bs;
+  Buf w(DType::F32, n);
+  for (int64_t i = 0; i < n; ++i) w.set(i, static_cast<float>(i % 97) - 48.f);
+  int wrong = 0;
+  for (int threads : {2, 3}) {
+    const int64_t chunk = (nb + threads - 1) / threads;  // parallel_for's chunks of blocks
+    w.set((chunk - 1) * bs + 5, NAN);
+    w.set(chunk * bs, INFINITY);
+    const std::string msg = "in block " + std::to_string(chunk - 1) + " (";
+    for (int rep = 0; rep < 5; ++rep)
+      on_both_paths([&](bool) {
+        set_num_threads(threads);
+        try {
+          run_quantize(w, bs, 0);
+          ++wrong;
+        } catch (const Error& e) {
+          wrong += std::string(e.what()).find(msg) == std::string::npos;
+        }
+      });
+    w.set((chunk - 1) * bs + 5, 1.f);
+    w.set(chunk * bs, 1.f);
+  }
+  CHECK(wrong == 0);
+  if (wrong) std::fprintf(stderr, "    %d of 20 named another block\n", wrong);
+  set_num_threads(old_threads);
+}
+
 TEST(double_quant_matches_the_reference_on_both_paths) {
   const std::vector<float> code = dynamic_map(true);
   float mids[255];
