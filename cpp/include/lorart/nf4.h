@@ -40,7 +40,8 @@ void nf4_check(const NF4View& w);
 
 // Quantizes `weight` (float32|bfloat16|float16, contiguous, any shape, numel > 0) into
 // `packed` (uint8, (n+1)/2 elements) and `absmax` (float32, ceil(n/blocksize)).
-// Throws a ValueError naming `weight` when it holds NaN or +-inf.
+// Throws a ValueError naming `weight` and its first block holding NaN or +-inf (CPU; on CUDA the caller checks absmax,
+// which such a block leaves NaN).
 void nf4_quantize(const TensorView& weight, int64_t blocksize, const TensorView& packed,
                   const TensorView& absmax, Stream stream = nullptr);
 
