@@ -25,7 +25,8 @@ const int64_t kRowCounts[] = {1, 2, 3, 4, 5, 15, 16, 17};
 // rows x cols x blocksize: K % 64 == 0 with blocksize >= 64 (the vector GEMV) and everything else
 const int64_t kShapes[][3] = {{1, 64, 64},   {2, 128, 128}, {3, 192, 64},  {17, 64, 64}, {33, 640, 128},
                               {5, 100, 32},  {4, 33, 64},   {3, 65, 32},   {16, 96, 32}, {1, 1, 64},
-                              {2, 1, 32},    {7, 256, 256}, {3, 4096, 4096}};
+                              {2, 1, 32},    {7, 256, 256}, {3, 4096, 4096}, {5, 192, 128}, {9, 64, 256},
+                              {40, 512, 64}};  // (a block over 1.5 rows; over 4 rows; 320 blocks: 2 nested scales)
 
 Buf random_x(DType dt, int64_t n, uint32_t seed, int64_t off) {
   std::mt19937 rng(seed);
