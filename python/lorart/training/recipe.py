@@ -40,8 +40,8 @@ from .fingerprint import describe_differences, examples_fingerprint, model_finge
 from .folder import RunFolder, TrainingError
 from .options import TrainOptions
 from .outputs import comparison_table, peak_memory, write_plot, write_samples
-from ..planner.measure import (PeakMeter, predict_run, process_bytes, return_freed_memory, step_time_check,
-                               tensor_bytes, warm_rss)
+from ..planner.measure import (PeakMeter, choose_malloc, predict_run, process_bytes, return_freed_memory,
+                               step_time_check, tensor_bytes, warm_rss)
 from .precision import LossScaler, check_method
 from .progress import Progress
 from .reporting import Reporter
@@ -187,6 +187,11 @@ class Recipe:
         longest = max((len(e) for e in self.data.train), default=1)
         self.memory_plan, self.time_plan = predict_run(self.model, self.method, self.opts, self.device,
                                                        self.opts.batch_size, max(longest, 2), fw)
+        if self.device.type == "cpu":   # glibc's heap kept (fastest) unless the plan says it would not fit
+            why = choose_malloc(self.memory_plan)
+            if why:
+                self.notes.append(why)
+                self.progress.message(f"lorart train: {why}")
 
     def memory_check(self) -> dict:
         """The plan's predicted peak beside the measured one (bytes; summary.json's `memory`)."""
