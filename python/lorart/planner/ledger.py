@@ -309,13 +309,20 @@ def _loss_head(led: Ledger, model, hn: Sym, B: int, T: int) -> dict:
     held += V * d * 4 if W.requires_grad else 0        # dW (float32)
     chunk = min(rows, default_chunk_rows(V))
     sizes = [chunk] * (rows // chunk) + ([rows % chunk] if rows % chunk else [])
-    # per chunk: float32 logits + logsumexp's temporary of the same size (the compute-dtype logits and the
-    # dlogits copy are never alive together with both); the previous chunk's float32 dlogits (and its
-    # compute-dtype copy) are still referenced until this chunk's dlogits replace them
-    prev_per_row = V * (4 + (logit_dt if logit_dt != 4 else 0))
-    transient = max((sizes[i - 1] * prev_per_row if i else 0) + n * V * 8 for i, n in enumerate(sizes))
-    if W.requires_grad:   # dlogits.T @ h: a [V, d] product per chunk before it is added into dW
-        transient = max(transient, chunk * V * 4 + V * d * (logit_dt + (4 if logit_dt != 4 else 0)))
+    if led.autocast is None and W.dtype == hn.dtype == torch.float32:
+        # the loss's buffer path: two float32 [chunk, V] buffers (logits, log-softmax -> dlogits in place) reused
+        # by every chunk
+        transient = 2 * chunk * V * 4
+        if W.requires_grad:   # dlogits.T @ h: a [V, d] product per chunk before it is added into dW
+            transient += V * d * 4
+    else:
+        # per chunk: float32 logits + logsumexp's temporary of the same size (the compute-dtype logits and the
+        # dlogits copy are never alive together with both); the previous chunk's float32 dlogits (and its
+        # compute-dtype copy) are still referenced until this chunk's dlogits replace them
+        prev_per_row = V * (4 + (logit_dt if logit_dt != 4 else 0))
+        transient = max((sizes[i - 1] * prev_per_row if i else 0) + n * V * 8 for i, n in enumerate(sizes))
+        if W.requires_grad:   # dlogits.T @ h: a [V, d] product per chunk before it is added into dW
+            transient = max(transient, chunk * V * 4 + V * d * (logit_dt + (4 if logit_dt != 4 else 0)))
     if led.autocast is not None and W.dtype != led.autocast:
         # autocast's cached compute-dtype copy of the weight, and the explicit one made for dh per chunk
         transient += V * d * led.autocast.itemsize * (2 if hn.grad else 1)

@@ -11,7 +11,8 @@ Parts (bytes on the training device):
   activations        what autograd keeps for backward (lorart.plan.ledger), or with gradient checkpointing each
                      layer's input plus one layer's recomputed activations
   chunked loss       dh (and dW of a trainable lm_head) held from forward to the end of backward, and one chunk's
-                     float32 logits (+ logsumexp's temporary, + the previous chunk still referenced)
+                     float32 logits (float32 without autocast: the two buffers every chunk reuses; else + logsumexp's
+                     temporary + the previous chunk still referenced)
   workspace          NF4 dequantization buffer (one layer, compute dtype), the largest short-lived tensors of
                      forward/backward, cuBLAS workspace on CUDA
 
