@@ -21,7 +21,7 @@ def test_headroom_keeps_the_heap_where_it_fits():
 
 
 def test_headroom_returns_memory_where_the_heap_would_not_fit():
-    # the plan fits (1 GiB more needed, 1.5 available) but glibc's heap might not (up to 1.7 x 2 GiB - 1 GiB)
+    # the plan fits (1 GiB more needed, 1.5 available) but glibc's heap might not (up to 1.85 x 2 GiB - 1 GiB)
     back, why = memory_headroom(2 * GiB, GiB, int(1.5 * GiB), "auto")
     assert back and "memory is tight" in why and "LORART_MALLOC=keep" in why
     assert memory_headroom(2 * GiB, GiB, int(1.5 * GiB), "keep") == (False, None)   # the user said keep

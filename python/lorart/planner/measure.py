@@ -25,9 +25,9 @@ def _status_kb(key: str) -> Optional[int]:
 
 
 MMAP_THRESHOLD = 128 << 10   # glibc's own initial threshold, its dynamic raising turned off
-# the largest measured RSS under glibc's default heap over the plan's prediction (SmolLM2-135M, every method, with
-# and without checkpointing, batch 8 x 160, glibc 2.36: 1.12-1.67; docs/plan.md)
-GLIBC_HEAP_RATIO = 1.7
+# the measured RSS under glibc's default heap over the plan's prediction, a little above the largest seen
+# (SmolLM2-135M, every method, with and without checkpointing, batch 8 x 160, glibc 2.36: 1.17-1.81; docs/plan.md)
+GLIBC_HEAP_RATIO = 1.85
 _malloc_state: dict = {}
 
 
@@ -81,9 +81,22 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
+def _stat_int(path: str, key: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def available_bytes() -> Optional[int]:
     """The memory this process can still take: the kernel's MemAvailable, or less where its cgroup (v2
-    memory.max, v1 memory.limit_in_bytes) leaves less; None where neither can be read."""
+    memory.max, v1 memory.limit_in_bytes, less the working set: usage without inactive page cache) leaves less;
+    None where neither can be read."""
     kb = None
     try:
         with open("/proc/meminfo") as f:
@@ -100,15 +113,19 @@ def available_bytes() -> Optional[int]:
     for line in lines:
         hid, ctrl, path = (line.split(":", 2) + ["", ""])[:3]
         if hid == "0" and ctrl == "":
-            limit, used = (_read_int(f"/sys/fs/cgroup{path}/memory.max"),
-                           _read_int(f"/sys/fs/cgroup{path}/memory.current"))
+            base = f"/sys/fs/cgroup{path}"
+            limit, used = _read_int(f"{base}/memory.max"), _read_int(f"{base}/memory.current")
+            cache = _stat_int(f"{base}/memory.stat", "inactive_file")
         elif "memory" in ctrl.split(","):
             base = f"/sys/fs/cgroup/memory{path}"
             if not os.path.isdir(base):
                 base = "/sys/fs/cgroup/memory"
             limit, used = _read_int(f"{base}/memory.limit_in_bytes"), _read_int(f"{base}/memory.usage_in_bytes")
+            cache = _stat_int(f"{base}/memory.stat", "total_inactive_file")
         else:
             continue
+        if used is not None:   # the working set: inactive page cache is reclaimed before anything is killed
+            used = max(used - (cache or 0), 0)
         if limit is not None and used is not None and limit < (1 << 60):   # v1 says "no limit" with ~2^63
             avail = max(limit - used, 0) if avail is None else min(avail, max(limit - used, 0))
     return avail
