@@ -277,6 +277,12 @@ class Distributed:
             raise RankError(f"{msgs[failed]} (on rank {failed})", failed)
         return result
 
+    def agreed(self, e: Exception) -> Exception:
+        """`e`, an error every rank raises alike: rank 0 reports it (the CLI prints it there only)."""
+        if not self.is_main:
+            e.reported_by = 0
+        return e
+
     @contextlib.contextmanager
     def guard(self, where: Callable[[], str]):
         """A collective that fails for want of the other ranks becomes one DistributedError saying so."""
