@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._atomic import strict_json
+from ..dtensor import local_of
 from . import sharding
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, remove_checkpoints_after, rng_state,
                          save_checkpoint, set_rng_state)
@@ -89,7 +90,7 @@ class Checkpointing:
     def _restore(self, saved: dict) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
-                sharding.local_of(p).copy_(saved["weights"][n])
+                local_of(p).copy_(saved["weights"][n])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved.get("scaler") or {})
