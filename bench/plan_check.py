@@ -42,6 +42,7 @@ def one(spec: dict) -> dict:
             "predicted_mib": m["predicted_peak_bytes"] / 2**20, "measured_mib": m["measured_peak_bytes"] / 2**20,
             "error": m["prediction_error"], "framework_mib": m.get("framework_bytes", 0) / 2**20,
             "phase": m.get("predicted_phase"), "batch": m.get("predicted_batch"),
+            "parts_mib": {k: v / 2**20 for k, v in (m.get("predicted_parts") or {}).items()},
             "predicted_step_s": t.get("predicted_step_s"), "measured_step_s": t.get("measured_step_s"),
             "mean_step_s": t.get("measured_mean_step_s"), "step_ratio": t.get("ratio")}
 

@@ -49,6 +49,20 @@ def test_quantize_matches_reference(device, dtype, shape, bs):
         assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_count_pads_with_code_7_whatever_the_scale(device, dtype):
+    """The pad nibble of an odd count is code 7 (0.0) even when the last block's absmax is subnormal, so that its
+    reciprocal is inf (0 * inf would be NaN, code 0; found by cpp/tests/test_nf4_quantize.cpp under ASan)."""
+    for n, bs in ((3, 64), (64 + 33, 32), (129, 128)):
+        w = torch.randn(n) * 0.05
+        w[(n - 1) // bs * bs:] = torch.tensor([1e-40, -2e-40, 3e-40]).repeat(bs)[: n - (n - 1) // bs * bs]
+        w = w.to(dtype).to(device)
+        q = nf4.quantize(w, bs, double_quant=False)
+        rp, ra = _reference_quantize(w, bs)
+        assert int(q.packed.reshape(-1)[-1].item()) & 15 == 7
+        assert torch.equal(q.packed.cpu(), rp) and torch.equal(q.absmax.cpu(), ra)
+
+
 @pytest.mark.parametrize("nb", [1, 7, 256, 600])
 def test_double_quant_matches_reference(device, nb):
     absmax = (torch.rand(nb) * 0.2 + 0.01).to(device)

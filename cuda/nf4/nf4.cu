@@ -39,8 +39,9 @@ __global__ void quantize_kernel(const T* __restrict__ w, int64_t n, int64_t bs, 
   for (int64_t j = lane; 2 * j < len; j += 32) {
     const int64_t i = s + 2 * j;
     const float v0 = to_f(w[i]);
-    const float v1 = 2 * j + 1 < len ? to_f(w[i + 1]) : 0.f;
-    packed[i / 2] = dm::nf4_pack(dm::nf4_encode(__fmul_rn(v0, inv)), dm::nf4_encode(__fmul_rn(v1, inv)));
+    // an odd count pads the last low nibble with code 7 (0.0), whatever the scale (0 * inf would be NaN, code 0)
+    const uint8_t q1 = 2 * j + 1 < len ? dm::nf4_encode(__fmul_rn(to_f(w[i + 1]), inv)) : uint8_t{7};
+    packed[i / 2] = dm::nf4_pack(dm::nf4_encode(__fmul_rn(v0, inv)), q1);
   }
 }
 

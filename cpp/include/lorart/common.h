@@ -89,7 +89,9 @@ int get_num_threads();
 
 // The x86 vector paths of the CPU kernels (AVX2 + FMA + F16C, chosen at run time when the CPU has them):
 // enabled by default, off with the environment variable LORART_CPU_SIMD=0 or set_cpu_simd(false), which then
-// runs the portable loops (the same results bit for bit; tests check both). Returns the previous setting.
+// runs the portable loops (tests check both): NF4 quantize, double quant and dequantize and the LoRA dropout give
+// the same bits; the NF4 GEMV sums its float32 products in another order (the same within float32 rounding, not
+// the same bits). Returns the previous setting.
 bool set_cpu_simd(bool enabled);
 // Whether the vector paths run now (the CPU supports them and they are enabled).
 bool cpu_simd_active();

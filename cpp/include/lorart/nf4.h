@@ -35,16 +35,18 @@ struct NF4View {            // a frozen [rows=out_features, cols=in_features] we
 constexpr int64_t kNF4NestedBlocksize = 256;
 
 // Throws lorart::Error (naming the field) unless `w` is a consistent NF4 weight:
-// dtypes, sizes, contiguity, one device, blocksize a power of two in [32, 4096].
+// rows > 0, cols > 0, rows * cols <= 2^62, dtypes, sizes, contiguity, one device, blocksize a power of two in
+// [32, 4096].
 void nf4_check(const NF4View& w);
 
 // Quantizes `weight` (float32|bfloat16|float16, contiguous, any shape, numel > 0) into
 // `packed` (uint8, (n+1)/2 elements) and `absmax` (float32, ceil(n/blocksize)).
-// Throws a ValueError naming `weight` when it holds NaN or +-inf.
+// Throws a ValueError naming `weight` and its first block holding NaN or +-inf (CPU; on CUDA the caller checks absmax,
+// which such a block leaves NaN).
 void nf4_quantize(const TensorView& weight, int64_t blocksize, const TensorView& packed,
                   const TensorView& absmax, Stream stream = nullptr);
 
-// Double quantization of a float32 absmax: q[b] = nearest index in `code` (256 sorted
+// Double quantization of a float32 absmax (non-empty): q[b] = nearest index in `code` (256 sorted
 // values, ties to the lower index) of (absmax[b] - offset) / nested_absmax[b / 256],
 // nested_absmax = max |absmax - offset| per 256-block. `offset` is a float32 [1] tensor
 // on the same device (mean of absmax, computed by the caller).
@@ -56,7 +58,7 @@ void nf4_double_quant(const TensorView& absmax, const TensorView& offset, const 
 void nf4_dequantize(const NF4View& w, const TensorView& out, Stream stream = nullptr);
 
 // Fused small-M linear: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), x [M, cols],
-// out [M, rows], both of one dtype (float32|bfloat16|float16), contiguous. Each weight is decoded
+// out [M, rows], both of one dtype (float32|bfloat16|float16), contiguous; M = 0 is a no-op. Each weight is decoded
 // in float32 and rounded to x's dtype (as nf4_dequantize stores it), products summed in float32,
 // the result rounded once: the same rule as nf4_dequantize + a GEMM, whatever M.
 // CUDA and CPU. M <= nf4_gemv_max_rows() on CUDA.

@@ -73,10 +73,12 @@ void check_out(const TensorView& x, const TensorView& xa, const TensorView& B, c
   detail::check_contiguous(xa, "xa");
   detail::check_dtype(xa, "xa", {acc_dtype(x.dtype)});
   detail::check_shape(xa, "xa", {x.shape[0], -1});
+  detail::check_not_null(xa, "xa");
   check_device(xa, "xa", x, "x");
   detail::check_contiguous(B, "B");
   check_same_dtype(B, "B", x, "x");
   detail::check_shape(B, "B", {N, xa.shape[1]});
+  detail::check_not_null(B, "B");
   check_device(B, "B", x, "x");
   if (bias.data) {
     detail::check_contiguous(bias, "bias");

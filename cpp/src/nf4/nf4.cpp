@@ -40,6 +40,10 @@ void nf4_check(const NF4View& w) {
   check_blocksize(w.blocksize);
   LORART_CHECK(w.rows > 0 && w.cols > 0, "NF4 weight: expected rows > 0 and cols > 0, got rows=", w.rows,
                ", cols=", w.cols);
+  // (before numel(): a lying shape must not overflow rows * cols, nor the byte and block counts made from it)
+  constexpr int64_t kMaxElements = int64_t{1} << 62;
+  LORART_CHECK(w.cols <= kMaxElements / w.rows, "NF4 weight: rows=", w.rows, " x cols=", w.cols,
+               " is too many elements (at most 2^62)");
   const int64_t n = w.numel(), nb = w.nblocks();
   check_buffer(w.packed, "packed", {DType::U8}, (n + 1) / 2);
   check_dtype(w.absmax, "absmax", {DType::F32, DType::U8});

@@ -26,6 +26,14 @@ namespace {
 using detail::bf16;
 using detail::f16;
 
+// bad = the lowest block index seen holding NaN/inf (-1: none): the error names the first bad block whichever
+// thread reaches one first (as the CUDA path, whose caller scans the absmax).
+inline void note_bad_block(std::atomic<int64_t>& bad, int64_t b) {
+  int64_t cur = bad.load(std::memory_order_relaxed);
+  while ((cur < 0 || b < cur) && !bad.compare_exchange_weak(cur, b, std::memory_order_relaxed)) {
+  }
+}
+
 template <class T>
 void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absmax, std::atomic<int64_t>& bad) {
   const int64_t nb = (n + bs - 1) / bs;
@@ -38,8 +46,7 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
       if (fast && len % 32 == 0) {  // whole 32-element units: the vector path (bit-identical)
         const uint32_t mx = simd::absmax_bits(w + s, len);
         if (mx >= 0x7f800000u) {
-          int64_t expected = -1;
-          bad.compare_exchange_strong(expected, b);
+          note_bad_block(bad, b);
           absmax[b] = NAN;
           continue;
         }
@@ -62,8 +69,7 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
         nonfinite |= static_cast<uint32_t>(u >= 0x7f800000u);
       }
       if (nonfinite) {
-        int64_t expected = -1;
-        bad.compare_exchange_strong(expected, b);
+        note_bad_block(bad, b);
         absmax[b] = NAN;
         continue;
       }
@@ -71,9 +77,11 @@ void quantize_t(const T* w, int64_t n, int64_t bs, uint8_t* packed, float* absma
       std::memcpy(&amax, &mx, 4);
       absmax[b] = amax;
       const float inv = detail::nf4_inv_scale(amax);
-      if (len & 1) buf[len] = 0.f;  // pads the last low nibble with code 7 (0.0)
+      for (int64_t i = 0; i < len; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
+      // An odd count pads the last low nibble with code 7 (0.0), whatever the scale (not encode(0 * inv): a
+      // subnormal absmax has an infinite reciprocal, and 0 * inf is NaN, code 0).
+      if (len & 1) codes[len] = 7;
       const int64_t len2 = len + (len & 1);
-      for (int64_t i = 0; i < len2; ++i) codes[i] = detail::nf4_encode(buf[i] * inv);  // vectorizes
       uint8_t* out = packed + s / 2;
       for (int64_t i = 0; i < len2 / 2; ++i) out[i] = detail::nf4_pack(codes[2 * i], codes[2 * i + 1]);
     }

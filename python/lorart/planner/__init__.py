@@ -89,10 +89,10 @@ def _plan_setup(setup: Setup, framework_bytes: Optional[int] = None, with_time: 
     if o.optimizer_state_bits == 8:
         notes.append("8-bit optimizer states are lorart.optim.PagedAdamW(state_bits=8) (Python API); "
                      "`lorart train` uses 32-bit states")
-    if o.device == "cpu" and os.environ.get("LORART_MALLOC", "").lower() != "return":
-        notes.append("glibc's heap keeps freed activations, so the measured RSS can exceed this by a few hundred MiB "
-                     "(up to ~50% on small models); LORART_MALLOC=return makes lorart train give them back (RSS then "
-                     "follows this plan, ~40% lower, at +25-55% time per step; docs/plan.md)")
+    if o.device == "cpu" and os.environ.get("LORART_MALLOC", "").strip().lower() != "return":
+        notes.append("glibc's heap keeps freed activations: the measured RSS can exceed this by up to ~70% (SmolLM2: "
+                     "12-67%); lorart train gives freed memory back by itself where that would not fit (RSS then "
+                     "follows this plan, at +25-55% time per step), LORART_MALLOC=return always (docs/plan.md)")
     if o.device == "cuda":
         notes.append("the CUDA terms (allocator peak, autocast copies, cuBLAS workspace, context) are not yet checked "
                      "against a measured GPU run (docs/plan.md)")

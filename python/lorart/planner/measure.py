@@ -25,24 +25,39 @@ def _status_kb(key: str) -> Optional[int]:
 
 
 MMAP_THRESHOLD = 128 << 10   # glibc's own initial threshold, its dynamic raising turned off
+# the largest measured RSS under glibc's default heap over the plan's prediction (SmolLM2-135M, every method, with
+# and without checkpointing, batch 8 x 160, glibc 2.36: 1.12-1.67; docs/plan.md)
+GLIBC_HEAP_RATIO = 1.7
 _malloc_state: dict = {}
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
+def malloc_mode() -> str:
+    """LORART_MALLOC: "return" (glibc gives freed memory back: RSS follows the plan, steps slower), "keep"
+    (glibc's default heap: fastest, RSS up to GLIBC_HEAP_RATIO x the plan) or "auto" (the default: keep, unless
+    the plan says keeping would not fit in the memory this process can still get)."""
+    v = os.environ.get("LORART_MALLOC", "auto").strip().lower() or "auto"
+    if v == "default":
+        v = "keep"
+    if v not in ("return", "keep", "auto"):
+        raise ValueError(f"lorart: environment variable LORART_MALLOC: expected return, keep or auto, got {v!r}")
+    return v
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD, force: bool = False) -> str:
     """Make glibc serve allocations >= `threshold` bytes with their own mmap (and give them back to the OS when
     freed) for the rest of the process: mallopt(M_MMAP_THRESHOLD), which also turns off glibc's dynamic
     threshold. Without it, the first large free raises the threshold, later activations come from the heap and
     the heap keeps them after they are freed: RSS stays a few hundred MiB above the live tensors (docs/plan.md).
-    Opt-in, as it costs time (every activation a fresh mmap whose pages the kernel zeroes: SmolLM2 LoRA steps
-    +25%, QLoRA +55% on the 2-core CPU of docs/plan.md, for 40% less peak RSS): only with LORART_MALLOC=return
-    in the environment, and not when MALLOC_MMAP_THRESHOLD_ is set (glibc read it already).
-    Returns what was done ("fixed" | "default" | "env" | "unavailable"); once per process."""
-    if "how" in _malloc_state:
+    It costs time (every activation a fresh mmap whose pages the kernel zeroes: SmolLM2 LoRA steps +25%, QLoRA
+    +55% on the 2-core CPU of docs/plan.md, for 40% less peak RSS): done with LORART_MALLOC=return, or `force`
+    (memory_headroom's decision), never when MALLOC_MMAP_THRESHOLD_ is set (glibc read it already).
+    Returns what was done ("fixed" | "default" | "env" | "unavailable"); fixed stays fixed for the process."""
+    if _malloc_state.get("how") in ("fixed", "env"):
         return _malloc_state["how"]
     how = "default"
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         how = "env"
-    elif os.environ.get("LORART_MALLOC", "").lower() == "return":
+    elif force or malloc_mode() == "return":
         how = "unavailable"
         try:
             import ctypes
@@ -55,6 +70,84 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
             pass
     _malloc_state["how"] = how
     return how
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            v = f.read().strip()
+        return None if v in ("", "max") else int(v)
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes() -> Optional[int]:
+    """The memory this process can still take: the kernel's MemAvailable, or less where its cgroup (v2
+    memory.max, v1 memory.limit_in_bytes) leaves less; None where neither can be read."""
+    kb = None
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"MemAvailable:\s+(\d+)\s+kB", f.read())
+        kb = int(m.group(1)) if m else None
+    except OSError:
+        pass
+    avail = None if kb is None else kb * 1024
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hid, ctrl, path = (line.split(":", 2) + ["", ""])[:3]
+        if hid == "0" and ctrl == "":
+            limit, used = (_read_int(f"/sys/fs/cgroup{path}/memory.max"),
+                           _read_int(f"/sys/fs/cgroup{path}/memory.current"))
+        elif "memory" in ctrl.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            if not os.path.isdir(base):
+                base = "/sys/fs/cgroup/memory"
+            limit, used = _read_int(f"{base}/memory.limit_in_bytes"), _read_int(f"{base}/memory.usage_in_bytes")
+        else:
+            continue
+        if limit is not None and used is not None and limit < (1 << 60):   # v1 says "no limit" with ~2^63
+            avail = max(limit - used, 0) if avail is None else min(avail, max(limit - used, 0))
+    return avail
+
+
+def memory_headroom(predicted_peak: Optional[int], rss_now: Optional[int], available: Optional[int],
+                    mode: str) -> tuple:
+    """Decide glibc's heap mode for a CPU run from the plan: (return_memory, why). With mode "auto", memory is
+    returned when keeping glibc's heap (up to GLIBC_HEAP_RATIO x the plan) would need more than this process can
+    still get; why says so, and warns when even the plan itself does not fit."""
+    if mode == "return":
+        return True, "LORART_MALLOC=return"
+    if predicted_peak is None or rss_now is None or available is None:
+        return False, None
+    gib = 2 ** 30
+    need = predicted_peak - rss_now   # what the steps still add to this process
+    if need > available:
+        return mode == "auto", (f"the plan's peak {predicted_peak / gib:.2f} GiB needs {need / gib:.2f} GiB more, "
+                                f"{available / gib:.2f} GiB available: this run may be killed for memory (smaller "
+                                f"batch_size or max_seq_len, gradient_checkpointing, or qlora; `lorart plan`)")
+    if mode == "auto" and predicted_peak * GLIBC_HEAP_RATIO - rss_now > available:
+        return True, (f"memory is tight (plan {predicted_peak / gib:.2f} GiB, up to "
+                      f"{predicted_peak * GLIBC_HEAP_RATIO / gib:.2f} GiB with glibc's heap, {available / gib:.2f} "
+                      f"GiB more available): freed memory goes back to the system (slower steps; LORART_MALLOC="
+                      f"keep turns this off; docs/plan.md)")
+    return False, None
+
+
+def choose_malloc(plan: dict) -> Optional[str]:
+    """After the plan of a CPU run (predict_run's memory dict, updated in place: "malloc", "malloc_why"): give freed
+    memory back where LORART_MALLOC says so or where keeping glibc's heap would not fit (memory_headroom).
+    Returns what to tell the user, or None."""
+    back, why = memory_headroom(plan.get("predicted_peak_bytes"), rss_bytes(), available_bytes(), malloc_mode())
+    if back:
+        return_freed_memory(force=True)
+    plan["malloc"] = _malloc_state.get("how", "default")
+    if why:
+        plan["malloc_why"] = why
+    return why if why and why != "LORART_MALLOC=return" else None
 
 
 def rss_bytes() -> Optional[int]:

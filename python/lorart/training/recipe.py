@@ -30,8 +30,8 @@ from ..errors import InputError, MissingExtraError
 from ..methods import method_class
 from ..methods.base import make_config
 from ..optim import PagedAdamW
-from ..planner.measure import (PeakMeter, predict_run, process_bytes, return_freed_memory, step_time_check,
-                               tensor_bytes, warm_rss)
+from ..planner.measure import (PeakMeter, choose_malloc, predict_run, process_bytes, return_freed_memory,
+                               step_time_check, tensor_bytes, warm_rss)
 from .config import CONFIG_FILE, config_header, dump_config, resolved_config
 from .distributed import Distributed
 from .fingerprint import examples_fingerprint, model_fingerprint, tensors_digest
@@ -143,6 +143,11 @@ class Recipe(Checkpointing, Evaluation, TrainingSteps, Finishing):
         longest = max((len(e) for e in self.data.train), default=1)
         self.memory_plan, self.time_plan = predict_run(self.model, self.method, self.opts, self.device,
                                                        self.opts.batch_size, max(longest, 2), fw)
+        if self.device.type == "cpu":   # glibc's heap kept (fastest) unless the plan says it would not fit
+            why = choose_malloc(self.memory_plan)
+            if why:
+                self.notes.append(why)
+                self.progress.message(f"lorart train: {why}")
 
     def memory_check(self) -> dict:
         """The plan's predicted peak beside the measured one (bytes; summary.json's `memory`)."""
