@@ -3,7 +3,10 @@ input-gradient backward of every frozen linear incl. the LM head, attention, the
 model's config, and the rate torch's GEMM reaches at the step's own shapes, so that a s/step can be read as a
 fraction of what the CPU can do.
 
-    python bench/train_floor.py [--threads 2] [--batch 8] [--seq 128] [--r 16] [--dtype float32]
+    python bench/train_floor.py [--threads 2] [--batch 8] [--seq 128] [--r 16] [--dtype float32] [--tiny]
+
+The model is SmolLM2-135M's config (converted and cached on first use); --tiny takes bench/train.py's tiny random
+Llama shapes instead (2 layers: a smoke run in seconds, tests/test_bench_train.py).
 
 Each GEMM shape of the step (forward y = x W^T [M, K] x [K, N], input gradient dx = dy W [M, N] x [N, K]) is timed
 with torch.mm (best of --reps after a warm-up); the floor is the sum over the step of FLOPs / that shape's rate,
@@ -37,6 +40,7 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--tiny", action="store_true", help="bench/train.py's tiny Llama shapes (a smoke run)")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     import torch
@@ -48,7 +52,10 @@ def main():
 
     torch.set_num_threads(args.threads)
     dt = getattr(torch, args.dtype)
-    cfg = LlamaConfig.from_json_file(os.path.join(tb.default_folder(), "config.json"))
+    if args.tiny:
+        cfg = LlamaConfig.from_hf_dict(dict(tb.LLAMA7B, num_hidden_layers=2, **tb.TINY))
+    else:
+        cfg = LlamaConfig.from_json_file(os.path.join(tb.default_folder(), "config.json"))
     h, i, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     B, T, r = args.batch, args.seq, args.r

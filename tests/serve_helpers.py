@@ -1,5 +1,6 @@
-"""A lorart server on loopback for tests: the tiny model, two LoRA adapters with different targets, uvicorn in a
-thread (127.0.0.1, a free port), and the single-request references the server must reproduce."""
+"""A lorart server on loopback for tests: the tiny model, two LoRA adapters with different targets (the `tiny`
+fixture), the engine on them, uvicorn in a thread (127.0.0.1, a free port), and the single-request references the
+server must reproduce; Paused, wait_until and metric_value for the engine's timing and counters."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ import torch
 
 import lorart
 from lorart.models import generate, load_model
+from lorart.serving.engine import Engine
 from train_helpers import tiny_folder
 
 
@@ -51,6 +53,21 @@ def make_adapters(model_dir: str, out: str, seeds=(1, 2), names=None, scale: flo
 def tiny_setup(tmp) -> tuple[str, dict[str, str]]:
     model_dir = tiny_folder(os.path.join(tmp, "model"))
     return model_dir, make_adapters(model_dir, os.path.join(tmp, "adapters"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, {adapter name: folder}) of tiny_setup, once per test module that imports it."""
+    return tiny_setup(str(tmp_path_factory.mktemp("serve")))
+
+
+def make_engine(model_dir, adapters, quantize=False, **kw):
+    """An Engine (not started) on `model_dir` (NF4 with `quantize`) with `adapters` registered; (engine, tokenizer)."""
+    m, tok = load_model(model_dir, quantize="nf4" if quantize else None)
+    eng = Engine(m, tok, base_name="tiny", **kw)
+    for name, path in adapters.items():
+        eng.registry.add(name, path)
+    return eng, tok
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,3 +134,31 @@ class Server:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Paused:
+    """Hold the engine thread between two steps (requests queue up meanwhile)."""
+
+    def __init__(self, engine):
+        self.go = threading.Event()
+        self.engine = engine
+
+    def __enter__(self):
+        entered = threading.Event()
+        self.engine.call(lambda: (entered.set(), self.go.wait(60)))
+        assert entered.wait(30)
+        return self
+
+    def __exit__(self, *exc):
+        self.go.set()
+
+
+def wait_until(pred, timeout=30.0):
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def metric_value(engine, name, **labels):
+    return engine.metrics.registry.get_sample_value(name, labels) or 0.0

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -20,10 +19,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_helpers import make_adapters, reference_model, reference_text, Server, tiny_setup  # noqa: E402
-from serve_helpers import one_thread  # noqa: E402,F401 - an autouse fixture: one intra-op thread
+from serve_helpers import make_adapters, make_engine, metric_value, Paused, reference_model  # noqa: E402
+from serve_helpers import reference_text, Server, wait_until  # noqa: E402
+from serve_helpers import one_thread, tiny  # noqa: E402,F401 - fixtures: one intra-op thread (autouse);
+#   the tiny model and its two adapters (once per module)
 
-import lorart  # noqa: E402
 from lorart.inject import lora_layers  # noqa: E402
 from lorart.models import load_model  # noqa: E402
 from lorart.serving.engine import Engine  # noqa: E402
@@ -31,49 +31,8 @@ from lorart.serving.engine import Engine  # noqa: E402
 PROMPTS = ["What is the capital of France?", "Hello there", "A longer prompt about cats and dogs and birds."]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(str(tmp_path_factory.mktemp("serve")))
-
-
-def _engine(model_dir, adapters, quantize=False, **kw):
-    m, tok = load_model(model_dir, quantize="nf4" if quantize else None)
-    eng = Engine(m, tok, base_name="tiny", **kw)
-    for name, path in adapters.items():
-        eng.registry.add(name, path)
-    return eng, tok
-
-
 def _chat_ids(tok, text):
     return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-
-
-class Paused:
-    """Hold the engine thread between two steps (requests queue up meanwhile)."""
-
-    def __init__(self, engine):
-        self.go = threading.Event()
-        self.engine = engine
-
-    def __enter__(self):
-        entered = threading.Event()
-        self.engine.call(lambda: (entered.set(), self.go.wait(60)))
-        assert entered.wait(30)
-        return self
-
-    def __exit__(self, *exc):
-        self.go.set()
-
-
-def _wait(pred, timeout=30.0):
-    t0 = time.monotonic()
-    while not pred():
-        assert time.monotonic() - t0 < timeout, "timed out"
-        time.sleep(0.01)
-
-
-def _metric(engine, name, **labels):
-    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "nf4"])
@@ -81,7 +40,7 @@ def test_mixed_batch_greedy_equals_generate(tiny, quantize):
     """Base + two adapters (different target layers), completions and chat, all in one batch: each answer is what
     single-request greedy generation gives for its model."""
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads, quantize, max_batch=32)
+    eng, tok = make_engine(model_dir, ads, quantize, max_batch=32)
     jobs = [(model, kind, p) for model in (None, "alpha", "beta") for kind in ("completion", "chat") for p in PROMPTS]
     with Server(eng) as srv:
         client = srv.client()
@@ -99,10 +58,10 @@ def test_mixed_batch_greedy_equals_generate(tiny, quantize):
         with ThreadPoolExecutor(len(jobs)) as pool:
             with Paused(eng):  # everything is queued before the first step
                 futs = [pool.submit(ask, j) for j in jobs]
-                _wait(lambda: eng.load_info()["waiting"] == len(jobs))
+                wait_until(lambda: eng.load_info()["waiting"] == len(jobs))
             results = [f.result() for f in futs]
-    steps = _metric(eng, "lorart_batch_size_count")
-    assert steps >= 12 and steps - _metric(eng, "lorart_batch_size_bucket", le="16.0") >= 1  # all 18 in one step
+    steps = metric_value(eng, "lorart_batch_size_count")
+    assert steps >= 12 and steps - metric_value(eng, "lorart_batch_size_bucket", le="16.0") >= 1  # all 18 in one step
     for (model, kind, p), (resp, text) in zip(jobs, results):
         ids = _chat_ids(tok, p) if kind == "chat" else tok.encode(p)
         assert resp.model == (model or "tiny")
@@ -113,7 +72,7 @@ def test_mixed_batch_greedy_equals_generate(tiny, quantize):
 
 def test_streaming_stop_strings_and_usage(tiny):
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads)
+    eng, tok = make_engine(model_dir, ads)
     with Server(eng) as srv:
         c = srv.client()
         full = c.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=24, temperature=0)
@@ -154,7 +113,7 @@ def test_a_list_of_prompts_gives_one_choice_each(tiny):
     """`prompt` as a list of strings or of token-id lists: choice i answers prompt i, plain and streamed (chunks
     carry their choice's index), usage sums them."""
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads)
+    eng, tok = make_engine(model_dir, ads)
     ids = [tok.encode(p) for p in PROMPTS]
     want = [reference_text(model_dir, ads["beta"], i, 7) for i in ids]
     with Server(eng) as srv:
@@ -172,7 +131,7 @@ def test_a_list_of_prompts_gives_one_choice_each(tiny):
 
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
     model_dir, ads = tiny
-    eng, _ = _engine(model_dir, ads)
+    eng, _ = make_engine(model_dir, ads)
     with Server(eng) as srv:
         c = srv.client()
         kw = dict(model="alpha", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
@@ -195,7 +154,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
 
 def test_models_list_and_adapter_load_unload(tiny):
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, {"alpha": ads["alpha"]})
+    eng, tok = make_engine(model_dir, {"alpha": ads["alpha"]})
     with Server(eng, model_path=model_dir, allow_adapter_loading=True) as srv:
         c = srv.client()
         models = {m.id: m for m in c.models.list().data}
@@ -215,11 +174,11 @@ def test_models_list_and_adapter_load_unload(tiny):
         got = [next(it).choices[0].text]
         box = {}
         with Paused(eng):
-            assert _metric(eng, "lorart_generation_tokens_total", model="org/gamma.v2") < 8 + 300
+            assert metric_value(eng, "lorart_generation_tokens_total", model="org/gamma.v2") < 8 + 300
             t = threading.Thread(target=lambda: box.update(r=httpx.post(
                 srv.url + "/v1/unload_lora_adapter", json={"lora_name": "org/gamma.v2"}, timeout=60)))
             t.start()
-            _wait(lambda: eng.registry.get("org/gamma.v2").unloading)
+            wait_until(lambda: eng.registry.get("org/gamma.v2").unloading)
             with pytest.raises(openai.NotFoundError, match="does not exist"):
                 c.completions.create(model="org/gamma.v2", prompt="x", max_tokens=2)
             assert "org/gamma.v2" not in {m.id for m in c.models.list().data}
@@ -229,7 +188,8 @@ def test_models_list_and_adapter_load_unload(tiny):
         t.join(60)
         assert box["r"].status_code == 200 and "removed successfully" in box["r"].text
         assert "".join(got) == ref  # the running request was not disturbed
-        assert sum(_metric(eng, "lorart_requests_total", model="org/gamma.v2", outcome=o) for o in ("length", "stop")) == 2
+        assert sum(metric_value(eng, "lorart_requests_total", model="org/gamma.v2", outcome=o)
+                   for o in ("length", "stop")) == 2
         assert all(len(m.adapter_names) == 1 for m in lora_layers(eng.model).values())  # alpha only
         assert httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "org/gamma.v2"}).status_code == 404
         # strict validation: a bad folder changes nothing
@@ -251,7 +211,7 @@ def test_models_list_and_adapter_load_unload(tiny):
 
 def test_adapter_loading_is_off_by_default(tiny):
     model_dir, ads = tiny
-    eng, _ = _engine(model_dir, {})
+    eng, _ = make_engine(model_dir, {})
     with Server(eng) as srv:
         r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": ads["alpha"]})
         assert r.status_code == 404 and r.json()["error"]["code"] == 404
@@ -259,7 +219,7 @@ def test_adapter_loading_is_off_by_default(tiny):
 
 def test_lru_bound_evicts_idle_adapters_and_outputs_stay_exact(tiny):
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads, max_adapters=1)
+    eng, tok = make_engine(model_dir, ads, max_adapters=1)
     jobs = [(m, p) for p in PROMPTS for m in ("alpha", "beta", "tiny")] * 2
     with Server(eng) as srv:
         c = srv.client()
@@ -270,14 +230,14 @@ def test_lru_bound_evicts_idle_adapters_and_outputs_stay_exact(tiny):
         assert t == reference_text(model_dir, ads.get(m), tok.encode(p), 10), (m, p)
     assert eng.registry.resident_count == 1
     assert len({k for layer in lora_layers(eng.model).values() for k in layer.adapter_names}) == 1
-    assert _metric(eng, "lorart_adapter_evictions_total") >= 1
+    assert metric_value(eng, "lorart_adapter_evictions_total") >= 1
 
 
 def test_two_hundred_concurrent_requests(tiny):
     """No lost, duplicated or mixed-up responses: each of 200 concurrent requests (3 models, distinct prompts)
     gets its own answer."""
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads, max_batch=64, max_queued=256)
+    eng, tok = make_engine(model_dir, ads, max_batch=64, max_queued=256)
     models = ["tiny", "alpha", "beta"]
     jobs = [(models[i % 3], f"request number {i}: tell me about item {i * 7 % 13}") for i in range(200)]
     with Server(eng) as srv:
@@ -295,7 +255,7 @@ def test_two_hundred_concurrent_requests(tiny):
         ids = tok.encode(p)
         assert r.model == m and r.usage.prompt_tokens == len(ids)
         assert r.choices[0].text == reference_text(model_dir, ads.get(m), ids, 6), (m, p)
-    assert sum(_metric(eng, "lorart_requests_total", model="alpha", outcome=o) for o in ("length", "stop")) == 67
+    assert sum(metric_value(eng, "lorart_requests_total", model="alpha", outcome=o) for o in ("length", "stop")) == 67
 
 
 def test_smollm2_mixed_batch_equals_generate(tmp_path):
@@ -319,7 +279,7 @@ def test_smollm2_mixed_batch_equals_generate(tmp_path):
             with Paused(eng):
                 futs = {k: pool.submit(c.chat.completions.create, model=k, max_tokens=12, temperature=0,
                                        messages=[{"role": "user", "content": p}]) for k, p in prompts.items()}
-                _wait(lambda: eng.load_info()["waiting"] == 3)
+                wait_until(lambda: eng.load_info()["waiting"] == 3)
             got = {k: f.result().choices[0].message.content for k, f in futs.items()}
     del eng, m
     try:

@@ -21,19 +21,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_helpers import reference_text, Server, tiny_setup  # noqa: E402
-from serve_helpers import one_thread  # noqa: E402,F401 - an autouse fixture: one intra-op thread
-from test_serve import Paused, _engine, _wait  # noqa: E402
+from serve_helpers import make_engine, Paused, reference_text, Server, wait_until  # noqa: E402
+from serve_helpers import one_thread, tiny  # noqa: E402,F401 - fixtures: one intra-op thread (autouse);
+#   the tiny model and its two adapters (once per module)
 
 import lorart  # noqa: E402
 from lorart.models import generate, load_model  # noqa: E402
 
 PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(str(tmp_path_factory.mktemp("serve_ad")))
 
 
 def _tensors(folder):
@@ -138,7 +133,7 @@ BAD_FOLDERS = [
 def test_load_refuses_bad_adapter_folders_and_serving_goes_on(tiny, tmp_path):
     """Every bad folder: HTTP 400 naming the file and the fault, nothing registered, in-flight answers unchanged."""
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, {"alpha": ads["alpha"]})
+    eng, tok = make_engine(model_dir, {"alpha": ads["alpha"]})
     want = reference_text(model_dir, ads["alpha"], tok.encode("keep going"), 6)
     long_want = reference_text(model_dir, ads["alpha"], tok.encode("in flight"), 300)
     slow = eng.model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.01))  # >= 3 s of steps
@@ -180,7 +175,7 @@ def test_a_folder_changed_on_disk_is_not_served_under_the_old_name(tiny, tmp_pat
     model_dir, ads = tiny
     moved = str(tmp_path / "alpha")
     shutil.copytree(ads["alpha"], moved)
-    eng, tok = _engine(model_dir, {"alpha": moved, "beta": ads["beta"]}, max_adapters=1)
+    eng, tok = make_engine(model_dir, {"alpha": moved, "beta": ads["beta"]}, max_adapters=1)
     ids = tok.encode("same name")
     before = reference_text(model_dir, ads["alpha"], ids, 6)
     with Server(eng, allow_adapter_loading=True) as srv:
@@ -208,7 +203,7 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_overtaken(tiny):
     Base requests, which need no slot, still pass."""
     from lorart.serving.text import SamplingParams
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads, max_adapters=1)
+    eng, tok = make_engine(model_dir, ads, max_adapters=1)
     done, lock = [], threading.Lock()
 
     def sink(tag):
@@ -222,8 +217,8 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_overtaken(tiny):
         with Paused(eng):
             for tag, model in (("alpha1", "alpha"), ("beta", "beta"), ("alpha2", "alpha"), ("base", None)):
                 eng.submit([tok.encode(f"{tag} goes")], SamplingParams(max_tokens=12), model, [sink(tag)])
-            _wait(lambda: eng.load_info()["waiting"] == 4)
-        _wait(lambda: len(done) == 4, 120)
+            wait_until(lambda: eng.load_info()["waiting"] == 4)
+        wait_until(lambda: len(done) == 4, 120)
     finally:
         eng.close()
     order = [t for t, _, _ in done]
@@ -298,7 +293,7 @@ def _peft_folder(model_dir, out):
 def test_serves_what_lorart_train_and_peft_write(tiny, trained, tmp_path):
     model_dir, _ = tiny
     folders = {"final": trained["final"], "ckpt": trained["ckpt"], "peft": _peft_folder(model_dir, str(tmp_path / "p"))}
-    eng, tok = _engine(model_dir, folders)
+    eng, tok = make_engine(model_dir, folders)
     prompts = ["What is the capital of France?", "Hello there"]
     seen = {}
     with Server(eng) as srv:

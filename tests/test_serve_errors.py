@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -22,9 +21,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_helpers import reference_text, Server, tiny_setup  # noqa: E402
-from serve_helpers import one_thread  # noqa: E402,F401 - an autouse fixture: one intra-op thread
-from test_serve import Paused, _engine, _metric, _wait  # noqa: E402
+from serve_helpers import make_engine, metric_value, Paused, reference_text, Server, wait_until  # noqa: E402
+from serve_helpers import one_thread, tiny  # noqa: E402,F401 - fixtures: one intra-op thread (autouse);
+#   the tiny model and its two adapters (once per module)
 
 import lorart  # noqa: E402
 from lorart.serving.text import TextStream  # noqa: E402
@@ -33,14 +32,9 @@ PYDIR = os.path.dirname(os.path.dirname(lorart.__file__))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(str(tmp_path_factory.mktemp("serve_err")))
-
-
-@pytest.fixture(scope="module")
 def server(tiny):
     model_dir, ads = tiny
-    eng, _ = _engine(model_dir, ads)
+    eng, _ = make_engine(model_dir, ads)
     with Server(eng) as srv:
         yield srv
 
@@ -105,7 +99,7 @@ def test_chat_errors_routes_and_openai_exceptions(server):
 
 def test_api_key_on_every_route(tiny):
     model_dir, ads = tiny
-    eng, _ = _engine(model_dir, ads)
+    eng, _ = make_engine(model_dir, ads)
     with Server(eng, api_key="s3cret", allow_adapter_loading=True) as srv:
         routes = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
                   ("POST", "/v1/chat/completions"), ("POST", "/v1/load_lora_adapter"),
@@ -128,7 +122,7 @@ def test_api_key_on_every_route(tiny):
 
 def test_request_body_bound(tiny):
     model_dir, _ = tiny
-    eng, _ = _engine(model_dir, {})
+    eng, _ = make_engine(model_dir, {})
     with Server(eng, max_body_bytes=2000) as srv:
         big = json.dumps({"prompt": "x" * 5000}).encode()
         _error(httpx.post(srv.url + "/v1/completions", content=big, headers={"content-type": "application/json"}),
@@ -142,7 +136,7 @@ def test_request_body_bound(tiny):
 
 def test_full_queue_answers_429(tiny):
     model_dir, ads = tiny
-    eng, tok = _engine(model_dir, ads, max_batch=1, max_queued=1)
+    eng, tok = make_engine(model_dir, ads, max_batch=1, max_queued=1)
     with Server(eng) as srv:
         c = srv.client()
         box = {}
@@ -150,47 +144,47 @@ def test_full_queue_answers_429(tiny):
             t = threading.Thread(target=lambda: box.update(r=c.completions.create(model="alpha", prompt="queued",
                                                                                      max_tokens=4, temperature=0)))
             t.start()
-            _wait(lambda: eng.load_info()["waiting"] == 1)
+            wait_until(lambda: eng.load_info()["waiting"] == 1)
             with pytest.raises(openai.RateLimitError, match="max-queued"):
                 c.completions.create(model="beta", prompt="x", max_tokens=2)
             r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
             assert _error(r, 429)["type"] == "RateLimitError"
         t.join(60)
         assert box["r"].choices[0].text == reference_text(model_dir, ads["alpha"], tok.encode("queued"), 4)
-        assert _metric(eng, "lorart_requests_rejected_total", reason="queue_full") == 2
+        assert metric_value(eng, "lorart_requests_rejected_total", reason="queue_full") == 2
         assert c.completions.create(model="beta", prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_client_disconnect_cancels_streaming_and_plain_requests(tiny):
     model_dir, ads = tiny
-    eng, _ = _engine(model_dir, ads)
+    eng, _ = make_engine(model_dir, ads)
     # >= 5 ms per step: 500 tokens take >= 2.5 s, far longer than the client stays
     eng.model.model.layers[0].register_forward_pre_hook(lambda m, a: time.sleep(0.005))
     with Server(eng) as srv:
         with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
                           json={"model": "alpha", "prompt": "x", "max_tokens": 500, "temperature": 0, "stream": True}) as r:
             next(r.iter_lines())  # the first token arrived: the request is running; now hang up
-        _wait(lambda: _metric(eng, "lorart_requests_total", model="alpha", outcome="cancelled") == 1)
+        wait_until(lambda: metric_value(eng, "lorart_requests_total", model="alpha", outcome="cancelled") == 1)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", timeout=0.3,
                        json={"model": "beta", "prompt": "x", "max_tokens": 500, "temperature": 0})  # greedy: no early EOS
-        _wait(lambda: _metric(eng, "lorart_requests_total", model="beta", outcome="cancelled") == 1)
-        _wait(lambda: eng.load_info() == {"waiting": 0, "running": 0})
-        assert _metric(eng, "lorart_generation_tokens_total", model="alpha") < 500
-        assert _metric(eng, "lorart_generation_tokens_total", model="beta") < 500
+        wait_until(lambda: metric_value(eng, "lorart_requests_total", model="beta", outcome="cancelled") == 1)
+        wait_until(lambda: eng.load_info() == {"waiting": 0, "running": 0})
+        assert metric_value(eng, "lorart_generation_tokens_total", model="alpha") < 500
+        assert metric_value(eng, "lorart_generation_tokens_total", model="beta") < 500
         # queued requests are dropped too when their client leaves
         with Paused(eng):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(srv.url + "/v1/completions", timeout=0.3, json={"model": "alpha", "prompt": "x"})
             time.sleep(0.1)
-        _wait(lambda: _metric(eng, "lorart_requests_total", model="alpha", outcome="cancelled") == 2)
+        wait_until(lambda: metric_value(eng, "lorart_requests_total", model="alpha", outcome="cancelled") == 2)
 
 
 def test_failing_adapter_folder_and_failing_forward(tiny, tmp_path):
     model_dir, ads = tiny
     moved = str(tmp_path / "alpha")
     shutil.copytree(ads["alpha"], moved)
-    eng, tok = _engine(model_dir, {"alpha": moved, "beta": ads["beta"]}, max_adapters=1)  # alpha: evicted
+    eng, tok = make_engine(model_dir, {"alpha": moved, "beta": ads["beta"]}, max_adapters=1)  # alpha: evicted
     with Server(eng) as srv:
         c = srv.client()
         with open(os.path.join(moved, "adapter_model.safetensors"), "r+b") as f:

@@ -17,22 +17,10 @@ the chunking on machines without a GPU).
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from ..dtensor import local_of
 from ..ops.optim import BLOCK, adamw8_step_, adamw_step_
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """What a kernel reads and writes: a DTensor's local shard (FSDP2's sharded parameters and gradients; a fresh
-    view of the current shard on each call), else the tensor itself. (No DTensor can exist before
-    torch.distributed.tensor is imported, and importing it costs a second: it is not imported here.)"""
-    dt = sys.modules.get("torch.distributed.tensor")
-    if dt is not None and isinstance(t, dt.DTensor):
-        with torch.no_grad():
-            return t.to_local()
-    return t
 
 
 def _align(n: int, a: int) -> int:
@@ -111,7 +99,7 @@ def plan(params: list[torch.Tensor], chunk_elems: int, layout: StateLayout) -> t
     offsets, off = {}, 0
     for p in params:
         offsets[p] = off
-        off += _align(local(p).numel(), layout.align)
+        off += _align(local_of(p).numel(), layout.align)
     q = max(64, layout.align)
     return offsets, max(q, min(_align(chunk_elems, q), _align(off, q)))
 
@@ -129,7 +117,7 @@ class PagedStates:
         self.device = device
         self.layout = layout
         self.offsets, self.chunk_elems = plan(params, chunk_elems, layout)
-        self.total = off = sum(_align(local(p).numel(), layout.align) for p in params)
+        self.total = off = sum(_align(local_of(p).numel(), layout.align) for p in params)
         self.cuda = device.type == "cuda"
         # pinned, so that the copies below are truly asynchronous
         self.host = [torch.zeros(2, max(off // div, 1), dtype=dt, pin_memory=self.cuda) for dt, div in layout.planes]
@@ -149,7 +137,7 @@ class PagedStates:
             end = min(off, start + self.chunk_elems)
             segs = []
             for p in params:
-                po, pn = self.offsets[p], local(p).numel()
+                po, pn = self.offsets[p], local_of(p).numel()
                 a, b = max(start, po), min(end, po + pn)
                 if a < b:
                     segs.append((p, a - po, a - start, b - a))
@@ -158,7 +146,7 @@ class PagedStates:
         self.last_d2h_bytes = 0
 
     def state_views(self, p: torch.Tensor) -> tuple:
-        lp = local(p)
+        lp = local_of(p)
         return self.layout.views(self.host, self.offsets[p], lp.numel(), lp.shape)
 
     @property
@@ -218,7 +206,7 @@ class PagedStates:
             by_group.setdefault(id(group), (group, []))[1].append((p, g, po, co, sn, st))
         stage = [s[b] for s in self.stage]
         for group, items in by_group.values():
-            self.layout.step([local(p).view(-1)[po:po + sn] for p, g, po, co, sn, st in items],
+            self.layout.step([local_of(p).view(-1)[po:po + sn] for p, g, po, co, sn, st in items],
                              [g.view(-1)[po:po + sn] for p, g, po, co, sn, st in items],
                              [self.layout.views(stage, co, sn, (sn,)) for p, g, po, co, sn, st in items],
                              [st for *_, st in items], group)

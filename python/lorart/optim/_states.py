@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ..dtensor import local_of
 from ..ops.optim import BLOCK, dynamic_map, quantize_blockwise8
-from ._paging import LAYOUT8, StateLayout, local
+from ._paging import LAYOUT8, StateLayout
 
 BNB_WRAP_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes.optim.optimizer.Optimizer8bit's key
 BNB_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
@@ -94,7 +95,7 @@ def as_dtensors(state: dict, param_groups: list) -> None:
                 params.append(p)
     for i, entry in list(state.items()):
         p = params[i]
-        if local(p) is p:
+        if local_of(p) is p:
             continue
         from torch.distributed.tensor import DTensor   # imported already: p is one
         state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
@@ -105,7 +106,7 @@ def fill(storage: tuple, layout: StateLayout, src: dict, p: torch.Tensor, where:
     """Copies a source state entry (any format above) into this optimizer's storage of p (a local shard: the
     states of a sharded parameter may be DTensors, whose local shards are copied)."""
     n = p.numel()
-    src = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in unwrap_bnb(src).items()}
+    src = {k: local_of(v) if isinstance(v, torch.Tensor) else v for k, v in unwrap_bnb(src).items()}
     is8 = "state1" in src and src["state1"].dtype == torch.uint8
     if is8:
         _check8(src, n, where)

@@ -7,9 +7,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..dtensor import local_of
 from ..ops.optim import check_adamw_hparams, dynamic_map
 from . import _states
-from ._paging import LAYOUT8, LAYOUT32, PagedStates, StateLayout, local, staging_bytes
+from ._paging import LAYOUT8, LAYOUT32, PagedStates, StateLayout, staging_bytes
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,7 +116,7 @@ class PagedAdamW(torch.optim.Optimizer):
         storage: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
         by_dev: dict[torch.device, list[torch.Tensor]] = {}
         for p in params:
-            lp = local(p)
+            lp = local_of(p)
             if not lp.is_contiguous():
                 raise ValueError(f"lorart: PagedAdamW needs contiguous parameters, got one of shape {tuple(lp.shape)} "
                                  f"and strides {lp.stride()}")
@@ -126,7 +127,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if dev.type == "cuda" or self._page_cpu:
                 resident, paged = self._split_budget(dev, ps)
             for p in resident:
-                storage[p] = self._layout_of(p).zeros(local(p))
+                storage[p] = self._layout_of(p).zeros(local_of(p))
             for layout in (LAYOUT32, LAYOUT8):
                 lps = [p for p in paged if self._layout_of(p) is layout]
                 if lps:
@@ -138,7 +139,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if p not in storage:
                 continue
             where = f"state of parameter {self._index_of(p)}"
-            _states.fill(storage[p], self._layout_of(p), src, local(p), where)
+            _states.fill(storage[p], self._layout_of(p), src, local_of(p), where)
             self.state[p] = _states.entries(storage[p], self._layout_of(p), self.state_bits,
                                             _states.step_value(src), self._qmaps_on(p.device))
         self._storage, self._pools = storage, pools
@@ -153,11 +154,11 @@ class PagedAdamW(torch.optim.Optimizer):
     def _chunk_elems(self, ps: list[torch.Tensor], layout: StateLayout) -> int:
         if self.page_chunk_bytes is not None:
             return self.page_chunk_bytes // layout.state_elem_bytes
-        total = sum(local(p).numel() for p in ps) * layout.state_elem_bytes
+        total = sum(local_of(p).numel() for p in ps) * layout.state_elem_bytes
         return min(64 << 20, max(4 << 20, total // 16)) // layout.state_elem_bytes
 
     def _split_budget(self, dev: torch.device, ps: list[torch.Tensor]) -> tuple[list, list]:
-        need = [self._layout_of(p).nbytes(local(p).numel()) for p in ps]
+        need = [self._layout_of(p).nbytes(local_of(p).numel()) for p in ps]
         budget = self.gpu_budget_bytes
         if budget is None:
             budget = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else 1 << 62
@@ -194,7 +195,7 @@ class PagedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                pl, g = local(p), local(p.grad)
+                pl, g = local_of(p), local_of(p.grad)
                 if g.is_sparse:
                     raise RuntimeError("lorart: PagedAdamW does not support sparse gradients")
                 if g.dtype != p.dtype:

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..dtensor import local_of
 from . import sharding
 from .folder import TrainingError
 
@@ -277,6 +278,12 @@ class Distributed:
             raise RankError(f"{msgs[failed]} (on rank {failed})", failed)
         return result
 
+    def agreed(self, e: Exception) -> Exception:
+        """`e`, an error every rank raises alike: rank 0 reports it (the CLI prints it there only)."""
+        if not self.is_main:
+            e.reported_by = 0
+        return e
+
     @contextlib.contextmanager
     def guard(self, where: Callable[[], str]):
         """A collective that fails for want of the other ranks becomes one DistributedError saying so."""
@@ -331,7 +338,7 @@ class Distributed:
         with torch.no_grad():
             for n, p in params.items():
                 src = full[n] if self.is_main else None
-                sharding.local_of(p).copy_(self.scatter(src, p, p.dtype))
+                local_of(p).copy_(self.scatter(src, p, p.dtype))
 
     def scatter(self, full: Optional[torch.Tensor], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """This rank's part of rank 0's whole tensor `full` (of `dtype`), laid out as `like` (a sharded
@@ -386,7 +393,7 @@ class Distributed:
 
     def non_finite(self, params: dict) -> list:
         """Names of the parameters holding a non-finite value on any rank (the same list on every rank)."""
-        bad = [n for n, p in params.items() if not bool(torch.isfinite(sharding.local_of(p)).all())]
+        bad = [n for n, p in params.items() if not bool(torch.isfinite(local_of(p)).all())]
         if self.single:
             return bad
         return sorted({n for b in self.gather(bad) for n in b}, key=list(params).index)

@@ -22,32 +22,14 @@ torch.distributed.tensor is imported only here, and only when a run shards (it t
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dtensor import is_sharded, local_of
 from ..nn.nf4_linear import NF4Linear
-
-
-def _dtensor_type():
-    mod = sys.modules.get("torch.distributed.tensor")
-    return None if mod is None else mod.DTensor
-
-
-def is_sharded(t) -> bool:
-    dt = _dtensor_type()
-    return dt is not None and isinstance(t, dt)
-
-
-def local_of(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: a DTensor's local shard, else the tensor itself."""
-    if is_sharded(t):
-        with torch.no_grad():
-            return t.to_local()
-    return t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
