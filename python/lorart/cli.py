@@ -244,8 +244,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_for_inference(args):
-    import torch
-
     from .models import load_model
     from .training.setup import default_dtype, resolve_device
     try:

@@ -6,11 +6,14 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from ..errors import FileFormatError, InputError
 from ..fileformats import read_json
 from ..sysinfo import require
+
+if TYPE_CHECKING:
+    import tokenizers
 
 
 def _token_str(t) -> Optional[str]:
