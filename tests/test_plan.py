@@ -131,7 +131,7 @@ def smollm2_runs(tmp_path_factory):
         default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    cases = [["lora", False], ["qlora", True]]   # every method, both ways: bench/plan_check.py, docs/plan.md
+    cases = [[m, ck] for m in lorart.planner.METHOD_NAMES for ck in (False, True)]
     return _train_runs(tmp_path_factory, "default", cases, batch_size=4, max_seq_len=96)
 
 
@@ -157,8 +157,10 @@ def test_train_rss_within_15_percent_tiny_every_method(tiny_runs):
 
 
 def test_train_rss_within_15_percent_smollm2(smollm2_runs):
-    """The same on SmolLM2-135M (loaded as lorart train loads it): LoRA, and QLoRA with gradient checkpointing (the
-    case the loader's mapping of the float32 file and glibc's heap broke, docs/plan.md)."""
+    """The same on SmolLM2-135M (loaded as lorart train loads it), every method, with and without gradient
+    checkpointing (QLoRA with checkpointing: the case the loader's mapping of the float32 file and glibc's heap
+    broke, docs/plan.md)."""
+    assert len(smollm2_runs) == 2 * len(lorart.planner.METHOD_NAMES)
     _check_rss(smollm2_runs, (4, 96))
 
 

@@ -271,7 +271,11 @@ def tensor_bytes(module) -> int:
 def process_bytes(model, floor: Optional[int]) -> Optional[int]:
     """The process without the model: RSS now less the model's tensors, read just before training (so what
     loading left resident counts: the tokenizer, the data, file readers), never below `floor` (warm_rss: the
-    model's pages may not all be resident yet)."""
+    model's pages may not all be resident yet). Garbage is collected first: an earlier run's model in the same
+    process (a notebook's second lorart.train) is often held by reference cycles until the collector runs, which
+    would otherwise happen during the steps and leave this reading too high."""
+    import gc
+    gc.collect()
     now = rss_bytes()
     if now is None:
         return floor
@@ -308,6 +312,8 @@ def warm_rss(method: str = "lora", dtype: torch.dtype = torch.float32) -> Option
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             del model, meth, params, opt, ids, loss
+        import gc
+        gc.collect()   # and an earlier run's model held by reference cycles (a notebook's second lorart.train)
         _warm[key] = rss_bytes()
     return _warm[key]
 
