@@ -15,6 +15,7 @@ from lorart.planner import PlanError, ledger, memory
 from lorart.planner.spec import PlanOptions, setup_from_model
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import requires_cuda  # noqa: E402
 from plan_helpers import CASES, SMALL, build_like_train, live_tensor_peak, saved_bytes, train_step_fn  # noqa: E402
 
 STATIC = ("base weights", "NF4 base (codes + scales)", "trainable weights")
@@ -80,14 +81,15 @@ sys.path.insert(0, sys.argv[1])
 import lorart
 spec = json.loads(sys.argv[2])
 model = spec["model"]
-if model == "tiny":   # wide enough that the step's tensors are a good part of the RSS (not only the process)
+if model in ("tiny", "wide"):   # wide enough that the step's tensors are a good part of the RSS
     from train_helpers import tiny_tokenizer
     from lorart.models import LlamaConfig, LlamaForCausalLM, save_hf_folder
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
+    d, i, n = (192, 512, 3) if model == "tiny" else (512, 1536, 4)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=i, num_hidden_layers=n,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    model = os.path.join(spec["out"], "tiny")
+    model = os.path.join(spec["out"], model)
     save_hf_folder(LlamaForCausalLM(cfg), model, tok)
 # every example longer than max_seq_len: each step is the batch the plan predicts for
 data = [{"text": " ".join(f"word {i} is number {i}" for i in range(300))}] * (2 * spec["batch_size"])
@@ -96,7 +98,7 @@ for method, ckpt in spec["cases"]:
     o = os.path.join(spec["out"], f"{method}-{ckpt}")
     lorart.train(model, data, eval_data=data[:1], output_dir=o, method=method, gradient_checkpointing=ckpt,
                  max_steps=2, batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"], lr=1e-5,
-                 num_samples=0, general_data=False, eval_before=False, progress=False, device="cpu",
+                 num_samples=0, general_data=False, eval_before=False, progress=False, device=spec["device"],
                  eval_every=10**6, save_every=10**6)
     s = json.load(open(os.path.join(o, "summary.json")))
     out.append([method, ckpt, s["memory"], s["step_time"]])
@@ -104,11 +106,13 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _train_runs(tmp_path_factory, model: str, cases: list, batch_size: int, max_seq_len: int) -> dict:
+def _train_runs(tmp_path_factory, model: str, cases: list, batch_size: int, max_seq_len: int,
+                device: str = "cpu") -> dict:
     """`lorart train` of each (method, gradient checkpointing) in one fresh process (RSS is per process; each run
     reads the process without the model just before its first step): {(method, ckpt): (memory, step_time)}."""
     out = tmp_path_factory.mktemp(f"rss-{model}")
-    spec = dict(model=model, cases=cases, batch_size=batch_size, max_seq_len=max_seq_len, out=os.fspath(out))
+    spec = dict(model=model, cases=cases, batch_size=batch_size, max_seq_len=max_seq_len, out=os.fspath(out),
+                device=device)
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env["LORART_MALLOC"] = "return"   # the mode whose RSS the plan predicts (glibc's default keeps freed memory)
     r = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, os.path.dirname(__file__), json.dumps(spec)], env=env,
@@ -162,6 +166,24 @@ def test_train_rss_within_15_percent_smollm2(smollm2_runs):
     broke, docs/plan.md)."""
     assert len(smollm2_runs) == 2 * len(lorart.planner.METHOD_NAMES)
     _check_rss(smollm2_runs, (4, 96))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_train_cuda_allocator_peak_within_15_percent(tmp_path_factory):
+    """On CUDA summary.json's prediction is the tensors' peak (no process part) and the measurement
+    torch.cuda.max_memory_allocated of each step: full, LoRA and QLoRA, with and without checkpointing, on a Llama
+    wide enough (512, 4 layers, batch 8 x 256) that activations, not the workspace terms, make the peak. Never run
+    on a GPU yet (docs/plan.md): bench/gpu_check.sh's test step is its first run."""
+    cases = [[m, ck] for m in ("full", "lora", "qlora") for ck in (False, True)]
+    runs = _train_runs(tmp_path_factory, "wide", cases, batch_size=8, max_seq_len=256, device="cuda")
+    bad = []
+    for (method, ckpt), (mem, st) in runs.items():
+        assert "max_memory_allocated" in mem["measured_what"] and mem["framework_bytes"] == 0, mem
+        if abs(mem["prediction_error"]) >= 0.15:
+            bad.append((method, ckpt, mem["predicted_peak_bytes"] >> 20, mem["measured_peak_bytes"] >> 20,
+                        round(mem["prediction_error"], 3), mem["predicted_parts"]))
+    assert not bad, bad
 
 
 def test_train_records_predicted_and_measured_peak(tmp_path):
