@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Optional
 
 from . import memory as _memory
 from . import speed as _speed
+from .measure import malloc_mode
 from .report import CUDA_CONTEXT, Plan, human, summary_table
 from .spec import PlanError, Setup, artifact_tensors, build, bundled_configs, make_options, options_dict, parse_bytes
 
@@ -89,7 +89,7 @@ def _plan_setup(setup: Setup, framework_bytes: Optional[int] = None, with_time: 
     if o.optimizer_state_bits == 8:
         notes.append("8-bit optimizer states are lorart.optim.PagedAdamW(state_bits=8) (Python API); "
                      "`lorart train` uses 32-bit states")
-    if o.device == "cpu" and os.environ.get("LORART_MALLOC", "").strip().lower() != "return":
+    if o.device == "cpu" and malloc_mode() != "return":
         notes.append("glibc's heap keeps freed activations: the measured RSS can exceed this by up to ~85% (SmolLM2: "
                      "17-81%); lorart train gives freed memory back by itself where that would not fit (RSS then "
                      "follows this plan, at +25-55% time per step), LORART_MALLOC=return always (docs/plan.md)")

@@ -52,12 +52,13 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD, force: bool = False) ->
     +55% on the 2-core CPU of docs/plan.md, for 40% less peak RSS): done with LORART_MALLOC=return, or `force`
     (memory_headroom's decision), never when MALLOC_MMAP_THRESHOLD_ is set (glibc read it already).
     Returns what was done ("fixed" | "default" | "env" | "unavailable"); fixed stays fixed for the process."""
+    mode = malloc_mode()   # a mistyped LORART_MALLOC is refused here, at setup, before any loading
     if _malloc_state.get("how") in ("fixed", "env"):
         return _malloc_state["how"]
     how = "default"
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         how = "env"
-    elif force or malloc_mode() == "return":
+    elif force or mode == "return":
         how = "unavailable"
         try:
             import ctypes
@@ -158,13 +159,14 @@ def choose_malloc(plan: dict) -> Optional[str]:
     """After the plan of a CPU run (predict_run's memory dict, updated in place: "malloc", "malloc_why"): give freed
     memory back where LORART_MALLOC says so or where keeping glibc's heap would not fit (memory_headroom).
     Returns what to tell the user, or None."""
-    back, why = memory_headroom(plan.get("predicted_peak_bytes"), rss_bytes(), available_bytes(), malloc_mode())
+    mode = malloc_mode()
+    back, why = memory_headroom(plan.get("predicted_peak_bytes"), rss_bytes(), available_bytes(), mode)
     if back:
         return_freed_memory(force=True)
     plan["malloc"] = _malloc_state.get("how", "default")
     if why:
         plan["malloc_why"] = why
-    return why if why and why != "LORART_MALLOC=return" else None
+    return why if mode != "return" else None   # the user asked for it: nothing to tell
 
 
 def rss_bytes() -> Optional[int]:
@@ -234,7 +236,6 @@ def predict_run(model, method, train_options, device: torch.device, batch_size: 
             "framework_bytes": fw, "predicted_batch": [batch_size, seq_len]}
     if device.type == "cpu":
         plan["framework_what"] = "RSS before the first step less the model's tensors"
-        plan["malloc"] = _malloc_state.get("how", "default")
     step = {}
     if time:
         est = speed.estimate(setup)
